@@ -1,0 +1,112 @@
+"""Frames as they cross the bridge, with their offload metadata.
+
+A :class:`Frame` is one Ethernet frame in a mutable ``bytearray`` plus, when it
+came from (or is going to) a port that speaks the virtio-net header, a
+:class:`VnetHeader` describing offloads: a partial checksum the kernel will
+complete (``NEEDS_CSUM``) and, for GSO frames, the segment size the kernel will
+cut the frame into. A 64 KB TCP frame from a guest with TSO crosses the bridge
+whole; services see it as one frame and must keep the header consistent when
+they edit it (the packet API does that for them).
+
+Invariants:
+- ``data`` starts at the Ethernet destination MAC; no virtio header inside it.
+- ``vnet is None`` means "no offload metadata": checksums in ``data`` are
+  complete and the frame is no longer than the link MTU allows.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from vtl.errors import PacketError
+
+VNET_HDR_LEN = 10
+
+# virtio_net_hdr.flags
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 0x01
+VIRTIO_NET_HDR_F_DATA_VALID = 0x02
+# virtio_net_hdr.gso_type
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+
+_VNET = struct.Struct("<BBHHHH")  # legacy header, little-endian (x86 guests and hosts)
+NO_OFFLOAD = bytes(VNET_HDR_LEN)
+
+
+@dataclass(slots=True)
+class VnetHeader:
+    """The 10-byte legacy ``struct virtio_net_hdr`` (see linux/virtio_net.h)."""
+
+    flags: int = 0
+    gso_type: int = VIRTIO_NET_HDR_GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+
+    @classmethod
+    def unpack(cls, raw: bytes | bytearray | memoryview) -> VnetHeader:
+        if len(raw) < VNET_HDR_LEN:
+            raise PacketError(f"virtio-net header needs {VNET_HDR_LEN} bytes, got {len(raw)}")
+        return cls(*_VNET.unpack_from(raw, 0))
+
+    def pack(self) -> bytes:
+        return _VNET.pack(
+            self.flags, self.gso_type, self.hdr_len, self.gso_size, self.csum_start,
+            self.csum_offset,
+        )
+
+    @property
+    def needs_csum(self) -> bool:
+        return bool(self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)
+
+    @property
+    def is_gso(self) -> bool:
+        return (self.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) != VIRTIO_NET_HDR_GSO_NONE
+
+    @property
+    def is_plain(self) -> bool:
+        """True when the header asks nothing of the receiver (no csum, no GSO)."""
+        return not self.needs_csum and not self.is_gso
+
+
+class Frame:
+    """One Ethernet frame (mutable) and its offload metadata."""
+
+    __slots__ = ("data", "vnet")
+
+    def __init__(self, data: bytes | bytearray, vnet: VnetHeader | None = None):
+        self.data = data if isinstance(data, bytearray) else bytearray(data)
+        self.vnet = vnet
+
+    @classmethod
+    def from_wire(cls, raw: bytes | bytearray, has_vnet: bool) -> Frame:
+        """Build a frame from what a port read (with its virtio header if it has one)."""
+        if not has_vnet:
+            return cls(bytearray(raw))
+        if len(raw) < VNET_HDR_LEN:
+            raise PacketError("frame shorter than its virtio-net header")
+        vnet = None if raw[:VNET_HDR_LEN] == NO_OFFLOAD else VnetHeader.unpack(raw)
+        return cls(bytearray(raw[VNET_HDR_LEN:]), vnet)
+
+    def to_wire(self, with_vnet: bool) -> bytes:
+        """Bytes for a port; the caller has made sure offloads fit that port."""
+        if not with_vnet:
+            return bytes(self.data)
+        hdr = NO_OFFLOAD if self.vnet is None else self.vnet.pack()
+        return hdr + self.data
+
+    def copy(self) -> Frame:
+        vnet = None if self.vnet is None else VnetHeader(*_VNET.unpack(self.vnet.pack()))
+        return Frame(bytearray(self.data), vnet)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"Frame({len(self.data)} bytes, vnet={self.vnet!r})"

@@ -1,0 +1,162 @@
+"""The service API: what a plugin author subclasses.
+
+A service sits at one position in a bridge's chain. Frames from the guest pass
+the chain first to last and leave on the uplink; frames from the uplink pass it
+last to first and reach the guest. For each frame the service returns a
+:class:`Verdict`:
+
+- ``PASS``: the frame (possibly modified in place) goes on to the next service;
+- ``DROP``: the frame is discarded and counted as dropped;
+- ``CONSUMED``: the service kept the frame (to release it later, answer it, or
+  hold it in a model); the bridge forgets it.
+
+A service may inject frames toward either side from its own position with
+``ctx.emit(frame, direction)``: what it sends toward the guest passes only the
+services between it and the guest.
+
+Services are sans-IO: they never read the clock or touch a socket. ``now``
+(seconds, monotonic) comes in as an argument; a service that needs to act
+later says when through :meth:`Service.poll_at` and is called back at
+:meth:`Service.on_timer`. Anything that needs I/O (a pcap file, an upstream
+connection) is obtained through the context the bridge hands in.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from vtl.frame import Frame
+
+FailPolicy = Literal["open", "closed"]
+
+
+class Direction(enum.Enum):
+    """Which way a frame travels through the chain."""
+
+    TO_UPLINK = "to_uplink"  # from the guest (VM) toward the network
+    TO_GUEST = "to_guest"  # from the network toward the guest
+
+    @property
+    def reverse(self) -> Direction:
+        return Direction.TO_GUEST if self is Direction.TO_UPLINK else Direction.TO_UPLINK
+
+
+class Verdict(enum.Enum):
+    """What a service decided about a frame."""
+
+    PASS = "pass"
+    DROP = "drop"
+    CONSUMED = "consumed"
+
+
+PASS = Verdict.PASS
+DROP = Verdict.DROP
+CONSUMED = Verdict.CONSUMED
+
+
+class ServiceOptions(BaseModel):
+    """Base class of a service's options.
+
+    Declare each option once, as a typed field with a default and a
+    ``Field(description=...)`` help line; the same declaration validates the
+    config and feeds ``vtl services``. Unknown keys are errors.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(slots=True)
+class ServiceCounters:
+    """Per-service counters, kept by the bridge (and by the service for ``extra``)."""
+
+    frames_in: int = 0
+    bytes_in: int = 0
+    frames_out: int = 0
+    bytes_out: int = 0
+    dropped: int = 0
+    consumed: int = 0
+    injected: int = 0
+    errors: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        d = {
+            "frames_in": self.frames_in, "bytes_in": self.bytes_in,
+            "frames_out": self.frames_out, "bytes_out": self.bytes_out,
+            "dropped": self.dropped, "consumed": self.consumed,
+            "injected": self.injected, "errors": self.errors,
+        }
+        d.update(self.extra)
+        return d
+
+
+class PacketSink(Protocol):
+    """Where a capture-like service writes frames (the bridge provides it)."""
+
+    def write(self, data: bytes, timestamp: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ServiceContext(Protocol):
+    """What the bridge gives each service instance."""
+
+    name: str  # instance name, unique in the chain ("netem", "netem#2", or `name =`)
+    log: logging.Logger
+    counters: ServiceCounters
+
+    def emit(self, frame: Frame, direction: Direction) -> None:
+        """Inject ``frame`` from this service's position toward ``direction``."""
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add ``n`` to the service-specific counter ``key``."""
+
+    def open_pcap(self, path: str) -> PacketSink:
+        """Open a pcap file for writing (Ethernet link type)."""
+
+    def open_file(self, path: str, mode: str = "wb") -> BinaryIO:
+        """Open a local file for the service (the bridge owns the I/O)."""
+
+
+class Service:
+    """Base class of every VTL service. Subclass it, set the class attributes,
+    override what you need; every hook has a harmless default."""
+
+    #: the name used in config (`use = "..."`)
+    name: ClassVar[str] = ""
+    #: one line for `vtl services`
+    summary: ClassVar[str] = ""
+    #: the options model (a :class:`ServiceOptions` subclass)
+    Options: ClassVar[type[ServiceOptions]] = ServiceOptions
+    #: failure policy when the config does not say: security services use "closed"
+    default_fail: ClassVar[FailPolicy] = "open"
+
+    def __init__(self, options: Any, ctx: ServiceContext):
+        self.options = options
+        self.ctx = ctx
+
+    def start(self, now: float) -> None:
+        """Called once, after every port is open, before the first frame."""
+
+    def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
+        """Decide about one frame. The default passes everything."""
+        return Verdict.PASS
+
+    def poll_at(self) -> float | None:
+        """When this service next needs :meth:`on_timer` (monotonic seconds), or None."""
+        return None
+
+    def on_timer(self, now: float) -> None:
+        """Called when ``now`` has reached :meth:`poll_at`."""
+
+    def stop(self, now: float) -> None:
+        """Called once when the bridge stops; release what the service holds."""
+
+    def report(self) -> dict[str, Any]:
+        """Service-specific figures for summaries (counters are added by the bridge)."""
+        return {}
