@@ -1,0 +1,226 @@
+"""The chain runner: services in order, verdicts, injection, failure policy.
+
+A frame from the guest passes slots ``0..n-1`` and is then queued for the
+uplink; a frame from the uplink passes ``n-1..0`` and is queued for the guest.
+A slot with a ``match`` filter lets frames that do not match pass untouched.
+``ctx.emit`` from slot *i* queues a frame that continues from slot *i+1*
+(toward the uplink) or *i-1* (toward the guest); injected frames are walked
+after the frame being processed, iteratively (no recursion, bounded by
+``MAX_INJECT`` per call so a service cannot loop the bridge forever).
+
+A service that raises is counted, logged (at most once a second per service)
+and the frame gets the slot's failure policy: ``open`` passes it, ``closed``
+drops it. The chain is not thread-safe; the engine holds a lock around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import BinaryIO
+
+from vtl.bridge.config import ServiceSpec
+from vtl.bridge.filter import MatchFilter
+from vtl.bridge.pcapfile import PcapSink
+
+from vtl.errors import LocalProtocolError
+from vtl.frame import Frame
+from vtl.service import Direction, FailPolicy, Service, ServiceCounters, Verdict
+
+TO_UPLINK = Direction.TO_UPLINK
+TO_GUEST = Direction.TO_GUEST
+PASS = Verdict.PASS
+DROP = Verdict.DROP
+CONSUMED = Verdict.CONSUMED
+MAX_INJECT = 100_000
+
+
+class SlotContext:
+    """The :class:`vtl.service.ServiceContext` the bridge gives a service."""
+
+    def __init__(self, chain: Chain, index: int, name: str, log: logging.Logger):
+        self._chain = chain
+        self._index = index
+        self.name = name
+        self.log = log
+        self.counters = ServiceCounters()
+        self.resources: list[PcapSink | BinaryIO] = []
+
+    def emit(self, frame: Frame, direction: Direction) -> None:
+        if not isinstance(frame, Frame):
+            raise LocalProtocolError(f"{self.name}: emit() takes a vtl.Frame, not {type(frame)}")
+        self.counters.injected += 1
+        self._chain.pending.append((self._index, frame, direction))
+
+    def count(self, key: str, n: int = 1) -> None:
+        extra = self.counters.extra
+        extra[key] = extra.get(key, 0) + n
+
+    def open_pcap(self, path: str) -> PcapSink:
+        sink = PcapSink(path)
+        self.resources.append(sink)
+        return sink
+
+    def open_file(self, path: str, mode: str = "wb") -> BinaryIO:
+        f = open(path, mode)  # noqa: SIM115 - closed by close_resources
+        self.resources.append(f)
+        return f
+
+    def close_resources(self) -> None:
+        for r in self.resources:
+            try:
+                r.close()
+            except Exception:  # noqa: BLE001 - closing is best effort at stop
+                self.log.exception("closing %r failed", r)
+        self.resources.clear()
+
+
+class Slot:
+    __slots__ = ("service", "ctx", "match", "fail", "counters", "log", "_last_log", "_quiet")
+
+    def __init__(self, service: Service, ctx: SlotContext, match: MatchFilter | None,
+                 fail: FailPolicy):
+        self.service = service
+        self.ctx = ctx
+        self.match = match
+        self.fail = fail
+        self.counters = ctx.counters
+        self.log = ctx.log
+        self._last_log = -1e9
+        self._quiet = 0
+
+    def failed(self, what: str, now: float) -> None:
+        """Count and log (rate-limited) an exception raised by the service."""
+        self.counters.errors += 1
+        if now - self._last_log >= 1.0:
+            extra = f" ({self._quiet} more suppressed)" if self._quiet else ""
+            self.log.warning("%s failed in %s; failure policy %r%s", self.ctx.name, what,
+                             self.fail, extra, exc_info=not what.startswith("process ("))
+            self._last_log = now
+            self._quiet = 0
+        else:
+            self._quiet += 1
+
+
+class Chain:
+    """An ordered list of service slots and the frames they produced."""
+
+    def __init__(self, specs: Sequence[ServiceSpec], log: logging.Logger):
+        self.slots: list[Slot] = []
+        self.pending: deque[tuple[int, Frame, Direction]] = deque()
+        self.out_uplink: list[Frame] = []
+        self.out_guest: list[Frame] = []
+        for i, spec in enumerate(specs):
+            ctx = SlotContext(self, i, spec.name, log.getChild(spec.name))
+            service = spec.cls(spec.options, ctx)
+            self.slots.append(Slot(service, ctx, spec.match, spec.fail))
+
+    @classmethod
+    def from_services(cls, services: Sequence[Callable[[SlotContext], Service]],
+                      log: logging.Logger) -> Chain:
+        """A chain from factories (tests and embedding): each gets its context."""
+        chain = cls((), log)
+        for i, factory in enumerate(services):
+            ctx = SlotContext(chain, i, f"svc{i}", log.getChild(f"svc{i}"))
+            service = factory(ctx)
+            ctx.name = service.name or ctx.name
+            chain.slots.append(Slot(service, ctx, None, service.default_fail))
+        return chain
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def start(self, now: float) -> None:
+        for slot in self.slots:
+            slot.service.start(now)
+        self._drain(now)
+
+    def stop(self, now: float) -> None:
+        for slot in self.slots:
+            try:
+                slot.service.stop(now)
+            except Exception:  # noqa: BLE001 - one service's failure must not stop the others
+                slot.failed("stop", now)
+            slot.ctx.close_resources()
+        self.pending.clear()
+
+    def process(self, frame: Frame, direction: Direction, now: float) -> None:
+        """Run one frame through the chain from its entry side."""
+        start = 0 if direction is TO_UPLINK else len(self.slots) - 1
+        self._walk(frame, direction, start, now)
+        if self.pending:
+            self._drain(now)
+
+    def next_deadline(self) -> float | None:
+        best: float | None = None
+        for slot in self.slots:
+            try:
+                t = slot.service.poll_at()
+            except Exception:  # noqa: BLE001
+                slot.failed("poll_at", 0.0)
+                continue
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def run_timers(self, now: float) -> None:
+        for slot in self.slots:
+            try:
+                t = slot.service.poll_at()
+                if t is not None and t <= now:
+                    slot.service.on_timer(now)
+            except Exception:  # noqa: BLE001
+                slot.failed("on_timer", now)
+        if self.pending:
+            self._drain(now)
+
+    def _drain(self, now: float) -> None:
+        pending = self.pending
+        budget = MAX_INJECT
+        while pending and budget:
+            budget -= 1
+            index, frame, direction = pending.popleft()
+            nxt = index + 1 if direction is TO_UPLINK else index - 1
+            self._walk(frame, direction, nxt, now)
+        if pending:
+            pending.clear()
+
+    def _walk(self, frame: Frame, direction: Direction, start: int, now: float) -> None:
+        slots = self.slots
+        if direction is TO_UPLINK:
+            indices = range(start, len(slots))
+            out = self.out_uplink
+        else:
+            indices = range(start, -1, -1)
+            out = self.out_guest
+        for i in indices:
+            slot = slots[i]
+            if slot.match is not None and not slot.match(frame.data):
+                continue
+            c = slot.counters
+            size = len(frame.data)
+            c.frames_in += 1
+            c.bytes_in += size
+            try:
+                verdict = slot.service.process(frame, direction, now)
+            except Exception:  # noqa: BLE001 - the failure policy decides
+                slot.failed("process", now)
+                verdict = PASS if slot.fail == "open" else DROP
+            if verdict is PASS:
+                c.frames_out += 1
+                c.bytes_out += len(frame.data)
+            elif verdict is DROP:
+                c.dropped += 1
+                return
+            elif verdict is CONSUMED:
+                c.consumed += 1
+                return
+            else:  # not a Verdict: a bug in the service, handled like an exception
+                slot.failed(f"process (returned {verdict!r}, not a Verdict)", now)
+                if slot.fail == "closed":
+                    c.dropped += 1
+                    return
+                c.frames_out += 1
+                c.bytes_out += len(frame.data)
+        out.append(frame)

@@ -1,0 +1,190 @@
+"""Loading and validating a bridge config (TOML).
+
+The whole file is validated before anything is opened, and every problem is
+reported at once, each as ``FILE: KEY.PATH: what is wrong`` (``vtl check``
+prints them and exits 2). Ports are pydantic models (see
+:mod:`vtl.bridge.ports`); each ``[[services]]`` entry is split into the keys
+the bridge owns (``use``, ``name``, ``match``, ``fail``) and the service's own
+options, which its ``Options`` model validates.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from vtl.bridge import plugins
+from vtl.bridge.filter import MatchFilter
+from vtl.bridge.ports import PortConfig
+
+from vtl.errors import ConfigError
+from vtl.service import FailPolicy, Service, ServiceOptions
+
+COMMON_SERVICE_KEYS = ("use", "name", "match", "fail")
+
+
+class BridgeSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("vtl", description="name of this bridge, used in logs")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="logging threshold")
+    batch: int = Field(64, ge=1, le=1024, description="frames read per port per wake-up")
+    mac_aging_s: float = Field(300.0, gt=0, description="forget a guest MAC after this idle time")
+    stats_interval_s: float = Field(
+        0.0, ge=0, description="log per-service counters this often (0: only at stop)")
+
+
+class PortsSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    guest: PortConfig = Field(description="the VM side")
+    uplink: PortConfig = Field(description="the network side")
+
+
+class ConfigFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bridge: BridgeSection = Field(default_factory=BridgeSection)  # type: ignore[arg-type]
+    ports: PortsSection
+    services: list[dict[str, Any]] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One validated ``[[services]]`` entry."""
+
+    index: int
+    use: str
+    name: str
+    cls: type[Service]
+    options: ServiceOptions
+    match: MatchFilter | None
+    fail: FailPolicy
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    path: Path | None
+    bridge: BridgeSection
+    ports: PortsSection
+    services: tuple[ServiceSpec, ...]
+
+
+_PORT_KINDS = {"tap", "pcap", "packet"}
+
+
+def _loc(parts: tuple[Any, ...] | list[Any], prefix: str = "") -> str:
+    out = prefix
+    prev = None
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif prev in ("guest", "uplink") and part in _PORT_KINDS:
+            pass  # the discriminator tag pydantic adds for tagged unions
+        else:
+            out += f".{part}" if out else str(part)
+        prev = part
+    return out or "(top level)"
+
+
+def _pydantic_problems(exc: ValidationError, prefix: str = "") -> list[str]:
+    problems = []
+    for err in exc.errors():
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "missing (required)"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        problems.append(f"{_loc(err['loc'], prefix)}: {msg}")
+    return problems
+
+
+def _service_spec(
+    index: int, raw: dict[str, Any], base_dir: Path | None, seen: dict[str, int]
+) -> tuple[ServiceSpec | None, list[str]]:
+    key = f"services[{index}]"
+    use = raw.get("use")
+    if not isinstance(use, str) or not use:
+        return None, [f"{key}.use: missing (required): which service to run"]
+    problems: list[str] = []
+    try:
+        cls = plugins.resolve(use, base_dir)
+    except ConfigError as exc:
+        return None, [f"{key}.use: {p}" for p in exc.problems]
+    name = raw.get("name", cls.name or use)
+    if not isinstance(name, str):
+        problems.append(f"{key}.name: must be a string")
+        name = use
+    if name in seen:
+        seen[name] += 1
+        if "name" in raw:
+            problems.append(f"{key}.name: {name!r} is already used by another service")
+        name = f"{name}#{seen[name]}"
+    else:
+        seen[name] = 1
+    match = None
+    if "match" in raw:
+        if not isinstance(raw["match"], str):
+            problems.append(f"{key}.match: must be a libpcap filter expression string")
+        else:
+            try:
+                match = MatchFilter(raw["match"])
+            except ConfigError as exc:
+                problems.append(f"{key}.match: {exc}")
+    fail = raw.get("fail", cls.default_fail)
+    if fail not in ("open", "closed"):
+        problems.append(f"{key}.fail: must be \"open\" or \"closed\", not {fail!r}")
+    opts = {k: v for k, v in raw.items() if k not in COMMON_SERVICE_KEYS}
+    options: ServiceOptions | None = None
+    try:
+        options = cls.Options.model_validate(opts)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, key))
+    if problems or options is None:
+        return None, problems
+    return ServiceSpec(index, use, name, cls, options, match, fail), []
+
+
+def parse_config(data: dict[str, Any], path: Path | None = None) -> BridgeConfig:
+    """Validate an already-parsed TOML document; raises ConfigError with every problem."""
+    label = str(path) if path is not None else "<config>"
+    problems: list[str] = []
+    base: ConfigFile | None = None
+    try:
+        base = ConfigFile.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc))
+    raw_services = data.get("services", [])
+    specs: list[ServiceSpec] = []
+    if isinstance(raw_services, list):
+        seen: dict[str, int] = {}
+        base_dir = path.parent if path is not None else None
+        for i, raw in enumerate(raw_services):
+            if not isinstance(raw, dict):
+                problems.append(f"services[{i}]: must be a table ([[services]])")
+                continue
+            spec, errs = _service_spec(i, raw, base_dir, seen)
+            problems.extend(errs)
+            if spec is not None:
+                specs.append(spec)
+    if problems or base is None:
+        raise ConfigError([f"{label}: {p}" for p in problems])
+    return BridgeConfig(path, base.bridge, base.ports, tuple(specs))
+
+
+def load_config(path: str | Path) -> BridgeConfig:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(data, p)

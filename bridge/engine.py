@@ -1,0 +1,321 @@
+"""The bridge engine: two ports, a chain, two forwarding threads and timers.
+
+Theory of operation. One thread per direction reads a batch from its input
+port, applies the learning-switch rule, runs the chain (under one lock, since
+services are not thread-safe) and writes what comes out to the ports. The
+threads release the GIL in every syscall, which is where the time goes on the
+fast path (FAST-PATH.md: two syscalls and two copies per frame). Timers are
+run by whichever thread wakes first after the earliest ``poll_at`` of the
+chain; each thread sleeps in ``poll`` until its port is readable, the next
+deadline passes, or the stop pipe is written.
+
+Learning switch: a frame from the guest teaches its source MAC; a frame from
+the uplink reaches the guest only if its destination is broadcast/multicast
+or a MAC seen behind the guest port in the last ``mac_aging_s`` seconds.
+Frames to other MACs (the host's own included) are left to the host.
+
+Offloads: when both ports carry virtio-net headers, frames cross with their
+header untouched (64 KB GSO frames stay whole). When only the output port
+has them, oversized frames get GSO metadata (``prepare_offloads``); when only
+the input has them, GSO frames are segmented and checksums completed in
+software (``complete_offloads``), which is correct but slow.
+
+With an empty chain and matching ports the per-frame work is a slice, a dict
+operation and a write: no Frame object is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from dataclasses import dataclass
+
+from vtl.bridge.chain import Chain
+from vtl.bridge.config import BridgeConfig
+from vtl.bridge.ports import Port, make_port
+from vtl.packet.offload import complete_offloads, prepare_offloads
+
+from vtl.errors import SetupError, VTLError
+from vtl.frame import VNET_HDR_LEN, Frame
+from vtl.service import Direction
+
+TO_UPLINK = Direction.TO_UPLINK
+TO_GUEST = Direction.TO_GUEST
+_MAX_SLEEP = 0.5
+
+
+@dataclass(slots=True)
+class BridgeCounters:
+    """Frames the bridge itself decided about (ports and services count their own)."""
+
+    not_for_guest: int = 0  # unicast from the uplink to a MAC not behind the guest port
+    malformed: int = 0  # frames too short for an Ethernet header, or bad offload metadata
+    segmented: int = 0  # GSO frames cut in software for a port without virtio headers
+
+    def as_dict(self) -> dict[str, int]:
+        return {"not_for_guest": self.not_for_guest, "malformed": self.malformed,
+                "segmented": self.segmented}
+
+
+class Bridge:
+    """One bridge: build it from a config, :meth:`open`, :meth:`run`, :meth:`close`."""
+
+    def __init__(self, config: BridgeConfig, log: logging.Logger | None = None,
+                 chain: Chain | None = None):
+        self.config = config
+        self.name = config.bridge.name
+        self.log = log or logging.getLogger(f"vtl.{self.name}")
+        self.guest: Port = make_port("guest", config.ports.guest)
+        self.uplink: Port = make_port("uplink", config.ports.uplink)
+        self.chain = chain if chain is not None else Chain(config.services, self.log)
+        self.counters = BridgeCounters()
+        self.batch = config.bridge.batch
+        self.mac_aging = config.bridge.mac_aging_s
+        self.learned: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._deadline: float | None = None
+        self._threads: list[threading.Thread] = []
+        self._opened: list[Port] = []
+        self._started = False
+        self.error: BaseException | None = None
+
+    # -- life cycle -----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open both ports and start every service; on failure undo what was done."""
+        try:
+            for port in (self.guest, self.uplink):
+                port.open()
+                self._opened.append(port)
+            now = time.monotonic()
+            with self._lock:
+                self.chain.start(now)
+                self._started = True
+                self._flush()
+                self._deadline = self.chain.next_deadline()
+        except BaseException:
+            self.close()
+            raise
+        guest_mac = getattr(self.guest, "guest_mac", None)
+        if guest_mac:
+            self.learned[guest_mac] = float("inf")  # the VM's configured MAC is always behind
+
+    def start(self) -> None:
+        """Start the forwarding threads (the bridge must be open)."""
+        self._threads = [
+            threading.Thread(target=self._pump_guarded, args=(self.guest, self.uplink, TO_UPLINK),
+                             name=f"{self.name}-to-uplink", daemon=True),
+            threading.Thread(target=self._pump_guarded, args=(self.uplink, self.guest, TO_GUEST),
+                             name=f"{self.name}-to-guest", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def request_stop(self) -> None:
+        """Ask the threads to stop (safe from a signal handler or another thread)."""
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stop is requested (or ``timeout``); True when stopping."""
+        return self._stop.wait(timeout)
+
+    def join(self, timeout: float = 5.0) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    def close(self) -> None:
+        """Stop threads, stop services, close ports. Idempotent."""
+        self.request_stop()
+        self.join()
+        if self._started:
+            with self._lock:
+                self.chain.stop(time.monotonic())
+                self._flush()
+            self._started = False
+        for port in reversed(self._opened):
+            try:
+                port.close()
+            except Exception:  # noqa: BLE001 - keep closing the others
+                self.log.exception("closing %s port failed", port.role)
+        self._opened.clear()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> Bridge:
+        self.open()
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- forwarding -----------------------------------------------------------------
+
+    def _pump_guarded(self, src: Port, dst: Port, direction: Direction) -> None:
+        try:
+            self._pump(src, dst, direction)
+        except BaseException as exc:  # noqa: BLE001 - a dead thread must stop the bridge
+            if not self._stop.is_set():
+                self.error = exc
+                msg = str(exc) if isinstance(exc, VTLError | OSError) else repr(exc)
+                self.log.error("%s port failed: %s; stopping", src.role, msg,
+                               exc_info=not isinstance(exc, VTLError | OSError))
+                self.request_stop()
+
+    def _sleep(self, poller: select.poll) -> None:
+        timeout = _MAX_SLEEP
+        deadline = self._deadline
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+        poller.poll(max(0, int(timeout * 1000 + 0.999)))
+
+    def _pump(self, src: Port, dst: Port, direction: Direction) -> None:
+        poller = select.poll()
+        poller.register(src.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        off = VNET_HDR_LEN if src.vnet else 0
+        fast = len(self.chain) == 0 and src.vnet == dst.vnet
+        learned = self.learned
+        counters = self.counters
+        aging = self.mac_aging
+        batch_size = self.batch
+        to_uplink = direction is TO_UPLINK
+        stop = self._stop
+        send = dst.send
+        last_src = b""
+        last_seen = 0.0
+        while not stop.is_set():
+            batch = src.recv_batch(batch_size)
+            now = time.monotonic()
+            if batch:
+                good = []
+                if to_uplink:
+                    for raw in batch:
+                        if len(raw) < off + 14:
+                            counters.malformed += 1
+                            continue
+                        mac = raw[off + 6:off + 12]
+                        if mac != last_src or now - last_seen > 1.0:
+                            if not mac[0] & 1:
+                                learned[mac] = max(now, learned.get(mac, 0.0))
+                            last_src, last_seen = mac, now
+                        good.append(raw)
+                else:
+                    for raw in batch:
+                        if len(raw) < off + 14:
+                            counters.malformed += 1
+                            continue
+                        if raw[off] & 1:
+                            good.append(raw)
+                            continue
+                        seen = learned.get(raw[off:off + 6])
+                        if seen is not None and now - seen < aging:
+                            good.append(raw)
+                        else:
+                            counters.not_for_guest += 1
+                if fast:
+                    for raw in good:
+                        send(raw)
+                    continue
+                with self._lock:
+                    process = self.chain.process
+                    for raw in good:
+                        try:
+                            frame = Frame.from_wire(raw, src.vnet)
+                        except VTLError:
+                            counters.malformed += 1
+                            continue
+                        process(frame, direction, now)
+                    if self._deadline is not None and self._deadline <= now:
+                        self.chain.run_timers(now)
+                    self._flush()
+                    self._deadline = self.chain.next_deadline()
+                continue
+            deadline = self._deadline
+            if deadline is not None and deadline <= now and not fast:
+                with self._lock:
+                    self.chain.run_timers(now)
+                    self._flush()
+                    self._deadline = self.chain.next_deadline()
+                continue
+            self._sleep(poller)
+            if self._wake_r >= 0 and stop.is_set():
+                break
+
+    def _flush(self) -> None:
+        """Write what the chain produced to the ports (called with the lock held)."""
+        chain = self.chain
+        if chain.out_uplink:
+            frames, chain.out_uplink = chain.out_uplink, []
+            for frame in frames:
+                self._write(self.uplink, frame)
+        if chain.out_guest:
+            frames, chain.out_guest = chain.out_guest, []
+            for frame in frames:
+                self._write(self.guest, frame)
+
+    def _write(self, port: Port, frame: Frame) -> None:
+        try:
+            if port.vnet:
+                if frame.vnet is None and len(frame.data) > port.mtu + 18:
+                    prepare_offloads(frame, port.mtu)
+                port.send(frame.to_wire(True))
+            elif frame.vnet is not None and not frame.vnet.is_plain:
+                segments = complete_offloads(frame)
+                if len(segments) > 1:
+                    self.counters.segmented += 1
+                for seg in segments:
+                    port.send(seg.data)
+            else:
+                port.send(frame.data)
+        except VTLError:
+            self.counters.malformed += 1
+
+    # -- reporting ------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        """Counters of the ports, the bridge and every service, as plain data."""
+        with self._lock:
+            services = {
+                slot.ctx.name: {**slot.counters.as_dict(), **_safe_report(slot)}
+                for slot in self.chain.slots
+            }
+        return {
+            "bridge": self.counters.as_dict(),
+            "ports": {p.role: _port_counters(p) for p in (self.guest, self.uplink)},
+            "services": services,
+        }
+
+
+def _safe_report(slot: object) -> dict[str, object]:
+    try:
+        return dict(slot.service.report())  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a report must not break the bridge
+        return {}
+
+
+def _port_counters(port: Port) -> dict[str, int]:
+    c = port.counters
+    return {k: getattr(c, k) for k in ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes",
+                                       "tx_dropped", "rx_errors")}
+
+
+__all__ = ["Bridge", "BridgeCounters", "SetupError"]
