@@ -1,0 +1,184 @@
+"""The port contract: what the engine sees of a network interface.
+
+Theory of operation
+-------------------
+A bridge has two ports, ``guest`` and ``uplink``. A :class:`Port` is a thin,
+non-blocking wrapper around one kernel file descriptor (a TAP fd, an AF_PACKET
+socket or a libpcap handle). The engine waits for readiness on
+:meth:`Port.fileno` with select/poll/epoll, then drains the port with
+:meth:`Port.recv_batch` and writes frames with :meth:`Port.send`.
+
+Invariants every port keeps:
+
+- ``recv_batch`` never blocks and returns ``[]`` when nothing is ready. Each
+  item is one frame as ``bytes``; it starts with the 10-byte virtio-net header
+  exactly when ``port.vnet`` is true (see :mod:`vtl.frame`).
+- ``send`` takes the same layout back. It never raises for a problem with one
+  frame (full queue, frame too big, malformed virtio header, link down): it
+  returns ``False`` and counts the frame in ``counters.tx_dropped``.
+- ``counters`` byte counts are Ethernet bytes, *without* the virtio-net header,
+  so they compare with ``ip -s link``.
+- Set-up failures raise :class:`vtl.errors.SetupError` whose message says what
+  failed and what to do (run as root, check ``ip link``, ...). ``close`` is
+  idempotent and safe after a failed ``open``.
+
+What ports deliberately do not do: no parsing, no filtering, no switching, no
+checksum work. Offloads (virtio-net headers, GSO) are negotiated here and the
+headers are passed through untouched; keeping them consistent is the packet
+API's job.
+
+Pitfalls (measured, see ``FAST-PATH.md``): read buffers must hold a 64 KB GSO
+frame plus headers (65,536 + 24, plus the 10-byte virtio header); a port that
+negotiates the virtio-net header must be paired with one that does too, or GSO
+frames with partial checksums must be segmented/completed before they leave
+on a port without it.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import fcntl
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from vtl.errors import SetupError
+
+IFNAMSIZ = 16
+#: Large enough for a 64 KB GSO frame, its Ethernet/VLAN headers and a virtio-net header.
+READ_BUF_SIZE = 65536 + 24 + 10
+
+SIOCGIFMTU = 0x8921
+SIOCGIFHWADDR = 0x8927
+
+#: errnos that mean "this one frame could not go out right now"; the frame is dropped.
+TX_DROP_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE})
+
+
+@dataclass(slots=True)
+class PortCounters:
+    """Per-port frame and byte counters (bytes exclude the virtio-net header)."""
+
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    tx_dropped: int = 0
+    rx_errors: int = 0
+
+
+class Port(abc.ABC):
+    """One side of a bridge: a non-blocking source and sink of Ethernet frames."""
+
+    role: str
+    ifname: str
+    vnet: bool
+    mtu: int
+    mac: bytes | None
+    counters: PortCounters
+
+    def __init__(self, role: str, ifname: str, vnet: bool, mtu: int = 1500):
+        if role not in ("guest", "uplink"):
+            raise ValueError(f"port role must be 'guest' or 'uplink', not {role!r}")
+        self.role = role
+        self.ifname = ifname
+        self.vnet = vnet
+        self.mtu = mtu
+        self.mac = None
+        self.counters = PortCounters()
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Acquire the interface; raise :class:`SetupError` with a reason and a fix."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the interface. Idempotent."""
+
+    @abc.abstractmethod
+    def fileno(self) -> int:
+        """A file descriptor that polls readable when frames may be waiting."""
+
+    @abc.abstractmethod
+    def recv_batch(self, max_frames: int = 64) -> list[bytes]:
+        """Up to ``max_frames`` frames, without blocking; ``[]`` when none is ready."""
+
+    @abc.abstractmethod
+    def send(self, raw: bytes | bytearray | memoryview) -> bool:
+        """Write one frame; ``False`` (counted in ``tx_dropped``) when it was not sent."""
+
+    @property
+    def is_open(self) -> bool:
+        return False
+
+    def __enter__(self) -> Port:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else "closed"
+        return f"<{type(self).__name__} {self.role} {self.ifname!r} {state} vnet={self.vnet}>"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def ifname_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid Linux interface name (``dev_valid_name``), or None."""
+    if not name:
+        return "interface name is empty"
+    if len(name.encode()) >= IFNAMSIZ:
+        return (
+            f"interface name {name!r} is {len(name.encode())} bytes long; Linux allows at most "
+            f"{IFNAMSIZ - 1}; choose a shorter name"
+        )
+    if name in (".", "..") or any(c in name for c in "/:") or any(c.isspace() for c in name):
+        return f"interface name {name!r} is not valid; do not use '/', ':' or spaces"
+    return None
+
+
+def check_ifname(name: str, what: str) -> None:
+    """Raise :class:`SetupError` when ``name`` cannot be an interface name."""
+    problem = ifname_problem(name)
+    if problem:
+        raise SetupError(f"cannot {what}: {problem}")
+
+
+def require_interface(ifname: str, what: str) -> int:
+    """The ifindex of ``ifname`` in our namespace, or a SetupError saying it is missing."""
+    check_ifname(ifname, what)
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        raise SetupError(
+            f"cannot {what}: interface {ifname!r} does not exist; check `ip link`"
+        ) from None
+
+
+def interface_mac_mtu(ifname: str) -> tuple[bytes | None, int]:
+    """The hardware address and MTU of ``ifname`` (MAC None if it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16s16x", ifname.encode())
+        mtu = struct.unpack_from("i", fcntl.ioctl(s, SIOCGIFMTU, req), 16)[0]
+        res = fcntl.ioctl(s, SIOCGIFHWADDR, req)
+    family = struct.unpack_from("H", res, 16)[0]
+    mac = res[18:24]
+    if family != 1 or mac == bytes(6):  # ARPHRD_ETHER only; lo has all zeroes
+        return None, mtu
+    return bytes(mac), mtu
+
+
+def describe_oserror(exc: OSError, privilege: str = "CAP_NET_ADMIN") -> str:
+    """A plain-language reason and fix for common errnos."""
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return f"operation not permitted; run as root or grant {privilege}"
+    if exc.errno == errno.ENODEV:
+        return "no such device; check `ip link`"
+    if exc.errno == errno.EBUSY:
+        return "device or resource busy; another process is using it"
+    return os.strerror(exc.errno) if exc.errno else str(exc)
