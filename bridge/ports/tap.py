@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vtl.errors import SetupError
 
-from .base import READ_BUF_SIZE, Port, check_ifname, ifname_problem
+from .base import READ_BUF_SIZE, Port, check_ifname, ifname_problem, interface_mac_mtu
 
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
@@ -114,11 +114,17 @@ class TapPortConfig(BaseModel):
 
 
 class TapPort(Port):
-    """A TAP device created by VTL. ``mac`` is None: every frame belongs to the guest."""
+    """A TAP device created by VTL. ``mac`` is None: every frame belongs to the guest.
+
+    ``guest_mac`` (bytes or None) is the MAC of the guest behind the TAP when it is
+    known: the configured ``mac``, or, when the kernel side lives in ``netns`` (so the
+    TAP *is* the guest's NIC), the address the kernel gave it.
+    """
 
     def __init__(self, role: str, cfg: TapPortConfig):
         super().__init__(role, cfg.ifname, vnet=cfg.vnet_hdr, mtu=cfg.mtu)
         self.cfg = cfg
+        self.guest_mac: bytes | None = bytes.fromhex(cfg.mac.replace(":", "")) if cfg.mac else None
         self._fd: int | None = None
         self._buf = bytearray(READ_BUF_SIZE)
         self._view = memoryview(self._buf)
@@ -187,12 +193,20 @@ class TapPort(Port):
         if cfg.mac:
             link += ["address", cfg.mac]
         _ip(link, f"set MTU/MAC of TAP device {cfg.ifname!r}")
+        if self.guest_mac is None and cfg.netns is not None:
+            try:
+                self.guest_mac = interface_mac_mtu(cfg.ifname)[0]
+            except OSError:
+                pass
         if cfg.netns is None:
             _ip(["link", "set", "dev", cfg.ifname, "up"], f"bring up TAP device {cfg.ifname!r}")
         else:
             _ip(
                 ["link", "set", "dev", cfg.ifname, "netns", cfg.netns],
                 f"move TAP device {cfg.ifname!r} into network namespace {cfg.netns!r}",
+                exists=f"an interface named {cfg.ifname!r} already exists in network namespace "
+                f"{cfg.netns!r} (another bridge, or a persistent TAP left there); remove it with "
+                f"`ip -n {cfg.netns} link del {cfg.ifname}` or choose another name",
             )
             _ip(
                 ["-n", cfg.netns, "link", "set", "dev", cfg.ifname, "up"],
@@ -267,7 +281,7 @@ def _tunsetiff_reason(exc: OSError, ifname: str) -> str:
     return exc.strerror or str(exc)
 
 
-def _ip(args: list[str], what: str) -> None:
+def _ip(args: list[str], what: str, exists: str | None = None) -> None:
     """Run one iproute2 command; a failure becomes a SetupError naming what failed."""
     try:
         res = subprocess.run(
@@ -282,6 +296,6 @@ def _ip(args: list[str], what: str) -> None:
         low = msg.lower()
         if "operation not permitted" in low:
             msg = "operation not permitted; run as root or grant CAP_NET_ADMIN"
-        elif "file exists" in low:
-            msg = f"an interface with that name already exists there ({msg})"
+        elif "exists" in low:
+            msg = exists or f"an interface with that name already exists ({msg})"
         raise SetupError(f"cannot {what}: {msg}")
