@@ -231,7 +231,7 @@ class Netem(Service):
 
     def report(self) -> dict[str, Any]:
         o = self.options
-        config = {k: v for k, v in o.model_dump().items() if v or k in ("direction", "seed")}
+        config = {"direction": o.direction, **o.model_dump(exclude_defaults=True)}
         per_dir = {
             d.value: {"held": len(link.held), "held_bytes": link.held_bytes,
                       "ge_state": "bad" if link.ge_bad else "good", **link.stats}

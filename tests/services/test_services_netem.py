@@ -386,7 +386,7 @@ def test_stop_discards_held_frames_and_report():
     for i in range(100):
         svc.process(tagged_frame(i), UP, 0.0)
     rep = svc.report()
-    assert rep["config"]["delay_ms"] == 100 and rep["config"]["loss"] == 0.5
+    assert rep["config"] == {"direction": "both", "delay_ms": 100, "loss": 0.5, "seed": 1}
     held = rep["directions"]["to_uplink"]["held"]
     assert held == ctx.extra("delayed") and held + ctx.extra("lost") == 100
     svc.stop(1.0)
@@ -409,3 +409,23 @@ def test_options_have_descriptions_and_class_attributes():
     for name, fld in NetemOptions.model_fields.items():
         assert fld.description, name
     assert Netem.name == "netem" and "\n" not in Netem.summary and Netem.Options is NetemOptions
+
+
+def test_in_the_bridge_chain_keeps_order():
+    import logging
+
+    from vtl.bridge.chain import Chain
+
+    opts = NetemOptions(delay_ms=10, rate_mbit=100, duplicate=0.1, seed=1)
+    chain = Chain.from_services([lambda c: Netem(opts, c)], logging.getLogger("t"))
+    chain.start(0.0)
+    for i in range(100):
+        now = i * 0.0001
+        if (d := chain.next_deadline()) is not None and d <= now:
+            chain.run_timers(now)
+        chain.process(tagged_frame(i), UP, now)
+    while (d := chain.next_deadline()) is not None:
+        chain.run_timers(d)
+    tags = [tag_of(f) for f in chain.out_uplink]
+    assert tags == sorted(tags) and set(tags) == set(range(100))
+    assert len(tags) == 100 + chain.slots[0].counters.extra["duplicated"]
