@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from vtl.bridge.chain import Chain
 from vtl.bridge.config import BridgeConfig
 from vtl.bridge.ports import Port, make_port
-from vtl.packet.offload import complete_offloads, prepare_offloads
 
 from vtl.errors import SetupError, VTLError
 from vtl.frame import VNET_HDR_LEN, Frame
@@ -276,9 +275,13 @@ class Bridge:
         try:
             if port.vnet:
                 if frame.vnet is None and len(frame.data) > port.mtu + 18:
+                    from vtl.packet.offload import prepare_offloads  # rare: port kinds differ
+
                     prepare_offloads(frame, port.mtu)
                 port.send(frame.to_wire(True))
             elif frame.vnet is not None and not frame.vnet.is_plain:
+                from vtl.packet.offload import complete_offloads  # rare: port kinds differ
+
                 segments = complete_offloads(frame)
                 if len(segments) > 1:
                     self.counters.segmented += 1

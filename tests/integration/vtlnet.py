@@ -1,0 +1,142 @@
+"""Helpers for integration tests: a `vtl run` subprocess and the guest/peer topology."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from vtl.bridge.topology import Topology
+
+GUEST_IP, PEER_IP = "10.198.0.1", "10.198.0.2"
+GUEST_IP6, PEER_IP6 = "fd00:198::1", "fd00:198::2"
+GUEST_MAC = "02:00:00:c6:00:01"
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(v)
+
+
+def to_toml(cfg: dict[str, Any]) -> str:
+    lines = []
+    for table in ("bridge",):
+        if table in cfg:
+            lines.append(f"[{table}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in cfg[table].items()]
+    for role, port in cfg.get("ports", {}).items():
+        lines.append(f"[ports.{role}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in port.items()]
+    for svc in cfg.get("services", []):
+        lines.append("[[services]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in svc.items()]
+    return "\n".join(lines) + "\n"
+
+
+class VtlProcess:
+    """`vtl run CONFIG` as a subprocess; waits for the ready line."""
+
+    def __init__(self, config_path: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vtl.bridge.cli", "run", str(config_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if " ready" in line:
+                self._ready.set()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                break
+        if not self._ready.is_set():
+            self.stop()
+            raise AssertionError("vtl run never said ready:\n" + "".join(self.lines[-30:]))
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+class Net:
+    """guest netns (TAP made by VTL) <-> vtl run <-> veth <-> peer netns."""
+
+    def __init__(self, topo: Topology, tag: str, tmp: Path):
+        self.topo, self.tag, self.tmp = topo, tag, tmp
+        self.guest_ns = topo.netns(f"{tag}-vm")
+        self.peer_ns = topo.netns(f"{tag}-peer")
+        self.tap, self.uplink = f"{tag}t", f"{tag}u"
+        topo.veth(self.uplink, "eth0", self.peer_ns)
+        topo.addr(self.peer_ns, "eth0", f"{PEER_IP}/24")
+        topo.run(self.peer_ns, ["ip", "-6", "addr", "add", f"{PEER_IP6}/64", "dev", "eth0",
+                                "nodad"])
+        self.bridges: list[VtlProcess] = []
+
+    def config(self, services: list[dict[str, Any]] | None = None,
+               uplink_kind: str = "packet", **bridge: Any) -> dict[str, Any]:
+        return {
+            "bridge": {"name": self.tag, **bridge},
+            "ports": {
+                "guest": {"kind": "tap", "ifname": self.tap, "netns": self.guest_ns,
+                          "mac": GUEST_MAC},
+                "uplink": {"kind": uplink_kind, "ifname": self.uplink},
+            },
+            "services": services or [],
+        }
+
+    def start(self, services: list[dict[str, Any]] | None = None, **kw: Any) -> VtlProcess:
+        path = self.tmp / f"bridge{len(self.bridges)}.toml"
+        path.write_text(to_toml(self.config(services, **kw)))
+        vtl = VtlProcess(path)
+        self.bridges.append(vtl)
+        vtl.wait_ready()
+        self.topo.addr(self.guest_ns, self.tap, f"{GUEST_IP}/24")
+        self.topo.run(self.guest_ns, ["ip", "-6", "addr", "add", f"{GUEST_IP6}/64", "dev",
+                                      self.tap, "nodad"])
+        return vtl
+
+    def stop_all(self) -> None:
+        for b in self.bridges:
+            b.stop()
+
+    def guest(self, cmd: list[str] | str, timeout: float = 60, check: bool = True):
+        return self.topo.run(self.guest_ns, cmd, timeout=timeout, check=check)
+
+    def peer(self, cmd: list[str] | str, timeout: float = 60, check: bool = True):
+        return self.topo.run(self.peer_ns, cmd, timeout=timeout, check=check)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
