@@ -1,4 +1,5 @@
-"""Shared test settings: hypothesis profiles."""
+"""Shared test settings: hypothesis profiles. (At the repository root, not in tests/, so that
+pytest puts the root on sys.path and `tests/vtl/` never shadows the `vtl` package.)"""
 
 from __future__ import annotations
 
