@@ -183,7 +183,6 @@ class TapPort(Port):
                 fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
             else:
                 fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
-            fcntl.ioctl(fd, TUNSETPERSIST, 1 if cfg.persist else 0)
         except OSError as exc:
             raise SetupError(
                 f"cannot configure TAP device {cfg.ifname!r}: {exc.strerror}"
@@ -212,6 +211,13 @@ class TapPort(Port):
                 ["-n", cfg.netns, "link", "set", "dev", cfg.ifname, "up"],
                 f"bring up TAP device {cfg.ifname!r} in network namespace {cfg.netns!r}",
             )
+        # Last, so that a failed set-up never leaves a persistent half-made device behind.
+        try:
+            fcntl.ioctl(fd, TUNSETPERSIST, 1 if cfg.persist else 0)
+        except OSError as exc:
+            raise SetupError(
+                f"cannot make TAP device {cfg.ifname!r} persistent: {exc.strerror}"
+            ) from None
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
