@@ -20,7 +20,12 @@ Invariants every port keeps:
   so they compare with ``ip -s link``.
 - Set-up failures raise :class:`vtl.errors.SetupError` whose message says what
   failed and what to do (run as root, check ``ip link``, ...). ``close`` is
-  idempotent and safe after a failed ``open``.
+  idempotent and safe after a failed ``open``. The only run-time raise is
+  ``recv_batch`` raising ``SetupError`` when the device itself has gone away
+  (deleted underneath us); a transient read error is counted in ``rx_errors``.
+- One reader thread per port and any number of senders is fine (the engine
+  reads a port in one thread and may write it from both); counters are plain
+  ints updated under the GIL, exact enough for reporting.
 
 What ports deliberately do not do: no parsing, no filtering, no switching, no
 checksum work. Offloads (virtio-net headers, GSO) are negotiated here and the
