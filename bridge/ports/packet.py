@@ -177,11 +177,12 @@ class PacketPort(Port):
                 break
             except OSError as exc:
                 c.rx_errors += 1
-                if exc.errno in _FATAL:
+                # ENETDOWN is reported once when the link goes down *or* is deleted.
+                if exc.errno in _FATAL or (exc.errno == errno.ENETDOWN and not self._exists()):
                     raise SetupError(
-                        f"interface {self.ifname!r} went away: {exc.strerror}"
+                        f"interface {self.ifname!r} went away ({exc.strerror}); check `ip link`"
                     ) from None
-                break  # e.g. ENETDOWN: try again at the next readiness event
+                break  # link down: frames flow again once it is back up
             if n > size or n <= hdr:
                 c.rx_errors += 1  # truncated (longer than any GSO frame) or empty
                 continue
@@ -189,6 +190,13 @@ class PacketPort(Port):
             c.rx_bytes += n - hdr
         c.rx_frames += len(out)
         return out
+
+    def _exists(self) -> bool:
+        try:
+            socket.if_nametoindex(self.ifname)
+        except OSError:
+            return False
+        return True
 
     def send(self, raw: bytes | bytearray | memoryview) -> bool:
         sock = self._sock

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from portsnet import VNET_LEN, FakePeer, mac_bytes, netns, parse_arp, serve, sh, suffix, veth_into
+from portsnet import (
+    VNET_LEN,
+    FakePeer,
+    collect,
+    mac_bytes,
+    netns,
+    parse_arp,
+    serve,
+    sh,
+    suffix,
+    veth_into,
+)
 from vtl.bridge.ports import PacketPort, PacketPortConfig, make_port
 
 from vtl.errors import SetupError
@@ -64,3 +75,13 @@ def test_missing_interface():
         port.open()
     assert not port.is_open
     port.close()
+
+
+def test_interface_deleted_underneath(link):
+    _ns, host, _peer = link
+    port = make_port("uplink", PacketPortConfig(kind="packet", ifname=host))
+    with port:
+        sh(f"ip link del {host}")
+        assert port.send(bytes(VNET_LEN + 60)) is False
+        with pytest.raises(SetupError, match="went away"):
+            collect(port, 2.0)

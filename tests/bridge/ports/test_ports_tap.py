@@ -152,3 +152,15 @@ def test_persist_in_host_namespace_reattach():
             assert again.is_open
     finally:
         sh(f"ip link del {cfg.ifname}", check=False)
+
+
+def test_device_gone_with_its_namespace():
+    with netns() as ns:
+        port = make_port("guest", tap_cfg(netns=ns))
+        port.open()
+    try:
+        with pytest.raises(SetupError, match="went away"):
+            collect(port, 2.0)
+        assert port.send(bytes(VNET_LEN + 60)) is False
+    finally:
+        port.close()
