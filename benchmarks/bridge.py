@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Benchmark: VTL with an empty chain against the Linux kernel bridge, same run.
+
+The same two namespaces (guest 10.197.0.1, peer 10.197.0.2) are joined twice:
+once by a kernel bridge (guest veth + peer veth enslaved to a `bridge`), once by
+`vtl run` (guest NIC = VTL's TAP with virtio-net header, peer veth on an
+AF_PACKET uplink). For each it measures iperf3 TCP throughput both ways,
+iperf3 UDP 64-byte packets per second received, and the ping RTT median, then
+prints both and the ratio. Needs root; cleans up after itself.
+
+    .venv/bin/python benchmarks/bridge.py [--seconds 5] [--repeat 3] [--services FILE.toml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vtl.bridge.topology import Topology, ip, parse_ping_rtts, require_root
+
+G, P = "10.197.0.1", "10.197.0.2"
+
+
+def iperf_tcp(topo: Topology, gns: str, seconds: int, reverse: bool) -> float:
+    args = ["iperf3", "-c", P, "-p", "5301", "-t", str(seconds), "-O", "1", "-J"]
+    if reverse:
+        args.append("-R")
+    out = topo.run(gns, args, timeout=seconds + 30).stdout
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def iperf_udp64(topo: Topology, gns: str, seconds: int) -> float:
+    out = topo.run(gns, ["iperf3", "-c", P, "-p", "5301", "-u", "-l", "64", "-b", "0",
+                         "-t", str(seconds), "-J"], timeout=seconds + 30).stdout
+    s = json.loads(out)["end"]["sum"]
+    received = s["packets"] - s["lost_packets"]
+    return received / s["seconds"] / 1e3
+
+
+def ping_median(topo: Topology, gns: str) -> float:
+    out = topo.run(gns, ["ping", "-c", "200", "-i", "0.005", "-W", "1", P], timeout=60,
+                   check=False).stdout
+    rtts = parse_ping_rtts(out)
+    return statistics.median(rtts) * 1000 if rtts else float("nan")
+
+
+def measure(topo: Topology, gns: str, seconds: int, repeat: int) -> dict[str, float]:
+    topo.run(gns, ["ping", "-c", "3", "-i", "0.2", "-W", "2", P], timeout=20)
+    runs: dict[str, list[float]] = {"tcp_g2p": [], "tcp_p2g": [], "udp64_kpps": [], "rtt_us": []}
+    for _ in range(repeat):
+        runs["tcp_g2p"].append(iperf_tcp(topo, gns, seconds, False))
+        runs["tcp_p2g"].append(iperf_tcp(topo, gns, seconds, True))
+        runs["udp64_kpps"].append(iperf_udp64(topo, gns, seconds))
+        runs["rtt_us"].append(ping_median(topo, gns))
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def kernel_bridge(tag: str, seconds: int, repeat: int) -> dict[str, float]:
+    with Topology(tag) as topo:
+        gns, pns = topo.netns(f"{tag}-g"), topo.netns(f"{tag}-p")
+        ip("link", "add", f"{tag}br", "type", "bridge")
+        topo.links.append(f"{tag}br")
+        topo.veth(f"{tag}g", "eth0", gns)
+        topo.veth(f"{tag}p", "eth0", pns)
+        for port in (f"{tag}g", f"{tag}p"):
+            ip("link", "set", port, "master", f"{tag}br")
+        ip("link", "set", f"{tag}br", "up")
+        topo.addr(gns, "eth0", f"{G}/24")
+        topo.addr(pns, "eth0", f"{P}/24")
+        topo.spawn(pns, ["iperf3", "-s", "-B", P, "-p", "5301"])
+        topo.wait_tcp(pns, P, 5301)
+        return measure(topo, gns, seconds, repeat)
+
+
+def vtl_bridge(tag: str, seconds: int, repeat: int, services: str) -> dict[str, float]:
+    with Topology(tag) as topo, tempfile.TemporaryDirectory() as tmp:
+        gns, pns = topo.netns(f"{tag}-g"), topo.netns(f"{tag}-p")
+        topo.veth(f"{tag}u", "eth0", pns)
+        topo.addr(pns, "eth0", f"{P}/24")
+        cfg = Path(tmp) / "bench.toml"
+        cfg.write_text(f"""[bridge]
+name = "bench"
+[ports.guest]
+kind = "tap"
+ifname = "{tag}t"
+netns = "{gns}"
+[ports.uplink]
+kind = "packet"
+ifname = "{tag}u"
+{services}""")
+        vtl = topo.spawn(None, [sys.executable, "-m", "vtl.bridge.cli", "run", str(cfg)],
+                         stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        assert vtl.stderr is not None
+        os.set_blocking(vtl.stderr.fileno(), False)
+        seen = b""
+        while b" ready" not in seen:
+            if time.monotonic() > deadline or vtl.poll() is not None:
+                raise SystemExit(f"vtl run did not start: {seen.decode(errors='replace')}")
+            seen += vtl.stderr.read() or b""
+            time.sleep(0.05)
+        topo.addr(gns, f"{tag}t", f"{G}/24")
+        topo.spawn(pns, ["iperf3", "-s", "-B", P, "-p", "5301"])
+        topo.wait_tcp(pns, P, 5301)
+        return measure(topo, gns, seconds, repeat)
+
+
+ROWS = [
+    ("tcp_g2p", "iperf3 TCP guest->peer (Gbit/s)"),
+    ("tcp_p2g", "iperf3 TCP peer->guest (Gbit/s)"),
+    ("udp64_kpps", "iperf3 UDP 64 B received (kpps)"),
+    ("rtt_us", "ping RTT median (us)"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--services", type=Path, default=None,
+                    help="TOML file with [[services]] tables for the VTL run (default: empty)")
+    args = ap.parse_args()
+    require_root("the benchmark")
+    services = args.services.read_text() if args.services else ""
+    tag = f"vb{os.getpid() % 10000:04d}"
+    kernel = kernel_bridge(tag, args.seconds, args.repeat)
+    vtl = vtl_bridge(tag, args.seconds, args.repeat, services)
+    print(f"\n{'measure':36} {'kernel bridge':>14} {'VTL':>10} {'VTL/kernel':>11}")
+    for key, label in ROWS:
+        k, v = kernel[key], vtl[key]
+        ratio = v / k if k else float("nan")
+        print(f"{label:36} {k:14.2f} {v:10.2f} {ratio:11.2f}")
+    added = vtl["rtt_us"] - kernel["rtt_us"]
+    print(f"{'added median RTT (us)':36} {'':14} {added:10.1f}")
+    print(f"\n(median of {args.repeat} runs of {args.seconds} s each; "
+          f"{os.cpu_count()} CPUs; higher is better except RTT)")
+
+
+if __name__ == "__main__":
+    main()
