@@ -1,0 +1,202 @@
+"""Keeping virtio-net offload metadata right: software GSO, GSO preparation, VLAN edits.
+
+A frame from a port with virtio-net headers may carry a *partial* L4 checksum
+(``NEEDS_CSUM``: the field holds the pseudo-header sum; the receiver sums
+``data[csum_start:]`` into ``csum_start + csum_offset``) and may be a GSO
+super-frame (up to 64 KB, to be cut into ``gso_size`` payload pieces).
+
+- :func:`complete_offloads` does in software what the kernel would: segments
+  TCP (v4/v6) and UDP-L4 (USO) super-frames, completes checksums, and returns
+  plain frames (``vnet`` None) for a port without virtio headers. Legacy UFO
+  (``GSO_UDP``, IP fragmentation) is only completed when the datagram fits in
+  one frame; otherwise it raises :class:`~vtl.errors.PacketError`.
+- :func:`prepare_offloads` does the reverse for a frame going *to* a virtio
+  port: an oversized TCP frame becomes a GSO frame with a partial checksum.
+- :func:`push_vlan`/:func:`pop_vlan`/:func:`adjust_vnet` keep ``csum_start``
+  and ``hdr_len`` right when bytes are inserted or removed before L4.
+
+Invariants: returned frames have consistent IP lengths and ids, TCP sequence
+numbers and flags (FIN/PSH only on the last segment, CWR only on the first),
+and complete checksums. Frames are changed in place where documented.
+What it does not do: IPv4 fragmentation; BIG TCP (IP length fields > 64 KB).
+"""
+
+from __future__ import annotations
+
+from vtl.errors import PacketError
+from vtl.frame import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+    Frame,
+    VnetHeader,
+)
+from vtl.packet.checksum import checksum, fold, ones_sum
+from vtl.packet.ethernet import ETH_P_8021Q, VlanTagValue, insert_vlan, remove_vlan
+from vtl.packet.packet import Packet
+from vtl.packet.tcp import CWR, FIN, PSH
+
+ETH_HLEN = 14
+
+
+def complete_checksum(frame: Frame) -> None:
+    """Finish a ``NEEDS_CSUM`` partial checksum in place (no segmentation)."""
+    v = frame.vnet
+    if v is None or not v.needs_csum:
+        return
+    d = frame.data
+    pos = v.csum_start + v.csum_offset
+    if v.csum_start >= len(d) or pos + 2 > len(d):
+        raise PacketError("virtio csum_start/csum_offset outside the frame")
+    c = ~ones_sum(d, v.csum_start) & 0xFFFF
+    d[pos] = c >> 8
+    d[pos + 1] = c & 0xFF
+    v.flags &= ~VIRTIO_NET_HDR_F_NEEDS_CSUM
+
+
+def complete_offloads(frame: Frame) -> list[Frame]:
+    """Plain frames (``vnet`` None, checksums complete) that carry what ``frame`` does.
+
+    A frame without offload work is returned as is (its ``vnet`` cleared).
+    """
+    v = frame.vnet
+    if v is None:
+        return [frame]
+    if not v.is_gso:
+        complete_checksum(frame)
+        frame.vnet = None
+        return [frame]
+    gso = v.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    pkt = Packet(frame)
+    ip = pkt.ip
+    if ip is None or pkt.l4_offset is None:
+        raise PacketError("GSO frame without an IP/L4 header")
+    if gso in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6):
+        if pkt.tcp is None:
+            raise PacketError("TCP GSO frame without a TCP header")
+        return _segment(pkt, v.gso_size, tcp=True)
+    if gso in (VIRTIO_NET_HDR_GSO_UDP_L4, VIRTIO_NET_HDR_GSO_UDP):
+        u = pkt.udp
+        if u is None:
+            raise PacketError("UDP GSO frame without a UDP header")
+        if gso == VIRTIO_NET_HDR_GSO_UDP:
+            if u.end - u.off > v.gso_size:
+                raise PacketError("UDP fragmentation offload (UFO) of a large datagram "
+                                  "is not supported; enable USO or lower the MTU")
+            return _segment(pkt, 1 << 16, tcp=False)
+        return _segment(pkt, v.gso_size, tcp=False)
+    raise PacketError(f"unknown GSO type {v.gso_type:#x}")
+
+
+def _segment(pkt: Packet, mss: int, tcp: bool) -> list[Frame]:
+    d = pkt.data
+    ip = pkt.ip
+    l4 = pkt.tcp if tcp else pkt.udp
+    assert ip is not None and l4 is not None
+    if mss <= 0:
+        raise PacketError("GSO frame with gso_size 0")
+    hdr_end = l4.payload_offset
+    payload = memoryview(d)[hdr_end : l4.end]
+    header = d[:hdr_end]
+    l3, l4off = ip.off, l4.off
+    v4 = ip.version_number == 4
+    ip_id = ip.id if v4 else 0
+    seq = l4.seq if tcp else 0  # type: ignore[union-attr]
+    flags = d[l4off + 13] if tcp else 0
+    n = max(1, -(-len(payload) // mss))
+    out: list[Frame] = []
+    for i in range(n):
+        chunk = payload[i * mss : (i + 1) * mss]
+        seg = bytearray(header)
+        seg += chunk
+        l4len = len(seg) - l4off
+        if v4:
+            seg[l3 + 2 : l3 + 4] = (len(seg) - l3).to_bytes(2, "big")
+            seg[l3 + 4 : l3 + 6] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
+            seg[l3 + 10 : l3 + 12] = b"\0\0"
+            seg[l3 + 10 : l3 + 12] = checksum(seg, l3, l3 + ip.header_len).to_bytes(2, "big")
+        else:
+            seg[l3 + 4 : l3 + 6] = (len(seg) - l3 - 40).to_bytes(2, "big")
+        if tcp:
+            seg[l4off + 4 : l4off + 8] = ((seq + i * mss) & 0xFFFFFFFF).to_bytes(4, "big")
+            f = flags
+            if i != n - 1:
+                f &= ~(FIN | PSH)
+            if i:
+                f &= ~CWR
+            seg[l4off + 13] = f
+            cpos = l4off + 16
+        else:
+            seg[l4off + 4 : l4off + 6] = l4len.to_bytes(2, "big")
+            cpos = l4off + 6
+        seg[cpos : cpos + 2] = b"\0\0"
+        ps = ip.pseudo_sum(ip.l4_proto, l4len)
+        c = ~fold(ones_sum(seg, l4off) + ps) & 0xFFFF
+        if not tcp and c == 0:
+            c = 0xFFFF
+        seg[cpos : cpos + 2] = c.to_bytes(2, "big")
+        out.append(Frame(seg, None))
+    return out
+
+
+def prepare_offloads(frame: Frame, mtu: int = 1500) -> Frame:
+    """Give an oversized plain TCP frame the virtio metadata for kernel GSO (in place).
+
+    A frame that fits ``mtu`` (or already has ``vnet``) is left as is. An
+    oversized TCP frame gets a partial checksum, ``NEEDS_CSUM`` and GSO
+    TCPv4/TCPv6 with ``gso_size = mtu - IP header - TCP header``. Anything else
+    oversized raises :class:`~vtl.errors.PacketError`. Returns ``frame``.
+    """
+    if frame.vnet is not None:
+        return frame
+    pkt = Packet(frame)
+    if len(frame.data) <= mtu + ETH_HLEN + 4 * pkt.ntags:
+        return frame
+    t, ip = pkt.tcp, pkt.ip
+    if t is None or ip is None:
+        raise PacketError(f"frame of {len(frame.data)} bytes exceeds MTU {mtu} and is not TCP")
+    v4 = ip.version_number == 4
+    ip_hlen = t.off - ip.off
+    gso_size = mtu - ip_hlen - t.header_len
+    if gso_size <= 0:
+        raise PacketError(f"MTU {mtu} leaves no room for TCP payload")
+    l4len = t.end - t.off
+    if v4:
+        ip.fix_checksum()
+    t.checksum = ip.pseudo_sum(6, l4len)
+    gso_type = VIRTIO_NET_HDR_GSO_TCPV4 if v4 else VIRTIO_NET_HDR_GSO_TCPV6
+    if t.flags & CWR:
+        gso_type |= VIRTIO_NET_HDR_GSO_ECN
+    frame.vnet = VnetHeader(
+        flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type=gso_type, hdr_len=t.payload_offset,
+        gso_size=gso_size, csum_start=t.off, csum_offset=16,
+    )
+    return frame
+
+
+def adjust_vnet(frame: Frame, at: int, delta: int) -> None:
+    """``delta`` bytes were inserted (>0) or removed (<0) at offset ``at``: shift offsets."""
+    v = frame.vnet
+    if v is None:
+        return
+    if v.needs_csum and v.csum_start >= at:
+        v.csum_start += delta
+    if v.hdr_len and v.hdr_len >= at:
+        v.hdr_len += delta
+
+
+def push_vlan(frame: Frame, vid: int, pcp: int = 0, dei: int = 0,
+              tpid: int = ETH_P_8021Q) -> None:
+    """Insert an outermost 802.1Q tag, keeping the virtio header consistent."""
+    insert_vlan(frame.data, vid, pcp, dei, tpid)
+    adjust_vnet(frame, 12, 4)
+
+
+def pop_vlan(frame: Frame) -> VlanTagValue:
+    """Remove the outermost tag (PacketError if untagged); returns its values."""
+    tag = remove_vlan(frame.data)
+    adjust_vnet(frame, 12, -4)
+    return tag
