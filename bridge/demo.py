@@ -127,6 +127,14 @@ def run_demo(keep_capture: str | None = None, size_mb: int = 20, delay_ms: float
             workdir.rmdir()
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def _median(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ms" if values else "no reply"
 
@@ -149,7 +157,7 @@ def _report(console: Console, base: list[float], delayed: list[float], delay_ms:
                 "errors"):
         s.add_column(col, justify="right")
     for name, c in snap["services"].items():
-        s.add_row(name, str(c["frames_in"]), f"{c['bytes_in']:,}", str(c["frames_out"]),
+        s.add_row(name, str(c["frames_in"]), _size(c["bytes_in"]), str(c["frames_out"]),
                   str(c["dropped"]), str(c["consumed"]), str(c["injected"]), str(c["errors"]))
     console.print(s)
     console.print(f"capture: {capture} ({capture.stat().st_size if capture.exists() else 0:,} "
