@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, IPerror, TCPerror
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, IPOption_RR, TCPerror
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
     ICMPv6EchoReply,
