@@ -30,6 +30,7 @@ from vtl.packet.checksum import checksum, ones_sum, patch_l4_pseudo, pseudo_sum_
 from vtl.packet.view import U16, View, bits, patch_field16, raw, u8, uint
 
 _HDR = struct.Struct("!BxHxxHxB")
+_ADDRS = struct.Struct("4s4s")
 
 IPV4_HLEN = 20
 IPPROTO_ICMP = 1
@@ -88,6 +89,11 @@ class IPv4(View):
     dst = raw(16, 4, "dst", _ip4)
 
     version_number = 4
+
+    @property
+    def addrs(self) -> tuple[bytes, bytes]:
+        """``(src, dst)`` in one read (for flow keys)."""
+        return _ADDRS.unpack_from(self.buf, self.off + 12)  # type: ignore[return-value]
 
     @property
     def is_fragment(self) -> bool:

@@ -20,6 +20,7 @@ destination named in a routing header; no reassembly.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, NamedTuple
 
 from vtl.errors import PacketError
@@ -39,6 +40,7 @@ IPPROTO_DSTOPTS = 60
 EXT_HEADERS = frozenset((IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_FRAGMENT, IPPROTO_DSTOPTS,
                          IPPROTO_AH))
 MAX_EXT_HEADERS = 16
+_ADDRS = struct.Struct("16s16s")
 
 
 class ExtHeader(NamedTuple):
@@ -88,6 +90,11 @@ class IPv6(View):
     dst = raw(24, 16, "dst", _ip6)
 
     version_number = 6
+
+    @property
+    def addrs(self) -> tuple[bytes, bytes]:
+        """``(src, dst)`` in one read (for flow keys)."""
+        return _ADDRS.unpack_from(self.buf, self.off + 8)  # type: ignore[return-value]
 
     @property
     def ttl(self) -> int:

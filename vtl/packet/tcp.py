@@ -19,6 +19,7 @@ What it does not do: sequence arithmetic and state belong to ``vtl.models``.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,9 @@ TCP_HLEN = 20
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 OPT_EOL, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERM, OPT_SACK, OPT_TIMESTAMP = 0, 1, 2, 3, 4, 5, 8
 MAX_OPTIONS_LEN = 40
+
+
+_PORTS = struct.Struct("!HH")
 
 
 @dataclass(slots=True)
@@ -136,6 +140,11 @@ class TCP(View):
         self.end = end
         self.ip = ip
         self.partial = partial
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        """``(sport, dport)`` in one read (for flow keys)."""
+        return _PORTS.unpack_from(self.buf, self.off)  # type: ignore[return-value]
 
     sport = uint(U16, 0, "sport")
     dport = uint(U16, 2, "dport")

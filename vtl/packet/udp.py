@@ -12,6 +12,7 @@ port changes are not folded into it.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from vtl.errors import LocalProtocolError, PacketError
@@ -19,6 +20,9 @@ from vtl.packet.checksum import checksum, fold, ones_sum
 from vtl.packet.view import U16, View, patch_field16, uint
 
 UDP_HLEN = 8
+
+
+_PORTS = struct.Struct("!HH")
 
 
 class UDP(View):
@@ -41,6 +45,11 @@ class UDP(View):
         self.end = off + ln
         self.ip = ip
         self.partial = partial
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        """``(sport, dport)`` in one read (for flow keys)."""
+        return _PORTS.unpack_from(self.buf, self.off)  # type: ignore[return-value]
 
     sport = uint(U16, 0, "sport")
     dport = uint(U16, 2, "dport")

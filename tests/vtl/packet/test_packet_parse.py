@@ -52,6 +52,7 @@ def test_ethernet_ipv4_tcp_fields() -> None:
     assert p.l3_offset == 14 and p.l4_offset == 34
     assert p.verify_checksums()
     assert ip.get("ttl") == 33 and t.get("dport") == 80
+    assert ip.addrs == (ip.src, ip.dst) and t.ports == (1234, 80)
     assert ip.as_dict()["src"] == ip.src
     assert "TCP" in repr(p)
 
