@@ -274,10 +274,15 @@ class Bridge:
     def _write(self, port: Port, frame: Frame) -> None:
         try:
             if port.vnet:
-                if frame.vnet is None and len(frame.data) > port.mtu + 18:
-                    from vtl.packet.offload import prepare_offloads  # rare: port kinds differ
+                if frame.vnet is None:
+                    # from a port without virtio headers: its checksums may be unfinished
+                    # (libpcap on an interface with checksum offload) and its frames
+                    # oversized (GRO/TSO); let the kernel finish them
+                    other = self.uplink if port is self.guest else self.guest
+                    if not other.vnet or len(frame.data) > port.mtu + 18:
+                        from vtl.packet.offload import prepare_offloads  # rare: kinds differ
 
-                    prepare_offloads(frame, port.mtu)
+                        prepare_offloads(frame, port.mtu, csum=not other.vnet)
                 port.send(frame.to_wire(True))
             elif frame.vnet is not None and not frame.vnet.is_plain:
                 from vtl.packet.offload import complete_offloads  # rare: port kinds differ

@@ -142,31 +142,53 @@ def _segment(pkt: Packet, mss: int, tcp: bool) -> list[Frame]:
     return out
 
 
-def prepare_offloads(frame: Frame, mtu: int = 1500) -> Frame:
-    """Give an oversized plain TCP frame the virtio metadata for kernel GSO (in place).
+def prepare_offloads(frame: Frame, mtu: int = 1500, csum: bool = False) -> Frame:
+    """Give a plain frame the virtio metadata a virtio-header port needs (in place).
 
-    A frame that fits ``mtu`` (or already has ``vnet``) is left as is. An
-    oversized TCP frame gets a partial checksum, ``NEEDS_CSUM`` and GSO
-    TCPv4/TCPv6 with ``gso_size = mtu - IP header - TCP header``. Anything else
-    oversized raises :class:`~vtl.errors.PacketError`. Returns ``frame``.
+    A frame that already has ``vnet`` is left as is. An oversized TCP frame gets
+    a partial checksum, ``NEEDS_CSUM`` and GSO TCPv4/TCPv6 with ``gso_size = mtu
+    - IP header - TCP header``; anything else oversized raises
+    :class:`~vtl.errors.PacketError`. With ``csum=True`` a TCP or UDP frame that
+    fits also gets ``NEEDS_CSUM`` and its pseudo-header sum, so that the kernel
+    computes the checksum: frames read through libpcap from a local interface
+    with checksum offload carry an unfinished checksum that a guest would drop,
+    and this costs no pass over the payload. Returns ``frame``.
     """
     if frame.vnet is not None:
         return frame
     pkt = Packet(frame)
-    if len(frame.data) <= mtu + ETH_HLEN + 4 * pkt.ntags:
+    oversized = len(frame.data) > mtu + ETH_HLEN + 4 * pkt.ntags
+    if not oversized and not csum:
         return frame
-    t, ip = pkt.tcp, pkt.ip
-    if t is None or ip is None:
+    ip = pkt.ip
+    t = pkt.tcp
+    if oversized and (t is None or ip is None):
         raise PacketError(f"frame of {len(frame.data)} bytes exceeds MTU {mtu} and is not TCP")
+    if ip is None or ip.is_fragment:
+        return frame
     v4 = ip.version_number == 4
+    if t is None:
+        u = pkt.udp
+        if u is None:
+            return frame
+        if v4 and u.checksum == 0:
+            return frame  # "no checksum" over IPv4: nothing to complete
+        u.checksum = ip.pseudo_sum(17, u.end - u.off)
+        frame.vnet = VnetHeader(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=u.off,
+                                csum_offset=6)
+        return frame
+    l4len = t.end - t.off
+    t.checksum = ip.pseudo_sum(6, l4len)
+    if not oversized:
+        frame.vnet = VnetHeader(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=t.off,
+                                csum_offset=16)
+        return frame
     ip_hlen = t.off - ip.off
     gso_size = mtu - ip_hlen - t.header_len
     if gso_size <= 0:
         raise PacketError(f"MTU {mtu} leaves no room for TCP payload")
-    l4len = t.end - t.off
     if v4:
         ip.fix_checksum()
-    t.checksum = ip.pseudo_sum(6, l4len)
     gso_type = VIRTIO_NET_HDR_GSO_TCPV4 if v4 else VIRTIO_NET_HDR_GSO_TCPV6
     if t.flags & CWR:
         gso_type |= VIRTIO_NET_HDR_GSO_ECN

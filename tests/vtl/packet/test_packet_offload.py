@@ -161,3 +161,23 @@ def test_push_pop_vlan_keep_vnet_consistent() -> None:
     assert (f.vnet.csum_start, f.vnet.hdr_len) == (start, hdr)
     with pytest.raises(PacketError):
         pop_vlan(f)
+
+
+def test_prepare_offloads_csum_marks_unfinished_checksums_for_the_kernel():
+    """A plain TCP/UDP frame with a wrong checksum (as libpcap shows frames of an interface
+    with checksum offload) gets NEEDS_CSUM; completing it gives the right checksum."""
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    from vtl.frame import Frame
+    from vtl.packet.offload import complete_offloads, prepare_offloads
+
+    for l4, off in ((TCP(sport=1, dport=2, flags="PA"), 16), (UDP(sport=1, dport=2), 6)):
+        good = bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / l4 / (b"x" * 300))
+        bad = bytearray(good)
+        bad[34 + off] ^= 0x5A  # spoil the checksum
+        frame = prepare_offloads(Frame(bad), 1500, csum=True)
+        assert frame.vnet is not None and frame.vnet.needs_csum and not frame.vnet.is_gso
+        assert (frame.vnet.csum_start, frame.vnet.csum_offset) == (34, off)
+        (done,) = complete_offloads(frame)
+        assert bytes(done.data) == good
