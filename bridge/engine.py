@@ -7,7 +7,10 @@ threads release the GIL in every syscall, which is where the time goes on the
 fast path (FAST-PATH.md: two syscalls and two copies per frame). Timers are
 run by whichever thread wakes first after the earliest ``poll_at`` of the
 chain; each thread sleeps in ``poll`` until its port is readable, the next
-deadline passes, or the stop pipe is written.
+deadline passes, or the stop pipe is written. Each direction (a lane) has a
+lock so only one thread reads its input at a time; after forwarding a batch,
+a thread also drains the other lane if it is free, which forwards answers that
+arrived during its own send() without waiting for the other thread to wake.
 
 Learning switch: a frame from the guest teaches its source MAC; a frame from
 the uplink reaches the guest only if its destination is broadcast/multicast
@@ -59,6 +62,23 @@ class BridgeCounters:
                 "segmented": self.segmented}
 
 
+class _Lane:
+    """One direction of forwarding: its ports, and a lock so that one thread at a time
+    reads its input (frames of a direction never overtake each other)."""
+
+    __slots__ = ("src", "dst", "direction", "to_uplink", "off", "fast", "lock", "last_src",
+                 "last_seen")
+
+    def __init__(self, src: Port, dst: Port, direction: Direction, empty_chain: bool):
+        self.src, self.dst, self.direction = src, dst, direction
+        self.to_uplink = direction is TO_UPLINK
+        self.off = VNET_HDR_LEN if src.vnet else 0
+        self.fast = empty_chain and src.vnet == dst.vnet
+        self.lock = threading.Lock()
+        self.last_src = b""
+        self.last_seen = 0.0
+
+
 class Bridge:
     """One bridge: build it from a config, :meth:`open`, :meth:`run`, :meth:`close`."""
 
@@ -80,6 +100,7 @@ class Bridge:
         os.set_blocking(self._wake_r, False)
         self._deadline: float | None = None
         self._threads: list[threading.Thread] = []
+        self._lanes: dict[Direction, _Lane] = {}
         self._opened: list[Port] = []
         self._started = False
         self.error: BaseException | None = None
@@ -107,6 +128,11 @@ class Bridge:
 
     def start(self) -> None:
         """Start the forwarding threads (the bridge must be open)."""
+        empty = len(self.chain) == 0
+        self._lanes = {
+            TO_UPLINK: _Lane(self.guest, self.uplink, TO_UPLINK, empty),
+            TO_GUEST: _Lane(self.uplink, self.guest, TO_GUEST, empty),
+        }
         self._threads = [
             threading.Thread(target=self._pump_guarded, args=(self.guest, self.uplink, TO_UPLINK),
                              name=f"{self.name}-to-uplink", daemon=True),
@@ -187,77 +213,91 @@ class Bridge:
         poller.poll(max(0, int(timeout * 1000 + 0.999)))
 
     def _pump(self, src: Port, dst: Port, direction: Direction) -> None:
+        lane = self._lanes[direction]
+        other = self._lanes[direction.reverse]
         poller = select.poll()
         poller.register(src.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        off = VNET_HDR_LEN if src.vnet else 0
-        fast = len(self.chain) == 0 and src.vnet == dst.vnet
-        learned = self.learned
-        counters = self.counters
-        aging = self.mac_aging
-        batch_size = self.batch
-        to_uplink = direction is TO_UPLINK
         stop = self._stop
-        send = dst.send
-        last_src = b""
-        last_seen = 0.0
+        forward = self._forward
         while not stop.is_set():
-            batch = src.recv_batch(batch_size)
-            now = time.monotonic()
-            if batch:
-                good = []
-                if to_uplink:
-                    for raw in batch:
-                        if len(raw) < off + 14:
-                            counters.malformed += 1
-                            continue
-                        mac = raw[off + 6:off + 12]
-                        if mac != last_src or now - last_seen > 1.0:
-                            if not mac[0] & 1:
-                                learned[mac] = max(now, learned.get(mac, 0.0))
-                            last_src, last_seen = mac, now
-                        good.append(raw)
-                else:
-                    for raw in batch:
-                        if len(raw) < off + 14:
-                            counters.malformed += 1
-                            continue
-                        if raw[off] & 1:
-                            good.append(raw)
-                            continue
-                        seen = learned.get(raw[off:off + 6])
-                        if seen is not None and now - seen < aging:
-                            good.append(raw)
-                        else:
-                            counters.not_for_guest += 1
-                if fast:
-                    for raw in good:
-                        send(raw)
-                    continue
-                with self._lock:
-                    process = self.chain.process
-                    for raw in good:
-                        try:
-                            frame = Frame.from_wire(raw, src.vnet)
-                        except VTLError:
-                            counters.malformed += 1
-                            continue
-                        process(frame, direction, now)
-                    if self._deadline is not None and self._deadline <= now:
-                        self.chain.run_timers(now)
-                    self._flush()
-                    self._deadline = self.chain.next_deadline()
+            with lane.lock:
+                busy = forward(lane)
+            if busy:
+                # What we just sent has often been answered before send() returned (the
+                # peer's stack runs in our softirq): forward the answer now rather than
+                # wait for the other thread to wake up. Saves a wake-up per round trip.
+                if other.lock.acquire(blocking=False):
+                    try:
+                        forward(other)
+                    finally:
+                        other.lock.release()
                 continue
             deadline = self._deadline
-            if deadline is not None and deadline <= now and not fast:
+            if deadline is not None and deadline <= time.monotonic():
                 with self._lock:
-                    self.chain.run_timers(now)
+                    self.chain.run_timers(time.monotonic())
                     self._flush()
                     self._deadline = self.chain.next_deadline()
                 continue
             self._sleep(poller)
-            if self._wake_r >= 0 and stop.is_set():
-                break
+
+    def _forward(self, lane: _Lane) -> bool:
+        """Read one batch from the lane's input and forward it; False when nothing came."""
+        batch = lane.src.recv_batch(self.batch)
+        if not batch:
+            return False
+        now = time.monotonic()
+        off = lane.off
+        counters = self.counters
+        learned = self.learned
+        good = []
+        if lane.to_uplink:
+            for raw in batch:
+                if len(raw) < off + 14:
+                    counters.malformed += 1
+                    continue
+                mac = raw[off + 6:off + 12]
+                if mac != lane.last_src or now - lane.last_seen > 1.0:
+                    if not mac[0] & 1:
+                        learned[mac] = max(now, learned.get(mac, 0.0))
+                    lane.last_src, lane.last_seen = mac, now
+                good.append(raw)
+        else:
+            aging = self.mac_aging
+            for raw in batch:
+                if len(raw) < off + 14:
+                    counters.malformed += 1
+                    continue
+                if raw[off] & 1:
+                    good.append(raw)
+                    continue
+                seen = learned.get(raw[off:off + 6])
+                if seen is not None and now - seen < aging:
+                    good.append(raw)
+                else:
+                    counters.not_for_guest += 1
+        if lane.fast:
+            send = lane.dst.send
+            for raw in good:
+                send(raw)
+            return True
+        vnet = lane.src.vnet
+        direction = lane.direction
+        with self._lock:
+            process = self.chain.process
+            for raw in good:
+                try:
+                    frame = Frame.from_wire(raw, vnet)
+                except VTLError:
+                    counters.malformed += 1
+                    continue
+                process(frame, direction, now)
+            if self._deadline is not None and self._deadline <= now:
+                self.chain.run_timers(now)
+            self._flush()
+            self._deadline = self.chain.next_deadline()
+        return True
 
     def _flush(self) -> None:
         """Write what the chain produced to the ports (called with the lock held)."""
