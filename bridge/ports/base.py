@@ -48,6 +48,9 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from vtl.errors import SetupError
 
@@ -145,6 +148,17 @@ def ifname_problem(name: str) -> str | None:
     if name in (".", "..") or any(c in name for c in "/:") or any(c.isspace() for c in name):
         return f"interface name {name!r} is not valid; do not use '/', ':' or spaces"
     return None
+
+
+def _validate_ifname(name: str) -> str:
+    problem = ifname_problem(name)
+    if problem:
+        raise ValueError(problem)
+    return name
+
+
+#: an interface name, checked like Linux's ``dev_valid_name`` when a config is validated
+IfName = Annotated[str, AfterValidator(_validate_ifname)]
 
 
 def check_ifname(name: str, what: str) -> None:

@@ -47,15 +47,15 @@ import socket
 import struct
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from vtl.errors import SetupError
 
 from .base import (
     READ_BUF_SIZE,
+    IfName,
     Port,
     describe_oserror,
-    ifname_problem,
     interface_mac_mtu,
     require_interface,
 )
@@ -80,7 +80,7 @@ class PacketPortConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["packet"] = Field(description="Port kind: AF_PACKET raw socket.")
-    ifname: str = Field(description="Existing interface to attach to, e.g. eth1.")
+    ifname: IfName = Field(description="Existing interface to attach to, e.g. eth1.")
     vnet_hdr: bool = Field(
         default=True,
         description="Exchange frames with the 10-byte virtio-net header (PACKET_VNET_HDR), "
@@ -95,14 +95,6 @@ class PacketPortConfig(BaseModel):
     sndbuf: int = Field(
         default=4 * 1024 * 1024, ge=0, description="Socket send buffer in bytes (0: default)."
     )
-
-    @field_validator("ifname")
-    @classmethod
-    def _valid_ifname(cls, v: str) -> str:
-        problem = ifname_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
 
 
 class PacketPort(Port):

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from vtl.errors import SetupError
 
-from .base import Port, ifname_problem, interface_mac_mtu, require_interface
+from .base import IfName, Port, interface_mac_mtu, require_interface
 
 try:  # pcapy-ng installs the module "pcapy"
     import pcapy
@@ -49,7 +49,7 @@ class PcapPortConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["pcap"] = Field(description="Port kind: libpcap (pcapy-ng).")
-    ifname: str = Field(description="Existing interface to attach to, e.g. eth1.")
+    ifname: IfName = Field(description="Existing interface to attach to, e.g. eth1.")
     timeout_ms: int = Field(
         default=1,
         ge=1,
@@ -63,14 +63,6 @@ class PcapPortConfig(BaseModel):
     promisc: bool = Field(
         default=True, description="Put the interface in promiscuous mode while attached."
     )
-
-    @field_validator("ifname")
-    @classmethod
-    def _valid_ifname(cls, v: str) -> str:
-        problem = ifname_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
 
 
 class PcapPort(Port):

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vtl.errors import SetupError
 
-from .base import READ_BUF_SIZE, Port, check_ifname, ifname_problem, interface_mac_mtu
+from .base import READ_BUF_SIZE, IfName, Port, check_ifname, interface_mac_mtu
 
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
@@ -76,7 +76,7 @@ class TapPortConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["tap"] = Field(description="Port kind: a TAP device owned by VTL.")
-    ifname: str = Field(description="Name of the TAP device to create (at most 15 bytes).")
+    ifname: IfName = Field(description="Name of the TAP device to create (at most 15 bytes).")
     netns: str | None = Field(
         default=None,
         description="Existing named network namespace (`ip netns`) to move the kernel side "
@@ -96,14 +96,6 @@ class TapPortConfig(BaseModel):
         pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$",
         description="MAC address of the kernel side (the VM's MAC), e.g. 52:54:00:12:34:56.",
     )
-
-    @field_validator("ifname")
-    @classmethod
-    def _valid_ifname(cls, v: str) -> str:
-        problem = ifname_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
 
     @field_validator("netns")
     @classmethod
