@@ -25,7 +25,7 @@ from typing import Any
 
 from vtl.errors import LocalProtocolError, PacketError
 from vtl.packet.checksum import checksum, fold, ones_sum
-from vtl.packet.view import U16, U32, View, bits, patch_field16, u8, uint
+from vtl.packet.view import U16, U32, PortsMixin, View, bits, patch_field16, u8, uint
 
 TCP_HLEN = 20
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
@@ -117,7 +117,7 @@ def iter_options(raw: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]
     return out
 
 
-class TCP(View):
+class TCP(PortsMixin, View):
     """A TCP header within ``buf[off:end]``; ``ip`` gives the pseudo-header."""
 
     __slots__ = ("end", "ip", "partial")
@@ -239,19 +239,6 @@ class TCP(View):
     def _patch_checksum(self, old: bytes, new: bytes) -> None:
         if not self.partial:
             patch_field16(self.buf, self.off + 16, old, new)
-
-    def set_sport(self, port: int) -> None:
-        """Rewrite the source port and patch the checksum (unless partial)."""
-        self.update("sport", port)
-
-    def set_dport(self, port: int) -> None:
-        """Rewrite the destination port and patch the checksum (unless partial)."""
-        self.update("dport", port)
-
-    def swap(self) -> None:
-        """Exchange the ports (checksum-neutral)."""
-        o, b = self.off, self.buf
-        b[o : o + 2], b[o + 2 : o + 4] = b[o + 2 : o + 4], b[o : o + 2]
 
     def __repr__(self) -> str:
         names = "FSRPAUEC"

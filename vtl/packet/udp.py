@@ -17,7 +17,7 @@ from typing import Any
 
 from vtl.errors import LocalProtocolError, PacketError
 from vtl.packet.checksum import checksum, fold, ones_sum
-from vtl.packet.view import U16, View, patch_field16, uint
+from vtl.packet.view import U16, PortsMixin, View, patch_field16, uint
 
 UDP_HLEN = 8
 
@@ -25,7 +25,7 @@ UDP_HLEN = 8
 _PORTS = struct.Struct("!HH")
 
 
-class UDP(View):
+class UDP(PortsMixin, View):
     """A UDP header; ``ip`` gives the pseudo-header and the family."""
 
     __slots__ = ("end", "ip", "partial")
@@ -108,16 +108,6 @@ class UDP(View):
         patch_field16(self.buf, pos, old, new)
         if self.buf[pos] == 0 and self.buf[pos + 1] == 0:
             U16.pack_into(self.buf, pos, 0xFFFF)
-
-    def set_sport(self, port: int) -> None:
-        self.update("sport", port)
-
-    def set_dport(self, port: int) -> None:
-        self.update("dport", port)
-
-    def swap(self) -> None:
-        o, b = self.off, self.buf
-        b[o : o + 2], b[o + 2 : o + 4] = b[o + 2 : o + 4], b[o : o + 2]
 
     def __repr__(self) -> str:
         return f"UDP(sport={self.sport}, dport={self.dport}, len={self.length})"

@@ -153,3 +153,29 @@ def raw(rel: int, size: int, name: str, conv: Callable[[Any], bytes]) -> propert
         self.buf[o : o + size] = b
 
     return property(fget, fset, doc=f"{name} ({size} bytes)")
+
+
+class PortsMixin:
+    """Port rewriting shared by the TCP and UDP views (source port at 0, destination at 2).
+
+    Relies on the view's ``update`` to patch the checksum the way that protocol needs.
+    """
+
+    __slots__ = ()  # keep the views free of a per-instance __dict__
+
+    buf: bytearray
+    off: int
+    update: Any  # View.update, which comes after this mixin in the MRO
+
+    def set_sport(self, port: int) -> None:
+        """Rewrite the source port and patch the checksum (unless partial)."""
+        self.update("sport", port)
+
+    def set_dport(self, port: int) -> None:
+        """Rewrite the destination port and patch the checksum (unless partial)."""
+        self.update("dport", port)
+
+    def swap(self) -> None:
+        """Exchange the ports (checksum-neutral)."""
+        o, b = self.off, self.buf
+        b[o : o + 2], b[o + 2 : o + 4] = b[o + 2 : o + 4], b[o : o + 2]
