@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from vtl.frame import Frame
+from vtl.stream import Stream, StreamHandler, StreamRequest
 
 FailPolicy = Literal["open", "closed"]
 
@@ -121,6 +122,9 @@ class ServiceContext(Protocol):
 
     def open_file(self, path: str, mode: str = "wb") -> BinaryIO:
         """Open a local file for the service (the bridge owns the I/O)."""
+
+    def open_stream(self, request: StreamRequest, handler: StreamHandler) -> Stream:
+        """Ask the bridge for an upstream byte stream (see :mod:`vtl.stream`)."""
 
 
 class Service:

@@ -1,0 +1,140 @@
+"""Upstream byte streams: how a service asks the bridge for a connection.
+
+A service that stands in for one end of the VM's TCP connection (``pep``,
+``socks``, ``udt``) carries the bytes over a *stream* that the bridge opens:
+a host TCP socket, a SOCKS5 tunnel, a UDT connection. Services stay sans-IO:
+they describe the stream they want with a :class:`StreamRequest`, call
+``ctx.open_stream(request, handler)`` and get a :class:`Stream` handle back at
+once; the bridge does the I/O and calls ``handler(event, now)`` (under the
+chain lock, like ``process``) with the events below. Frames the handler
+emits are flushed by the bridge right after it returns.
+
+Life of a stream::
+
+    open_stream ──► StreamConnected ──► StreamData* ──► StreamEnded ──► StreamClosed
+        │                                   (write / shutdown_write / pause_reading)
+        └──► StreamClosed(reason="refused" | "timeout" | "unreachable" | "error")
+
+Flow control, both ways, never unbounded:
+
+- toward the upstream, :meth:`Stream.write` takes at most :attr:`Stream.write_room`
+  bytes and returns how many it took; when it took less than offered the bridge
+  sends :class:`StreamWritable` once room is back;
+- from the upstream, :meth:`Stream.pause_reading` stops the bridge reading the
+  socket (the upstream's own flow control then pushes back on the far end);
+  each :class:`StreamData` is at most ``StreamRequest.read_chunk`` bytes.
+
+Exactly one :class:`StreamClosed` ends every stream, whoever closed it; after
+it the handle is dead (its methods do nothing). Calling :meth:`Stream.close`
+or :meth:`Stream.abort` also produces that final event (``reason="local"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+CloseReason = Literal[
+    "closed",  # orderly: both sides finished (EOF seen and our shutdown flushed)
+    "local",  # this side called close() or abort()
+    "reset",  # the upstream reset the connection
+    "refused",  # connection refused (TCP RST to our SYN, SOCKS "connection refused")
+    "timeout",  # no answer within StreamRequest.timeout_s
+    "unreachable",  # no route, host or network unreachable
+    "error",  # anything else (the message says what)
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRequest:
+    """What to connect to.
+
+    ``kind`` names the transport (``"tcp"``; later ``"socks5"``, ``"udt"``);
+    ``host`` is an address literal or, for transports that resolve remotely,
+    a name. ``options`` carries transport-specific settings (proxy URL,
+    credentials, the original 4-tuple for UDT framing).
+    """
+
+    kind: str
+    host: str
+    port: int
+    timeout_s: float = 10.0
+    read_chunk: int = 256 * 1024  # largest StreamData the bridge delivers at once
+    write_buffer: int = 256 * 1024  # bytes the bridge buffers beyond what the socket took
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Stream(Protocol):
+    """The handle a service holds; every method is non-blocking."""
+
+    id: int
+    request: StreamRequest
+
+    @property
+    def write_room(self) -> int:
+        """How many bytes :meth:`write` would take now (0 before connected or after shutdown)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue up to :attr:`write_room` bytes; returns how many were taken."""
+
+    def shutdown_write(self) -> None:
+        """Half-close: send EOF after the queued bytes (TCP FIN)."""
+
+    def pause_reading(self, paused: bool) -> None:
+        """Stop (True) or resume (False) delivering :class:`StreamData`."""
+
+    def close(self) -> None:
+        """Flush queued bytes, then close both ways."""
+
+    def abort(self) -> None:
+        """Close at once, dropping queued bytes; a TCP upstream gets a RST."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConnected:
+    """The upstream accepted; ``local``/``remote`` are the socket's (host, port)."""
+
+    stream: Stream
+    local: tuple[str, int] | None = None
+    remote: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamData:
+    """Bytes from the upstream, in order."""
+
+    stream: Stream
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The upstream will send nothing more (it half-closed: EOF)."""
+
+    stream: Stream
+
+
+@dataclass(frozen=True, slots=True)
+class StreamWritable:
+    """:attr:`Stream.write_room` is above zero again after a short write."""
+
+    stream: Stream
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    """The stream is over (the last event of every stream); ``message`` says why."""
+
+    stream: Stream
+    reason: CloseReason
+    message: str = ""
+
+
+StreamEvent = StreamConnected | StreamData | StreamEnded | StreamWritable | StreamClosed
+StreamHandler = Callable[[StreamEvent, float], None]
+
+__all__ = [
+    "CloseReason", "Stream", "StreamClosed", "StreamConnected", "StreamData", "StreamEnded",
+    "StreamEvent", "StreamHandler", "StreamRequest", "StreamWritable",
+]
