@@ -6,6 +6,7 @@ Synopsis
     path = "/var/tmp/vm1-after-netem.pcap"
     direction = "both"     # both | to_uplink | to_guest
     snaplen = 262144
+    segment = true         # write GSO frames as the wire segments they become
 
 What it does to frames
     Nothing: every frame PASSes unchanged. Frames travelling in a covered direction
@@ -18,13 +19,22 @@ Notes
     - Sans-IO: the file is opened by the bridge (``ctx.open_pcap(path)``) in ``start``
       and closed in ``stop``. Services see monotonic time, so each record is written
       with the monotonic ``now``; the bridge's sink converts it to wall-clock time.
-    - Frames carrying virtio-net offload metadata are written as they are, as tcpdump
-      on the host's TAP device shows them: a GSO frame appears as one frame of up to
-      64 KB, and a frame whose checksum is left to the kernel shows a partial checksum
-      (Wireshark flags it as wrong). The virtio-net header itself is not written.
+    - Frames carrying virtio-net offload metadata (a GSO super-frame, or a checksum
+      left to the receiver) are written, with ``segment = true`` (the default), as the
+      wire segments they become: a copy goes through
+      :func:`vtl.packet.offload.complete_offloads`, so a 64 KB GSO frame is written as
+      its MSS-sized segments with finished checksums, each with the same timestamp, as
+      tcpdump inside the guest or on the wire would show them. The passing frame is
+      never changed. A frame whose offload metadata cannot be completed (malformed) is
+      written as it is. ``frames_written`` counts records, not frames.
+    - With ``segment = false`` such frames are written as they are, as tcpdump on the
+      host's TAP device shows them: a GSO frame appears as one frame of up to 64 KB,
+      and a frame whose checksum is left to the kernel shows a partial checksum
+      (Wireshark flags it as wrong). The virtio-net header itself is never written.
     - The sink's ``write(data, timestamp)`` has no original-length argument, so a
       record cut by ``snaplen`` has its original length equal to its captured length.
       The default snaplen covers the largest GSO frame, so nothing is cut by default.
+      ``snaplen`` applies to each written segment.
     - A failure to write propagates to the bridge, which applies the failure policy
       (open by default: the frame still passes).
 
@@ -38,7 +48,17 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from vtl import PASS, Direction, Frame, Service, ServiceContext, ServiceOptions, Verdict
+from vtl import (
+    PASS,
+    Direction,
+    Frame,
+    PacketError,
+    Service,
+    ServiceContext,
+    ServiceOptions,
+    Verdict,
+)
+from vtl.packet.offload import complete_offloads
 from vtl.service import PacketSink
 
 
@@ -49,6 +69,9 @@ class CaptureOptions(ServiceOptions):
     direction: Literal["both", "to_uplink", "to_guest"] = Field(
         "both", description="which direction(s) to write")
     snaplen: int = Field(262144, ge=14, le=262144, description="bytes kept of each frame")
+    segment: bool = Field(
+        True, description="write GSO frames as the wire segments they become, with checksums "
+        "finished, as tcpdump inside the guest would see them")
 
 
 class Capture(Service):
@@ -75,13 +98,24 @@ class Capture(Service):
     def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
         sink = self._sink
         if sink is not None and direction in self._dirs:
-            snaplen = self.options.snaplen
-            data = frame.data
-            record = bytes(data) if len(data) <= snaplen else bytes(data[:snaplen])
-            sink.write(record, now)
-            self.frames_written += 1
-            self.bytes_written += len(record)
+            vnet = frame.vnet
+            if self.options.segment and vnet is not None and not vnet.is_plain:
+                try:
+                    segments = complete_offloads(frame.copy())
+                except PacketError:
+                    segments = [frame]  # malformed offload metadata: write it as it is
+                for seg in segments:
+                    self._write(sink, seg.data, now)
+            else:
+                self._write(sink, frame.data, now)
         return PASS
+
+    def _write(self, sink: PacketSink, data: bytearray, now: float) -> None:
+        snaplen = self.options.snaplen
+        record = bytes(data) if len(data) <= snaplen else bytes(data[:snaplen])
+        sink.write(record, now)
+        self.frames_written += 1
+        self.bytes_written += len(record)
 
     def stop(self, now: float) -> None:
         sink, self._sink = self._sink, None

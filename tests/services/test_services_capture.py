@@ -6,12 +6,15 @@ import time
 
 import pytest
 from pydantic import ValidationError
+from scapy.layers.inet import IP, TCP, Ether
+from scapy.packet import Raw
 from scapy.utils import rdpcap
 from services_fakes import FakeContext, MemorySink, udp_frame
 from vtl.services.capture import Capture, CaptureOptions
 
 from vtl import PASS, Direction, Frame, VnetHeader
 from vtl.frame import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
+from vtl.packet import Packet
 
 UP = Direction.TO_UPLINK
 DOWN = Direction.TO_GUEST
@@ -63,9 +66,9 @@ def test_snaplen_cuts_records_not_frames():
 
 def test_pcap_file_readable_by_scapy(tmp_path):
     ctx = FakeContext("capture", pcap_dir=tmp_path)
-    svc = make(ctx, path="cap.pcap")
+    svc = make(ctx, path="cap.pcap", segment=False)
     frames = [udp_frame(42 + 37 * i, sport=2000 + i) for i in range(20)]
-    # a GSO frame with a partial checksum is written as it is, 64 KB and all
+    # segment = false: a GSO frame with a partial checksum is written as it is, 64 KB and all
     gso = udp_frame(65000)
     gso.vnet = VnetHeader(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type=VIRTIO_NET_HDR_GSO_TCPV4,
                           hdr_len=42, gso_size=1448, csum_start=34, csum_offset=6)
@@ -76,6 +79,96 @@ def test_pcap_file_readable_by_scapy(tmp_path):
     pkts = rdpcap(str(tmp_path / "cap.pcap"))
     assert [bytes(p) for p in pkts] == [bytes(f.data) for f in frames]
     assert [float(p.time) for p in pkts] == pytest.approx([100.0 + i * 0.25 for i in range(21)])
+
+
+def tcp_gso_frame(payload: bytes, mss: int = 1448, gso: bool = True) -> Frame:
+    """A TCP/IPv4 frame as a guest kernel hands it over: partial checksum, maybe GSO."""
+    s = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(
+        src="10.0.0.1", dst="10.0.0.2", id=100) / TCP(
+        sport=40000, dport=80, seq=1000, ack=1, flags="PA") / Raw(payload)
+    raw = bytearray(bytes(s))
+    t = Packet(raw).tcp
+    assert t is not None
+    vnet = VnetHeader(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                      gso_type=VIRTIO_NET_HDR_GSO_TCPV4 if gso else 0,
+                      hdr_len=t.payload_offset if gso else 0, gso_size=mss if gso else 0,
+                      csum_start=t.off, csum_offset=16)
+    f = Frame(raw, vnet)
+    Packet(f).fix_checksums()  # the pseudo-header sum only, as the guest leaves it
+    return f
+
+
+def tcp_checksum_ok(raw: bytes) -> bool:
+    pkt = Ether(raw)
+    again = pkt.copy()
+    del again[TCP].chksum
+    del again[IP].chksum
+    again = Ether(bytes(again))
+    return pkt[TCP].chksum == again[TCP].chksum and pkt[IP].chksum == again[IP].chksum
+
+
+@pytest.mark.parametrize("scapy_file", [False, True])
+def test_gso_tcp_frame_written_as_wire_segments(tmp_path, scapy_file):
+    ctx = FakeContext("capture", pcap_dir=tmp_path if scapy_file else None)
+    svc = make(ctx, path="seg.pcap")
+    payload = bytes((i * 7 + 3) & 0xFF for i in range(20000))
+    f = tcp_gso_frame(payload)
+    before, vnet_before = bytes(f.data), f.vnet.pack()
+    assert svc.process(f, UP, 5.0) is PASS
+    assert bytes(f.data) == before and f.vnet.pack() == vnet_before  # passing frame untouched
+    assert not tcp_checksum_ok(before)  # the raw frame's checksum is only partial
+    svc.stop(6.0)
+    if scapy_file:
+        pkts = rdpcap(str(tmp_path / "seg.pcap"))
+        raws = [bytes(p) for p in pkts]
+        assert all(float(p.time) == pytest.approx(5.0) for p in pkts)
+    else:
+        raws = [r for r, _ in ctx.sinks["seg.pcap"].records]
+    n = -(-len(payload) // 1448)
+    assert len(raws) == n == svc.report()["frames_written"]
+    assert svc.report()["bytes_written"] == sum(map(len, raws))
+    got = b""
+    seq = 1000
+    for r in raws:
+        assert tcp_checksum_ok(r)
+        t = Ether(r)[TCP]
+        assert t.seq == seq and len(t.payload) <= 1448
+        seq += len(t.payload)
+        got += bytes(t.payload)
+    assert got == payload
+
+
+def test_needs_csum_frame_written_with_finished_checksum_and_plain_frames_as_is():
+    ctx = FakeContext("capture")
+    svc = make(ctx, path="c.pcap")
+    f = tcp_gso_frame(b"x" * 300, gso=False)
+    before = bytes(f.data)
+    svc.process(f, DOWN, 0.0)
+    plain = udp_frame(80)
+    plain.vnet = VnetHeader()  # asks nothing: written as it is
+    svc.process(plain, DOWN, 0.0)
+    (done, _), (p, _) = ctx.sinks["c.pcap"].records
+    assert bytes(f.data) == before and f.vnet is not None and f.vnet.needs_csum
+    assert not tcp_checksum_ok(before) and tcp_checksum_ok(done)
+    assert len(done) == len(before) and done[:50] == before[:50] and done[52:] == before[52:]
+    assert p == bytes(plain.data)
+
+
+def test_snaplen_cuts_each_segment():
+    ctx = FakeContext("capture")
+    svc = make(ctx, path="c.pcap", snaplen=100)
+    svc.process(tcp_gso_frame(bytes(5000)), UP, 0.0)
+    assert [len(r) for r, _ in ctx.sinks["c.pcap"].records] == [100] * 4
+
+
+def test_malformed_gso_frame_written_as_it_is():
+    ctx = FakeContext("capture")
+    svc = make(ctx, path="m.pcap")
+    bad = udp_frame(3000)  # says TCP GSO, carries UDP: cannot be segmented
+    bad.vnet = VnetHeader(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type=VIRTIO_NET_HDR_GSO_TCPV4,
+                          hdr_len=42, gso_size=1448, csum_start=34, csum_offset=6)
+    assert svc.process(bad, UP, 0.0) is PASS
+    assert ctx.sinks["m.pcap"].records == [(bytes(bad.data), 0.0)]
 
 
 def test_with_the_bridge_sink_timestamps_become_wall_clock(tmp_path):
@@ -95,7 +188,8 @@ def test_with_the_bridge_sink_timestamps_become_wall_clock(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{}, {"path": ""}, {"path": "x", "snaplen": 0},
-                                 {"path": "x", "direction": "up"}, {"path": "x", "extra": 1}])
+                                 {"path": "x", "direction": "up"}, {"path": "x", "extra": 1},
+                                 {"path": "x", "segment": "maybe"}])
 def test_invalid_options(bad):
     with pytest.raises(ValidationError):
         CaptureOptions(**bad)
