@@ -1,0 +1,213 @@
+"""Byte buffers and the retransmission timer of the virtual TCP endpoint.
+
+Everything here counts in *stream offsets*: unbounded Python ints, 0 for the
+first data byte. The endpoint converts sequence numbers to offsets at its
+edge (``offset = base + seq_diff(seq, seq_of(base))``), so wrap-around at
+2**32 never reaches these classes.
+
+- :class:`SendBuffer`: bytes the application queued and the peer has not
+  acknowledged yet, ``[una, end)``; bounded by ``capacity``.
+- :class:`ReceiveBuffer`: bytes received in order and not yet read, plus a
+  bounded out-of-order store of ranges beyond the next expected offset,
+  merged on insert, reported as SACK blocks (most recent first, RFC 2018 4).
+- :class:`RtoEstimator`: RFC 6298 SRTT/RTTVAR and exponential backoff.
+
+Invariants: ``SendBuffer.una <= SendBuffer.end``, ``len(data) == end - una``;
+out-of-order ranges are disjoint, sorted, all beyond ``ReceiveBuffer.nxt``,
+and hold at most ``ooo_limit`` bytes in total.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+_COMPACT = 256 * 1024  # drop consumed bytes from a buffer's front once this many pile up
+
+
+class SendBuffer:
+    """Queued outgoing bytes from offset ``una`` (oldest unacknowledged) to ``end``."""
+
+    __slots__ = ("capacity", "una", "_buf", "_skip")
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.una = 0
+        self._buf = bytearray()
+        self._skip = 0  # consumed bytes still at the front of _buf
+
+    @property
+    def end(self) -> int:
+        return self.una + len(self._buf) - self._skip
+
+    @property
+    def queued(self) -> int:
+        return len(self._buf) - self._skip
+
+    @property
+    def room(self) -> int:
+        return max(0, self.capacity - self.queued)
+
+    def push(self, data: bytes | bytearray | memoryview) -> int:
+        """Append up to :attr:`room` bytes; returns how many were taken."""
+        n = min(len(data), self.room)
+        if n:
+            self._buf += data[:n] if n < len(data) else data
+        return n
+
+    def ack(self, offset: int) -> int:
+        """Forget bytes before ``offset``; returns how many were released."""
+        n = min(offset, self.end) - self.una
+        if n <= 0:
+            return 0
+        self.una += n
+        self._skip += n
+        if self._skip >= _COMPACT or self._skip == len(self._buf):
+            del self._buf[: self._skip]
+            self._skip = 0
+        return n
+
+    def view(self, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset + size)`` (clipped to what is queued)."""
+        start = self._skip + offset - self.una
+        if start < self._skip:
+            raise ValueError("offset before the oldest unacknowledged byte")
+        return bytes(self._buf[start : start + size])
+
+
+class ReceiveBuffer:
+    """In-order unread bytes and a bounded out-of-order store."""
+
+    __slots__ = ("nxt", "ooo_limit", "_data", "_skip", "_starts", "_chunks", "_ooo_bytes",
+                 "_recent")
+
+    def __init__(self, ooo_limit: int):
+        self.nxt = 0  # next in-order offset expected
+        self.ooo_limit = ooo_limit
+        self._data = bytearray()
+        self._skip = 0
+        self._starts: list[int] = []  # out-of-order range starts, sorted
+        self._chunks: list[bytes] = []  # their bytes
+        self._ooo_bytes = 0
+        self._recent: list[int] = []  # starts of ranges, most recently changed first
+
+    @property
+    def unread(self) -> int:
+        return len(self._data) - self._skip
+
+    @property
+    def ooo_bytes(self) -> int:
+        return self._ooo_bytes
+
+    def read(self, size: int) -> bytes:
+        n = min(size, self.unread)
+        if n <= 0:
+            return b""
+        out = bytes(self._data[self._skip : self._skip + n])
+        self._skip += n
+        if self._skip >= _COMPACT or self._skip == len(self._data):
+            del self._data[: self._skip]
+            self._skip = 0
+        return out
+
+    def add(self, offset: int, data: bytes | memoryview, limit: int) -> int:
+        """Store ``data`` at ``offset``, keeping only bytes before ``limit`` (the right
+        edge of the advertised window). Returns how many bytes became readable."""
+        end = min(offset + len(data), limit)
+        if end <= self.nxt:
+            return 0  # all old (a retransmission we already have)
+        if offset < self.nxt:
+            data = data[self.nxt - offset :]
+            offset = self.nxt
+        data = data[: end - offset]
+        if offset > self.nxt:
+            self._store(offset, bytes(data))
+            return 0
+        before = self.nxt
+        self._data += data
+        self.nxt = end
+        self._pull()
+        return self.nxt - before
+
+    def _store(self, offset: int, data: bytes) -> None:
+        if self._ooo_bytes + len(data) > self.ooo_limit:
+            return  # bounded: the sender will retransmit it
+        end = offset + len(data)
+        i = bisect.bisect_left(self._starts, offset)
+        # merge with the previous range if it touches or overlaps
+        if i > 0:
+            ps = self._starts[i - 1]
+            pc = self._chunks[i - 1]
+            if ps + len(pc) >= offset:
+                if ps + len(pc) >= end:
+                    return  # already have all of it
+                data = pc + data[ps + len(pc) - offset :]
+                offset = ps
+                i -= 1
+                self._drop(i)
+                end = offset + len(data)
+        # absorb following ranges it touches
+        while i < len(self._starts) and self._starts[i] <= end:
+            ns, nc = self._starts[i], self._chunks[i]
+            if ns + len(nc) > end:
+                data += nc[end - ns :]
+                end = offset + len(data)
+            self._drop(i)
+        self._starts.insert(i, offset)
+        self._chunks.insert(i, data)
+        self._ooo_bytes += len(data)
+        if offset in self._recent:
+            self._recent.remove(offset)
+        self._recent.insert(0, offset)
+
+    def _drop(self, i: int) -> None:
+        s = self._starts.pop(i)
+        self._ooo_bytes -= len(self._chunks.pop(i))
+        if s in self._recent:
+            self._recent.remove(s)
+
+    def _pull(self) -> None:
+        """Move out-of-order ranges that became in-order into the readable data."""
+        while self._starts and self._starts[0] <= self.nxt:
+            s, c = self._starts[0], self._chunks[0]
+            self._drop(0)
+            if s + len(c) > self.nxt:
+                self._data += c[self.nxt - s :]
+                self.nxt = s + len(c)
+
+    def sack_ranges(self, count: int) -> list[tuple[int, int]]:
+        """Up to ``count`` out-of-order ``(start, end)`` ranges, most recent first."""
+        out = []
+        for s in self._recent[:count]:
+            i = bisect.bisect_left(self._starts, s)
+            if i < len(self._starts) and self._starts[i] == s:
+                out.append((s, s + len(self._chunks[i])))
+        return out
+
+
+class RtoEstimator:
+    """RFC 6298 retransmission timeout with a configurable floor and ceiling."""
+
+    __slots__ = ("srtt", "rttvar", "rto", "rto_min", "rto_max", "backoffs")
+
+    def __init__(self, initial: float = 1.0, rto_min: float = 0.2, rto_max: float = 60.0):
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.rto_min, self.rto_max = rto_min, rto_max
+        self.rto = initial
+        self.backoffs = 0
+
+    def sample(self, rtt: float) -> None:
+        """A new round-trip measurement (Karn: never from a retransmitted segment)."""
+        rtt = max(rtt, 0.0)
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.rto = min(self.rto_max, max(self.rto_min, self.srtt + max(0.001, 4 * self.rttvar)))
+        self.backoffs = 0
+
+    def backoff(self) -> None:
+        """Double the timeout after an expiry (RFC 6298 5.5)."""
+        self.rto = min(self.rto_max, self.rto * 2)
+        self.backoffs += 1
