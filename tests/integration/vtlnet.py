@@ -70,6 +70,11 @@ class VtlProcess:
             raise AssertionError("vtl run never said ready:\n" + "".join(self.lines[-30:]))
 
     @property
+    def pid(self) -> int:
+        """The pid of the `vtl run` process itself (for /proc sampling, e.g. its memory)."""
+        return self.proc.pid
+
+    @property
     def stderr(self) -> str:
         return "".join(self.lines)
 
