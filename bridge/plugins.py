@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "vtl.services"
 BUILTINS: dict[str, str] = {
     "netem": "vtl.services.netem:Netem",
     "capture": "vtl.services.capture:Capture",
+    "pep": "vtl.services.pep:Pep",
 }
 
 

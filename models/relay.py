@@ -1,0 +1,190 @@
+"""Relay: one virtual TCP endpoint (facing the VM) joined to an upstream byte stream.
+
+Theory of operation. A :class:`Relay` owns a :class:`~vtl.models.tcp_endpoint.TcpEndpoint`
+and the :class:`~vtl.stream.Stream` the bridge opened for it, and moves bytes
+between them whenever either side can take more:
+
+- VM to upstream: bytes are read from the endpoint only as far as the stream's
+  ``write_room`` allows, so unread bytes stay in the endpoint and its advertised
+  window closes: the VM slows to the upstream's pace.
+- upstream to VM: a :class:`~vtl.stream.StreamData` chunk goes into the endpoint's
+  send buffer; what does not fit is held (at most one chunk) and the stream's
+  reading is paused until the endpoint reports :class:`Writable`.
+
+Memory per connection is therefore bounded by the endpoint's two buffers plus
+one read chunk (and the bridge's own bounded stream write buffer).
+
+Opening (passive, the VM's SYN): the endpoint waits in LISTEN while the stream
+connects; ``StreamConnected`` accepts the SYN, ``refused`` answers RST, and
+``timeout`` or ``unreachable`` answer ICMP destination unreachable. Closing:
+FIN to FIN in both directions, each only after the bytes before it were
+delivered; RST to RST (an aborted stream resets the VM's connection and a VM
+reset aborts the stream). :attr:`done` turns true once both sides are finished.
+
+What it does not do: the I/O (the bridge does it) or choosing the upstream
+(the service does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vtl.models.tcp_endpoint import Aborted, Closed, PeerFinished, TcpEndpoint
+
+from vtl.frame import Frame
+from vtl.packet.packet import Packet
+from vtl.stream import (
+    Stream,
+    StreamClosed,
+    StreamConnected,
+    StreamData,
+    StreamEnded,
+    StreamEvent,
+    StreamWritable,
+)
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """What one relay moved and how it ended."""
+
+    bytes_up: int = 0  # VM -> upstream
+    bytes_down: int = 0  # upstream -> VM
+    outcome: str = ""  # "", "closed", "refused", "timeout", "unreachable", "reset", "error"
+
+
+class Relay:
+    """Moves bytes between a TCP endpoint and an upstream stream, with back-pressure."""
+
+    __slots__ = ("endpoint", "stream", "pending", "upstream_eof", "upstream_closed",
+                 "sent_shutdown", "connected", "stats", "_paused", "endpoint_closed")
+
+    def __init__(self, endpoint: TcpEndpoint, stream: Stream | None = None):
+        self.endpoint = endpoint
+        self.stream = stream
+        self.pending = b""  # upstream bytes the endpoint could not take yet
+        self.upstream_eof = False
+        self.upstream_closed = False
+        self.endpoint_closed = False
+        self.sent_shutdown = False
+        self.connected = False
+        self.stats = RelayStats()
+        self._paused = False
+
+    # -- inputs ----------------------------------------------------------------------
+
+    def on_segment(self, pkt: Packet, now: float) -> None:
+        """A segment from the VM for this connection."""
+        self.endpoint.receive(pkt, now)
+        self.pump(now)
+
+    def on_stream_event(self, event: StreamEvent, now: float) -> None:
+        ep = self.endpoint
+        if isinstance(event, StreamData):
+            self.pending = self.pending + event.data if self.pending else event.data
+        elif isinstance(event, StreamConnected):
+            self.connected = True
+            ep.accept(now)
+        elif isinstance(event, StreamEnded):
+            self.upstream_eof = True
+        elif isinstance(event, StreamClosed):
+            self.upstream_closed = True
+            self._upstream_closed(event, now)
+        elif isinstance(event, StreamWritable):
+            pass
+        self.pump(now)
+
+    def on_timer(self, now: float) -> None:
+        self.endpoint.on_timer(now)
+        self.pump(now)
+
+    def poll_at(self) -> float | None:
+        return self.endpoint.poll_at()
+
+    def abort(self, now: float) -> None:
+        """Reset both sides (the service is stopping or over a limit)."""
+        self.endpoint.abort(now)
+        if self.stream is not None and not self.upstream_closed:
+            self.stream.abort()
+        self.pump(now)
+
+    # -- outputs ------------------------------------------------------------------------
+
+    def take_frames(self) -> list[Frame]:
+        out = self.endpoint.outbox
+        if out:
+            self.endpoint.outbox = []
+        return out
+
+    @property
+    def done(self) -> bool:
+        return self.endpoint_closed and (self.upstream_closed or self.stream is None)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes this connection holds in VTL's memory."""
+        return self.endpoint.buffered + len(self.pending)
+
+    # -- the pump --------------------------------------------------------------------------
+
+    def pump(self, now: float) -> None:
+        ep = self.endpoint
+        stream = self.stream
+        for ev in ep.events:
+            if isinstance(ev, Aborted):
+                if ev.reason == "reset" and not self.stats.outcome:
+                    self.stats.outcome = "reset"
+                if stream is not None and not self.upstream_closed:
+                    stream.abort()
+            elif isinstance(ev, Closed):
+                self.endpoint_closed = True
+                if not self.stats.outcome:
+                    self.stats.outcome = "closed"
+            elif isinstance(ev, PeerFinished):
+                pass
+        ep.events.clear()
+        if stream is None or self.upstream_closed and self.endpoint_closed:
+            return
+        # VM -> upstream, as far as the upstream takes
+        if not self.upstream_closed:
+            while ep.readable:
+                room = stream.write_room
+                if room <= 0:
+                    break
+                data = ep.read(room, now)
+                taken = stream.write(data)
+                self.stats.bytes_up += taken
+                if taken < len(data):  # cannot happen when write_room is honest
+                    raise AssertionError("stream took less than its write_room")
+            if ep.eof and not self.sent_shutdown:
+                self.sent_shutdown = True
+                stream.shutdown_write()
+        # upstream -> VM, as far as the endpoint takes
+        if self.pending:
+            n = ep.send(self.pending, now)
+            self.stats.bytes_down += n
+            self.pending = self.pending[n:]
+        want_pause = bool(self.pending)
+        if want_pause != self._paused and not self.upstream_closed:
+            self._paused = want_pause
+            stream.pause_reading(want_pause)
+        if self.upstream_eof and not self.pending and not ep.fin_queued:
+            ep.shutdown(now)
+        if ep.events:  # send/read/shutdown may have produced events
+            self.pump(now)
+
+    def _upstream_closed(self, event: StreamClosed, now: float) -> None:
+        ep = self.endpoint
+        reason = event.reason
+        if not self.connected:
+            self.stats.outcome = reason
+            if reason in ("timeout", "unreachable"):
+                ep.unreachable(now)
+            else:
+                ep.refuse(now)
+            return
+        if reason in ("closed", "local"):
+            self.upstream_eof = True  # deliver what is pending, then FIN
+            return
+        self.stats.outcome = reason
+        ep.abort(now)
