@@ -14,6 +14,9 @@ from vtl.bridge.topology import Topology
 GUEST_IP, PEER_IP = "10.198.0.1", "10.198.0.2"
 GUEST_IP6, PEER_IP6 = "fd00:198::1", "fd00:198::2"
 GUEST_MAC = "02:00:00:c6:00:01"
+# the host's own path to the peer (Net.host_path)
+HOST_IP, HOST_PEER_IP = "10.199.0.1", "10.199.0.2"
+HOST_IP6, HOST_PEER_IP6 = "fd00:199::1", "fd00:199::2"
 
 
 def toml_value(v: Any) -> str:
@@ -127,6 +130,21 @@ class Net:
                                       self.tap, "nodad"])
         return vtl
 
+    def host_path(self) -> None:
+        """Let the host itself reach the peer (services that open host sockets, like
+        ``pep``, connect from the host's stack): a second veth from the root namespace
+        into the peer namespace, with routes to PEER_IP and PEER_IP6 through it."""
+        hv = f"{self.tag}h"
+        self.topo.veth(hv, "eth1", self.peer_ns)
+        self.topo.sysctl(f"net.ipv6.conf.{hv}.disable_ipv6", "0")
+        host(["ip", "addr", "add", f"{HOST_IP}/30", "dev", hv])
+        host(["ip", "-6", "addr", "add", f"{HOST_IP6}/64", "dev", hv, "nodad"])
+        self.peer(["ip", "addr", "add", f"{HOST_PEER_IP}/30", "dev", "eth1"])
+        self.peer(["ip", "-6", "addr", "add", f"{HOST_PEER_IP6}/64", "dev", "eth1", "nodad"])
+        self.peer(["ip", "link", "set", "eth1", "up"])
+        host(["ip", "route", "replace", f"{PEER_IP}/32", "via", HOST_PEER_IP])
+        host(["ip", "-6", "route", "replace", f"{PEER_IP6}/128", "via", HOST_PEER_IP6])
+
     def stop_all(self) -> None:
         for b in self.bridges:
             b.stop()
@@ -136,6 +154,13 @@ class Net:
 
     def peer(self, cmd: list[str] | str, timeout: float = 60, check: bool = True):
         return self.topo.run(self.peer_ns, cmd, timeout=timeout, check=check)
+
+
+def host(cmd: list[str], timeout: float = 30) -> None:
+    """Run a command in the host (root) namespace; raise with its stderr if it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr}")
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
