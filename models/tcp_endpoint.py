@@ -286,7 +286,7 @@ class TcpEndpoint:
             self.refuse(now)
             return
         if st not in (S.CLOSED, S.TIME_WAIT):
-            seq = self._seq(self.nxt) if st.synchronized or st is S.SYN_RECEIVED else 0
+            seq = self._snd_nxt() if st.synchronized or st is S.SYN_RECEIVED else 0
             self._emit(RST | ACK, seq=seq, options=False)
         self._abort_events("local")
 
@@ -698,7 +698,13 @@ class TcpEndpoint:
         self.timer_rexmit = now + self.rto.rto
 
     def _send_ack(self, now: float) -> None:
-        self._emit(ACK, seq=self._seq(self.nxt) if not self.fin_sent else self.tcb.snd_nxt)
+        self._emit(ACK, seq=self._snd_nxt())
+
+    def _snd_nxt(self) -> int:
+        """SND.NXT: the sequence number after the highest ever sent. A retransmission
+        timeout rewinds :attr:`nxt`, never this: an ACK or RST numbered below what the VM
+        already received would be dropped as an old duplicate (RFC 9293 3.10.7.4)."""
+        return self.tcb.snd_nxt if self.fin_sent else self._seq(self.max_sent)
 
     def _challenge_ack(self, now: float) -> None:
         self._send_ack(now)
@@ -757,7 +763,7 @@ class TcpEndpoint:
             self.config.max_retries
         if self.retries > limit:
             if st is not S.SYN_SENT:
-                self._emit(RST | ACK, seq=self._seq(self.nxt), options=False)
+                self._emit(RST | ACK, seq=self._snd_nxt(), options=False)
             self._abort_events("timeout")
             return
         self.rto.backoff()
@@ -792,7 +798,7 @@ class TcpEndpoint:
         if self.nxt < self.sbuf.end and self.wnd_edge <= self.nxt:
             self.probes_unanswered += 1
             if self.probes_unanswered > self.config.max_retries:
-                self._emit(RST | ACK, seq=self._seq(self.nxt), options=False)
+                self._emit(RST | ACK, seq=self._snd_nxt(), options=False)
                 self._abort_events("timeout")
                 return
             self._emit(ACK, seq=(self._seq(self.sbuf.una) - 1) & MASK)
