@@ -537,9 +537,19 @@ class TcpEndpoint:
         self.sacked = merged
 
     def _retransmit_hole(self, now: float) -> None:
-        """Resend the first unacknowledged range the VM has not SACKed."""
-        start = max(self.sbuf.una, self.rexmit_hi)
+        """Resend the first unacknowledged range the VM has not SACKed and that counts as
+        lost (RFC 6675 NextSeg and IsLost): the range at SND.UNA always (it is what the
+        duplicate or partial ACKs ask for), a later hole only once three SACK blocks or
+        more than two segments' worth of SACKed bytes lie above it; what lies beyond the
+        highest SACKed byte is still in flight. Without SACK, only the first unacknowledged
+        segment (NewReno)."""
+        una = self.sbuf.una
+        start = max(una, self.rexmit_hi)
         end = min(self.max_sent, self.sbuf.end)
+        if self.sacked:
+            end = min(end, self.sacked[-1][0])
+        elif start > una:
+            return
         for s, e in self.sacked:
             if s <= start < e:
                 start = e
@@ -550,9 +560,16 @@ class TcpEndpoint:
             if self.fin_sent and not self.fin_acked and start >= self.sbuf.end:
                 self._emit(FIN | ACK, seq=self._seq(self.sbuf.end))
             return
+        if start > una and not self._is_lost(start):
+            return
         size = min(end - start, self.config.gso_max if self.config.offload else self.tcb.mss)
         self._send_data(start, size, now, retransmit=True)
         self.rexmit_hi = start + size
+
+    def _is_lost(self, off: int) -> bool:
+        """RFC 6675 IsLost with DupThresh 3: SACKed blocks or bytes above ``off``."""
+        above = [(s, e) for s, e in self.sacked if e > off]
+        return len(above) >= 3 or sum(e - max(s, off) for s, e in above) > 2 * self.tcb.mss
 
     def _process_data(self, seg: Segment, now: float) -> None:
         """Segment text and FIN (RFC 9293 3.10.7.4 seventh and eighth checks)."""
