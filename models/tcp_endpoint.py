@@ -563,8 +563,7 @@ class TcpEndpoint:
         if start > una and not self._is_lost(start):
             return
         size = min(end - start, self.config.gso_max if self.config.offload else self.tcb.mss)
-        self._send_data(start, size, now, retransmit=True)
-        self.rexmit_hi = start + size
+        self.rexmit_hi = start + self._send_data(start, size, now, retransmit=True)
 
     def _is_lost(self, off: int) -> bool:
         """RFC 6675 IsLost with DupThresh 3: SACKed blocks or bytes above ``off``."""
@@ -663,15 +662,21 @@ class TcpEndpoint:
         else:
             self.timer_persist = None
 
-    def _send_data(self, off: int, size: int, now: float, retransmit: bool = False) -> None:
+    def _send_data(self, off: int, size: int, now: float, retransmit: bool = False) -> int:
+        """Send ``[off, off + size)``, less if the options leave less room in one segment
+        (without offload); returns the bytes sent."""
         t = self.tcb
+        opts = self._options()
+        seg_max = self._segment_max(len(opts))
+        if not self.config.offload:
+            size = min(size, seg_max)
         payload = self.sbuf.view(off, size)
         flags = ACK | (PSH if off + size >= self.sbuf.end else 0)
         fin = self.fin_queued and off + size >= self.sbuf.end and \
             (t.state.can_send or (self.fin_sent and not self.fin_acked))
         if fin:
             flags |= FIN
-        self._emit(flags, seq=self._seq(off), payload=payload)
+        self._emit(flags, seq=self._seq(off), payload=payload, opts=opts, seg_max=seg_max)
         if retransmit:
             self.retransmits += 1
         else:
@@ -681,6 +686,12 @@ class TcpEndpoint:
             self.max_sent = max(self.max_sent, self.nxt)
         if fin and not self.fin_sent:
             self._fin_sent_now()
+        return size
+
+    def _segment_max(self, options_len: int) -> int:
+        """Payload bytes that fit one segment next to ``options_len`` bytes of options: the
+        VM's MSS counts data and options together (RFC 9293 3.7.1, RFC 6691)."""
+        return max(8, self.tcb.mss + (12 if self.tcb.ts_ok else 0) - options_len)
 
     def _send_fin(self, now: float) -> None:
         self._emit(FIN | ACK, seq=self._seq(self.sbuf.end))
@@ -726,23 +737,30 @@ class TcpEndpoint:
     def _challenge_ack(self, now: float) -> None:
         self._send_ack(now)
 
-    def _emit(self, flags: int, seq: int, payload: bytes = b"", options: bool = True) -> None:
+    def _emit(self, flags: int, seq: int, payload: bytes = b"", options: bool = True,
+              opts: bytes | None = None, seg_max: int = 0) -> None:
         t = self.tcb
         if flags & RST:
             frame = self.writer.build(seq, t.rcv_nxt, flags, 0)
             self.outbox.append(frame)
             return
         window = self._advertise()
-        opts = b""
-        if options and (t.ts_ok or t.sack_ok):
-            blocks = ()
-            if t.sack_ok and self.rbuf.ooo_bytes:
-                base = self.rbuf.nxt
-                blocks = tuple((seq_add(t.rcv_nxt, s - base), seq_add(t.rcv_nxt, e - base))
-                               for s, e in self.rbuf.sack_ranges(4))
-            opts = segment_options(t, self._clock, blocks)
+        if opts is None:
+            opts = self._options() if options else b""
         self.outbox.append(self.writer.build(seq, t.rcv_nxt, flags, window, opts, payload,
-                                             t.mss))
+                                             seg_max or self._segment_max(len(opts))))
+
+    def _options(self) -> bytes:
+        """Options of a non-SYN segment: timestamps, SACK blocks for what is out of order."""
+        t = self.tcb
+        if not (t.ts_ok or t.sack_ok):
+            return b""
+        blocks: tuple[tuple[int, int], ...] = ()
+        if t.sack_ok and self.rbuf.ooo_bytes:
+            base = self.rbuf.nxt
+            blocks = tuple((seq_add(t.rcv_nxt, s - base), seq_add(t.rcv_nxt, e - base))
+                           for s, e in self.rbuf.sack_ranges(4))
+        return segment_options(t, self._clock, blocks)
 
     # -- windows ----------------------------------------------------------------------------
 
