@@ -457,7 +457,7 @@ class TcpEndpoint:
                                          not seq_lt(seg.ack, t.snd_wl2)):
             self._window_from(wnd)
             t.snd_wl1, t.snd_wl2 = seg.seq, seg.ack
-        self._after_ack(now)
+        self._after_ack(now, ack_off > una)
         return self.tcb.state is not S.CLOSED
 
     def _on_new_ack(self, ack_off: int, seg: Segment, now: float) -> None:
@@ -622,13 +622,14 @@ class TcpEndpoint:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def _after_ack(self, now: float) -> None:
-        """Arm or stop the timers after an ACK and send what the windows allow."""
-        if self.max_sent + (1 if self.fin_sent and not self.fin_acked else 0) > self.sbuf.una \
-                and not self.fin_acked:
-            self.timer_rexmit = now + self.rto.rto
-        else:
+    def _after_ack(self, now: float, new_ack: bool) -> None:
+        """Arm, restart or stop the retransmission timer (RFC 6298 5.1-5.3: restarted only
+        when new data is acknowledged, so ACKs that acknowledge nothing new, such as those
+        on the VM's own data, never postpone it) and send what the windows allow."""
+        if self.max_sent + (1 if self.fin_sent else 0) <= self.sbuf.una or self.fin_acked:
             self.timer_rexmit = None
+        elif new_ack or self.timer_rexmit is None:
+            self.timer_rexmit = now + self.rto.rto
         self._output(now)
 
     def _output(self, now: float) -> None:
