@@ -1,0 +1,98 @@
+"""What a stream transport is: how the bridge reaches an upstream for a service.
+
+Theory of operation. The :class:`~vtl.bridge.streams.StreamManager` owns every
+upstream socket and its I/O; a transport only knows how to *start* one. For a
+:class:`~vtl.stream.StreamRequest` of its ``kind`` it says which address the
+socket connects to (:meth:`Transport.endpoint`: the request's own host and port
+for TCP, the proxy for SOCKS5), creates a non-blocking socket and starts the
+connect (:meth:`Transport.connect`), and may add a sans-IO exchange that runs
+after the TCP connect and before the service sees ``StreamConnected``
+(:meth:`Transport.handshake`: a SOCKS5 greeting and CONNECT). The manager
+resolves host names, enforces ``timeout_s`` over connect and handshake
+together, and maps errors to close reasons.
+
+A handshake never over-reads: it says exactly how many bytes it wants next,
+the manager feeds it exactly that many, so the first application byte is
+always delivered as ``StreamData``. A handshake fails by raising
+:class:`TransportError` with a close reason.
+
+Adding a transport is a subclass with a ``kind``, registered with
+:meth:`~vtl.bridge.streams.StreamManager.register` (built-ins come from
+:func:`vtl.bridge.transports.builtin_transports`). A transport whose
+connections are not kernel sockets (UDT) can hand the manager one end of a
+``socket.socketpair()`` and pump the other end itself.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vtl.errors import LocalProtocolError
+from vtl.stream import CloseReason, StreamRequest
+
+
+class TransportError(Exception):
+    """A connect or handshake failed; ``reason`` becomes the StreamClosed reason."""
+
+    def __init__(self, reason: CloseReason, message: str):
+        super().__init__(message)
+        self.reason: CloseReason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeStep:
+    """What a handshake wants done: send ``send``, then read exactly ``want`` bytes
+    (``want == 0``: the handshake is over and the stream is connected)."""
+
+    send: bytes = b""
+    want: int = 0
+
+
+class Handshake:
+    """A sans-IO exchange after connect (one instance per stream)."""
+
+    def start(self) -> HandshakeStep:
+        """The first bytes to send and how many bytes to read back."""
+        return HandshakeStep()
+
+    def feed(self, data: bytes) -> HandshakeStep:
+        """``data`` is exactly the ``want`` bytes asked for; say what comes next."""
+        raise TransportError("error", f"{type(self).__name__} did not expect {len(data)} bytes")
+
+
+class Transport:
+    """Starts upstream connections of one ``kind``; stateless across streams."""
+
+    kind: ClassVar[str] = ""
+    #: option keys this transport understands (others are API misuse)
+    options: ClassVar[frozenset[str]] = frozenset()
+
+    def check(self, request: StreamRequest) -> None:
+        """Validate ``request.options`` up front; raise LocalProtocolError when wrong."""
+        unknown = set(request.options) - self.options
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise LocalProtocolError(
+                f"stream kind {self.kind!r}: unknown option(s) {', '.join(sorted(unknown))}"
+                f" (known: {known})")
+
+    def endpoint(self, request: StreamRequest) -> tuple[str, int]:
+        """The (host, port) the socket connects to; host may be a name or a literal."""
+        return request.host, request.port
+
+    def connect(self, request: StreamRequest, family: int, sockaddr: tuple) -> socket.socket:
+        """A non-blocking socket with its connect to ``sockaddr`` started.
+
+        Raise OSError when the connect fails at once (no route, bad bind address).
+        """
+        raise NotImplementedError
+
+    def handshake(self, request: StreamRequest) -> Handshake | None:
+        """The exchange to run once connected, or None (the stream is connected)."""
+        return None
+
+
+__all__ = ["Handshake", "HandshakeStep", "Transport", "TransportError"]
