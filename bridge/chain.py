@@ -11,6 +11,12 @@ after the frame being processed, iteratively (no recursion, bounded by
 A service that raises is counted, logged (at most once a second per service)
 and the frame gets the slot's failure policy: ``open`` passes it, ``closed``
 drops it. The chain is not thread-safe; the engine holds a lock around it.
+
+Upstream streams (``ctx.open_stream``) are delegated to ``chain.streams``, a
+:class:`~vtl.bridge.streams.StreamManager` the bridge sets; its I/O thread
+calls stream handlers under the same lock and then :meth:`Chain.after_external`
+to walk what they injected. A handler that raises is counted like a service
+error of its slot. A chain built without a bridge has no streams.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from typing import BinaryIO
 from vtl.bridge.config import ServiceSpec
 from vtl.bridge.filter import MatchFilter
 from vtl.bridge.pcapfile import PcapSink
+from vtl.bridge.streams import StreamManager
 
 from vtl.errors import LocalProtocolError
 from vtl.frame import Frame
 from vtl.service import Direction, FailPolicy, Service, ServiceCounters, Verdict
+from vtl.stream import Stream, StreamHandler, StreamRequest
 
 TO_UPLINK = Direction.TO_UPLINK
 TO_GUEST = Direction.TO_GUEST
@@ -66,6 +74,19 @@ class SlotContext:
         f = open(path, mode)  # noqa: SIM115 - closed by close_resources
         self.resources.append(f)
         return f
+
+    def open_stream(self, request: StreamRequest, handler: StreamHandler) -> Stream:
+        """Ask the bridge's stream manager for an upstream stream (see :mod:`vtl.stream`)."""
+        streams = self._chain.streams
+        if streams is None:
+            raise LocalProtocolError(f"{self.name}: open_stream() needs a bridge; this chain "
+                                     "has no stream manager (set chain.streams)")
+        chain, index = self._chain, self._index
+
+        def on_error(now: float) -> None:
+            chain.slots[index].failed("stream handler", now)
+
+        return streams.open(request, handler, on_error)
 
     def close_resources(self) -> None:
         for r in self.resources:
@@ -111,6 +132,7 @@ class Chain:
         self.pending: deque[tuple[int, Frame, Direction]] = deque()
         self.out_uplink: list[Frame] = []
         self.out_guest: list[Frame] = []
+        self.streams: StreamManager | None = None  # set by the bridge
         for i, spec in enumerate(specs):
             ctx = SlotContext(self, i, spec.name, log.getChild(spec.name))
             service = spec.cls(spec.options, ctx)
@@ -172,6 +194,11 @@ class Chain:
                     slot.service.on_timer(now)
             except Exception:  # noqa: BLE001
                 slot.failed("on_timer", now)
+        if self.pending:
+            self._drain(now)
+
+    def after_external(self, now: float) -> None:
+        """Walk frames injected outside process/run_timers (stream handlers)."""
         if self.pending:
             self._drain(now)
 

@@ -25,6 +25,14 @@ software (``complete_offloads``), which is correct but slow.
 
 With an empty chain and matching ports the per-frame work is a slice, a dict
 operation and a write: no Frame object is built.
+
+Upstream streams: :meth:`Bridge.open` starts a
+:class:`~vtl.bridge.streams.StreamManager` (its own I/O thread) before the
+services start. Its handlers run under the same lock; after them the bridge
+walks injected frames, flushes them to the ports and re-reads the chain's
+deadline, waking the forwarding threads (the tick pipe) when it moved earlier.
+At close the manager is halted before the services stop (no handler is called
+after that) and stopped after, resetting whatever streams remain.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from dataclasses import dataclass
 from vtl.bridge.chain import Chain
 from vtl.bridge.config import BridgeConfig
 from vtl.bridge.ports import Port, make_port
+from vtl.bridge.streams import StreamManager
 
 from vtl.errors import SetupError, VTLError
 from vtl.frame import VNET_HDR_LEN, Frame
@@ -98,6 +107,10 @@ class Bridge:
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        self._tick_r, self._tick_w = os.pipe()  # "the deadline moved earlier"
+        os.set_blocking(self._tick_r, False)
+        os.set_blocking(self._tick_w, False)
+        self.streams: StreamManager | None = None
         self._deadline: float | None = None
         self._threads: list[threading.Thread] = []
         self._lanes: dict[Direction, _Lane] = {}
@@ -113,6 +126,10 @@ class Bridge:
             for port in (self.guest, self.uplink):
                 port.open()
                 self._opened.append(port)
+            self.streams = StreamManager(self._lock, self._after_stream_events,
+                                         self.log.getChild("streams"), self.name)
+            self.chain.streams = self.streams
+            self.streams.start()
             now = time.monotonic()
             with self._lock:
                 self.chain.start(now)
@@ -166,23 +183,29 @@ class Bridge:
         """Stop threads, stop services, close ports. Idempotent."""
         self.request_stop()
         self.join()
+        streams = self.streams
         if self._started:
             with self._lock:
+                if streams is not None:
+                    streams.halt()
                 self.chain.stop(time.monotonic())
                 self._flush()
             self._started = False
+        if streams is not None:
+            streams.stop()
+            self.streams = self.chain.streams = None
         for port in reversed(self._opened):
             try:
                 port.close()
             except Exception:  # noqa: BLE001 - keep closing the others
                 self.log.exception("closing %s port failed", port.role)
         self._opened.clear()
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, self._tick_r, self._tick_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self._wake_r = self._wake_w = -1
+        self._wake_r = self._wake_w = self._tick_r = self._tick_w = -1
 
     def __enter__(self) -> Bridge:
         self.open()
@@ -210,7 +233,12 @@ class Bridge:
         deadline = self._deadline
         if deadline is not None:
             timeout = min(timeout, max(0.0, deadline - time.monotonic()))
-        poller.poll(max(0, int(timeout * 1000 + 0.999)))
+        for fd, _ in poller.poll(max(0, int(timeout * 1000 + 0.999))):
+            if fd == self._tick_r:
+                try:
+                    os.read(fd, 512)
+                except OSError:
+                    pass
 
     def _pump(self, src: Port, dst: Port, direction: Direction) -> None:
         lane = self._lanes[direction]
@@ -218,6 +246,7 @@ class Bridge:
         poller = select.poll()
         poller.register(src.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._tick_r, select.POLLIN)
         stop = self._stop
         forward = self._forward
         while not stop.is_set():
@@ -299,6 +328,18 @@ class Bridge:
             self._deadline = self.chain.next_deadline()
         return True
 
+    def _after_stream_events(self, now: float) -> None:
+        """After stream handlers ran (lock held): forward what they injected, re-arm."""
+        self.chain.after_external(now)
+        self._flush()
+        before = self._deadline
+        after = self._deadline = self.chain.next_deadline()
+        if after is not None and (before is None or after < before):
+            try:
+                os.write(self._tick_w, b"t")
+            except OSError:
+                pass  # full: a tick is already pending
+
     def _flush(self) -> None:
         """Write what the chain produced to the ports (called with the lock held)."""
         chain = self.chain
@@ -346,10 +387,12 @@ class Bridge:
                 slot.ctx.name: {**slot.counters.as_dict(), **_safe_report(slot)}
                 for slot in self.chain.slots
             }
+            streams = self.streams.snapshot() if self.streams is not None else {}
         return {
             "bridge": self.counters.as_dict(),
             "ports": {p.role: _port_counters(p) for p in (self.guest, self.uplink)},
             "services": services,
+            "streams": streams,
         }
 
 
