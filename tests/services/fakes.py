@@ -1,4 +1,4 @@
-"""Test doubles for sans-IO service tests: a context, sinks and a clock driver.
+"""Test doubles for sans-IO service tests: a context, sinks, streams and a clock driver.
 
 Imported by the tests of this folder as ``services_fakes`` (registered by the
 ``conftest.py`` beside this file, under a name that cannot clash with another
@@ -17,6 +17,17 @@ from scapy.layers.inet import IP, UDP, Ether
 from scapy.utils import RawPcapWriter
 
 from vtl import Direction, Frame, Service, ServiceCounters
+from vtl.stream import (
+    CloseReason,
+    StreamClosed,
+    StreamConnected,
+    StreamData,
+    StreamEnded,
+    StreamEvent,
+    StreamHandler,
+    StreamRequest,
+    StreamWritable,
+)
 
 
 @dataclass
@@ -51,12 +62,110 @@ class ScapySink:
         self.closed = True
 
 
+class FakeStream:
+    """A :class:`vtl.stream.Stream` with no I/O: it records what the service does and
+    lets the test play the bridge's part (``connect``, ``data``, ``end``, ``closed``...).
+
+    ``written`` holds every byte the service wrote. ``room`` is what ``write_room``
+    reports while open: None means ``request.write_buffer`` forever (the upstream
+    takes everything); an int is decremented by each write, and :meth:`writable`
+    gives room back. Like the bridge, ``close()``/``abort()`` do not call the
+    handler from inside the call: they record ``local`` ("close" or "abort") and
+    :meth:`FakeContext.deliver_local_closes` (or :meth:`closed`) delivers the
+    ``StreamClosed("local")``. Every delivery uses ``ctx.now`` and asserts that
+    nothing follows StreamClosed.
+    """
+
+    def __init__(self, ctx: FakeContext, sid: int, request: StreamRequest,
+                 handler: StreamHandler):
+        self.ctx = ctx
+        self.id = sid
+        self.request = request
+        self.handler = handler
+        self.written = bytearray()
+        self.room: int | None = None
+        self.connected = False
+        self.shut = False  # shutdown_write() was called
+        self.paused = False
+        self.local: str | None = None  # "close" or "abort" once the service called it
+        self.final: StreamClosed | None = None  # the StreamClosed delivered, if any
+        self.events: list[StreamEvent] = []  # everything delivered, in order
+        self.short_write = False
+
+    # -- the Stream API the service uses ---------------------------------------------
+
+    @property
+    def write_room(self) -> int:
+        if not self.connected or self.shut or self.local or self.final:
+            return 0
+        return self.request.write_buffer if self.room is None else max(0, self.room)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        offered = len(memoryview(data).cast("B"))
+        take = min(offered, self.write_room)
+        self.written += memoryview(data).cast("B")[:take]
+        if self.room is not None:
+            self.room -= take
+        if take < offered:
+            self.short_write = True
+        return take
+
+    def shutdown_write(self) -> None:
+        if self.connected and not self.local and not self.final:
+            self.shut = True
+
+    def pause_reading(self, paused: bool) -> None:
+        if not self.local and not self.final:
+            self.paused = bool(paused)
+
+    def close(self) -> None:
+        if not self.local and not self.final:
+            self.local = "close"
+
+    def abort(self) -> None:
+        if self.final is None and self.local != "abort":
+            self.local = "abort"
+
+    # -- the bridge's part, driven by the test -------------------------------------------
+
+    def deliver(self, event: StreamEvent) -> None:
+        assert self.final is None, f"event {event!r} after StreamClosed"
+        self.events.append(event)
+        if isinstance(event, StreamClosed):
+            self.final = event
+        self.handler(event, self.ctx.now)
+
+    def connect(self, local: tuple[str, int] | None = ("10.0.0.1", 40000),
+                remote: tuple[str, int] | None = None) -> None:
+        self.connected = True
+        self.deliver(StreamConnected(self, local, remote or (self.request.host,
+                                                             self.request.port)))
+
+    def data(self, data: bytes) -> None:
+        assert not self.paused, "the bridge delivers no StreamData while paused"
+        self.deliver(StreamData(self, bytes(data)))
+
+    def end(self) -> None:
+        self.deliver(StreamEnded(self))
+
+    def writable(self, room: int | None = None) -> None:
+        """Give room back (``room`` bytes, or unlimited) and send StreamWritable."""
+        self.room = room
+        self.short_write = False
+        self.deliver(StreamWritable(self))
+
+    def closed(self, reason: CloseReason = "closed", message: str = "") -> None:
+        self.connected = False
+        self.deliver(StreamClosed(self, reason, message))
+
+
 class FakeContext:
     """Implements :class:`vtl.ServiceContext` for tests.
 
     ``emitted`` holds ``(frame, direction)`` tuples in emission order and
     ``emitted_at`` the clock (``self.now``) at each emission; test drivers set
-    ``now`` before calling hooks.
+    ``now`` before calling hooks. ``streams`` holds a :class:`FakeStream` per
+    ``open_stream`` call, in order.
     """
 
     def __init__(self, name: str = "svc", pcap_dir: Path | None = None):
@@ -69,6 +178,7 @@ class FakeContext:
         self.pcap_dir = pcap_dir
         self.sinks: dict[str, MemorySink | ScapySink] = {}
         self.files: dict[str, io.BytesIO] = {}
+        self.streams: list[FakeStream] = []
 
     def emit(self, frame: Frame, direction: Direction) -> None:
         assert isinstance(frame, Frame)
@@ -89,6 +199,18 @@ class FakeContext:
         f = io.BytesIO()
         self.files[path] = f
         return f
+
+    def open_stream(self, request: StreamRequest, handler: StreamHandler) -> FakeStream:
+        assert isinstance(request, StreamRequest)
+        stream = FakeStream(self, len(self.streams) + 1, request, handler)
+        self.streams.append(stream)
+        return stream
+
+    def deliver_local_closes(self) -> None:
+        """Deliver StreamClosed("local") to every stream the service closed or aborted."""
+        for stream in self.streams:
+            if stream.local and stream.final is None:
+                stream.closed("local", f"{stream.local}()")
 
     def extra(self, key: str) -> int:
         return self.counters.extra.get(key, 0)
