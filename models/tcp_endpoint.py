@@ -331,8 +331,9 @@ class TcpEndpoint:
                 self.outbox.append(Frame(build.tcp_reset(pkt)))
 
     def _rx_listen(self, seg: Segment, now: float) -> None:
-        # waiting for accept(): a retransmitted SYN changes nothing, RST abandons
-        if seg.flags & RST and seg.seq == self.tcb.irs:
+        # waiting for accept(): a retransmitted SYN changes nothing; RST abandons. The VM
+        # numbers a RST after its SYN (RCV.NXT), or, from some stacks, with the SYN's own.
+        if seg.flags & RST and seg.seq in (self.tcb.irs, self.tcb.rcv_nxt):
             self._abort_events("reset")
 
     def _rx_syn_sent(self, seg: Segment, now: float) -> None:
