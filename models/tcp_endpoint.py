@@ -360,8 +360,12 @@ class TcpEndpoint:
             self._send_syn(now, ack=True)
 
     def _rx_syn_received(self, seg: Segment, now: float) -> None:
-        if seg.flags & SYN and not seg.flags & ACK and seg.seq == self.tcb.irs:
-            self._send_syn(now, ack=True)  # our SYN-ACK was lost: answer the retransmission
+        if seg.flags & SYN and seg.seq == self.tcb.irs:
+            if not seg.flags & ACK:
+                self._send_syn(now, ack=True)  # our SYN-ACK was lost: answer the retransmission
+            elif seg.ack == seq_add(self.tcb.iss, 1):
+                # simultaneous open (RFC 9293 figure 8): the VM's SYN-ACK crossed ours
+                self._established_by_ack(seg, now)
             return
         if not self._acceptable(seg, now):
             return
