@@ -481,7 +481,7 @@ class TcpEndpoint:
         ts = seg.options.timestamps if t.ts_ok else None
         if ts is not None and ts[1]:
             self.rto.sample(((t.ts_val(now) - ts[1]) & MASK) / 1000.0)
-        elif self.rtt_probe is not None and ack_off > self.rtt_probe[0]:
+        elif self.rtt_probe is not None and ack_off >= self.rtt_probe[0]:
             self.rto.sample(now - self.rtt_probe[1])
             self.rtt_probe = None
         # congestion window (RFC 5681, appropriate byte counting)
