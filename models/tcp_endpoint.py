@@ -776,16 +776,20 @@ class TcpEndpoint:
         return max(0, self.config.recv_buffer - used)
 
     def _advertise(self) -> int:
-        """The window field to send: room, rounded to the scale, right edge never shrinking."""
+        """The window field to send: room, rounded down to the scale, right edge never
+        shrinking (RFC 9293 3.8.6.2.2). :attr:`rcv_edge` is the exact edge the room allows;
+        when keeping it means rounding the field up, the rounding (less than one scale
+        unit) is announced but not recorded, so it never accumulates: segments beyond
+        :attr:`rcv_edge` are trimmed, and memory stays within ``recv_buffer``."""
         t = self.tcb
         room = self._window()
         shift = t.rcv_shift
         field = min(0xFFFF, room >> shift)
         edge = self.rbuf.nxt + (field << shift)
-        if edge < self.rcv_edge:  # never move the right edge left (RFC 9293 3.8.6.2.2)
+        if edge < self.rcv_edge:
             field = min(0xFFFF, -(-(self.rcv_edge - self.rbuf.nxt) >> shift))
-            edge = self.rbuf.nxt + (field << shift)
-        self.rcv_edge = max(self.rcv_edge, edge)
+        else:
+            self.rcv_edge = edge
         t.rcv_wnd = field << shift
         return field
 
