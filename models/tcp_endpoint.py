@@ -469,6 +469,8 @@ class TcpEndpoint:
         t = self.tcb
         data_end = self.sbuf.end
         acked = self.sbuf.ack(min(ack_off, data_end))
+        una = self.sbuf.una
+        self.sacked = [(max(s, una), e) for s, e in self.sacked if e > una]
         if self.fin_sent and ack_off == self.max_sent + 1:
             self.fin_acked = True
         t.snd_una = self._seq(self.sbuf.una) if not self.fin_acked else \
