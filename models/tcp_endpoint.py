@@ -831,10 +831,8 @@ class TcpEndpoint:
             self.retransmits += 1
         elif self.sbuf.queued:
             size = min(self.sbuf.queued, t.mss)
-            self._send_data(self.sbuf.una, size, now)
+            self._send_data(self.sbuf.una, size, now)  # carries the FIN if it reaches it
             self.retransmits += 1
-            if self.fin_sent and self.nxt >= self.sbuf.end:
-                self._emit(FIN | ACK, seq=self._seq(self.sbuf.end))
         self.timer_rexmit = now + self.rto.rto
 
     def _on_persist(self, now: float) -> None:
