@@ -285,9 +285,8 @@ class TcpEndpoint:
         if st is S.LISTEN:
             self.refuse(now)
             return
-        if st not in (S.CLOSED, S.TIME_WAIT):
-            seq = self._snd_nxt() if st.synchronized or st is S.SYN_RECEIVED else 0
-            self._emit(RST | ACK, seq=seq, options=False)
+        if st not in (S.CLOSED, S.TIME_WAIT, S.SYN_SENT):  # SYN-SENT: nothing to reset
+            self._emit(RST | ACK, seq=self._snd_nxt(), options=False)
         self._abort_events("local")
 
     # -- timers -----------------------------------------------------------------------
