@@ -804,10 +804,16 @@ class TcpEndpoint:
     def _on_rexmit_timeout(self, now: float) -> None:
         t = self.tcb
         st = t.state
-        self.retries += 1
-        limit = self.config.syn_retries if st in (S.SYN_SENT, S.SYN_RECEIVED) else \
-            self.config.max_retries
-        if self.retries > limit:
+        if st.synchronized and self.snd_wnd == 0:
+            # the VM took its window back over our data: the retransmissions are window
+            # probes, and the VM is given up only when it stops answering them (as Linux)
+            self.probes_unanswered += 1
+            exceeded = self.probes_unanswered > self.config.max_retries
+        else:
+            self.retries += 1
+            exceeded = self.retries > (self.config.syn_retries if not st.synchronized
+                                       else self.config.max_retries)
+        if exceeded:
             if st is not S.SYN_SENT:
                 self._emit(RST | ACK, seq=self._snd_nxt(), options=False)
             self._abort_events("timeout")
