@@ -459,8 +459,11 @@ class TcpEndpoint:
         # window update (RFC 9293 3.10.7.4: SND.WL1/SND.WL2 rule)
         if seq_lt(t.snd_wl1, seg.seq) or (t.snd_wl1 == seg.seq and
                                          not seq_lt(seg.ack, t.snd_wl2)):
+            reopened = self.snd_wnd == 0 and wnd > 0
             self._window_from(wnd)
             t.snd_wl1, t.snd_wl2 = seg.seq, seg.ack
+            if reopened and self.nxt > self.sbuf.una:
+                self.nxt = self.sbuf.una  # sent into a closed window, so dropped: resend now
         self._after_ack(now, ack_off > una)
         return self.tcb.state is not S.CLOSED
 
