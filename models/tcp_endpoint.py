@@ -63,7 +63,8 @@ class EndpointConfig:
     """How the endpoint behaves; the defaults suit a VM one hop away."""
 
     mss: int = 1460  # MSS announced (IPv6 subtracts 20)
-    wscale: int = 9  # window-scale shift offered (only used if the peer offers one)
+    wscale: int = 9  # largest window-scale shift offered (used only if the peer offers one;
+    # lowered so that recv_buffer is at least eight window units)
     sack: bool = True
     timestamps: bool = True
     send_buffer: int = 1 << 20  # bytes accepted by send() and not yet acknowledged
@@ -138,6 +139,9 @@ class TcpEndpoint:
         self.rto = RtoEstimator(config.rto_initial, config.rto_min, config.rto_max)
         self.v6 = addrs.v6
         self.mss_adv = config.mss - (20 if self.v6 else 0)
+        # the shift offered: a unit larger than an eighth of the buffer would round whole
+        # windows to zero and close the window for good
+        self.wscale = min(config.wscale, max(0, config.recv_buffer.bit_length() - 4))
         # send side, in stream offsets (0 = first data byte)
         self.nxt = 0  # next offset to send
         self.max_sent = 0  # highest offset ever sent + 1
@@ -721,12 +725,12 @@ class TcpEndpoint:
         t = self.tcb
         p = self.peer_opts
         if ack:  # offer only what the VM offered (RFC 7323, RFC 2018)
-            opts = syn_options(t, now, self.mss_adv, cfg.wscale if p.wscale is not None else None,
+            opts = syn_options(t, now, self.mss_adv, self.wscale if p.wscale is not None else None,
                                cfg.sack and p.sack_permitted,
                                cfg.timestamps and p.timestamps is not None,
                                echo=p.timestamps[0] if p.timestamps else 0)
         else:
-            opts = syn_options(t, now, self.mss_adv, cfg.wscale, cfg.sack, cfg.timestamps)
+            opts = syn_options(t, now, self.mss_adv, self.wscale, cfg.sack, cfg.timestamps)
         window = min(cfg.recv_buffer, 0xFFFF)  # never scaled in a SYN (RFC 7323 2.2)
         self.rcv_edge = window
         frame = self.writer.build(t.iss, t.rcv_nxt if ack else 0, SYN | (ACK if ack else 0),
@@ -882,7 +886,7 @@ class TcpEndpoint:
 
     def _negotiate(self, now: float) -> None:
         cfg = self.config
-        ours = TcpOptions(mss=self.mss_adv, wscale=cfg.wscale, sack_permitted=cfg.sack,
+        ours = TcpOptions(mss=self.mss_adv, wscale=self.wscale, sack_permitted=cfg.sack,
                           timestamps=(0, 0) if cfg.timestamps else None)
         self.tcb.negotiate(ours, self.peer_opts, v6=self.v6)
         hdr_opts = 12 if self.tcb.ts_ok else 0
