@@ -264,9 +264,11 @@ class TcpEndpoint:
         self._clock = now
         out = self.rbuf.read(size)
         if out and self.tcb.state.synchronized and self.tcb.state.can_receive:
-            # RFC 9293 3.8.6.2.2 receiver SWS avoidance: announce only a real opening
+            # RFC 9293 3.8.6.2.2 receiver SWS avoidance: announce only a real opening, but
+            # never wait for more than half the buffer (it may be smaller than one MSS)
             believed = self.rcv_edge - self.rbuf.nxt
-            step = max(self.tcb.mss, min(self.config.recv_buffer // 4, 65536))
+            buf = self.config.recv_buffer
+            step = min(max(self.tcb.mss, min(buf // 4, 65536)), max(1, buf // 2))
             if self._window() - believed >= step:
                 self._send_ack(now)
         return out
