@@ -389,12 +389,11 @@ class TcpEndpoint:
         self._rx_synchronized(seg, now)
 
     def _rx_synchronized(self, seg: Segment, now: float) -> None:
-        """ESTABLISHED and the closing states: the general path of RFC 9293 3.10.7.4."""
+        """ESTABLISHED and the closing states but TIME-WAIT: the general path of RFC 9293
+        3.10.7.4."""
         if not self._acceptable(seg, now):
             return
         if seg.flags & RST:
-            if self.tcb.state is S.TIME_WAIT:
-                return  # RFC 1337: no TIME-WAIT assassination
             if seg.seq == self.tcb.rcv_nxt:
                 self._abort_events("reset")
             else:
@@ -407,13 +406,20 @@ class TcpEndpoint:
             return
         if not self._process_ack(seg, now):
             return
-        st = self.tcb.state
-        if st is S.TIME_WAIT:
-            if seg.flags & FIN:  # the VM's FIN again: our ACK was lost
-                self._send_ack(now)
-                self.timer_close = now + self.config.time_wait
-            return
         self._process_data(seg, now)
+
+    def _rx_time_wait(self, seg: Segment, now: float) -> None:
+        """TIME-WAIT: the VM can only repeat its FIN (our last ACK was lost): acknowledge
+        it again and restart the wait (RFC 9293 3.10.7.4). RST is ignored (RFC 1337: no
+        TIME-WAIT assassination); what is unacceptable gets an ACK, a SYN a challenge ACK."""
+        if seg.flags & RST:
+            return
+        if seg.flags & FIN and seq_add(seg.seq, len(seg.payload) + 1) == self.tcb.rcv_nxt:
+            self._send_ack(now)
+            self.timer_close = now + self.config.time_wait
+            return
+        if self._acceptable(seg, now) and seg.flags & SYN:
+            self._challenge_ack(now)  # RFC 5961 4.2
 
     # -- pieces of segment processing -----------------------------------------------------
 
@@ -919,5 +925,5 @@ _RX = {
     S.CLOSE_WAIT: TcpEndpoint._rx_synchronized,
     S.CLOSING: TcpEndpoint._rx_synchronized,
     S.LAST_ACK: TcpEndpoint._rx_synchronized,
-    S.TIME_WAIT: TcpEndpoint._rx_synchronized,
+    S.TIME_WAIT: TcpEndpoint._rx_time_wait,
 }
