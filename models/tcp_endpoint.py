@@ -751,10 +751,15 @@ class TcpEndpoint:
         self._emit(ACK, seq=self._snd_nxt())
 
     def _snd_nxt(self) -> int:
-        """SND.NXT: the sequence number after the highest ever sent. A retransmission
-        timeout rewinds :attr:`nxt`, never this: an ACK or RST numbered below what the VM
-        already received would be dropped as an old duplicate (RFC 9293 3.10.7.4)."""
-        return self.tcb.snd_nxt if self.fin_sent else self._seq(self.max_sent)
+        """The sequence number of an ACK or RST: SND.NXT, the number after the highest ever
+        sent (a retransmission timeout rewinds :attr:`nxt`, never this), but no further
+        than the right edge of the VM's window. What went beyond the edge (a timeout
+        retransmission into a closed window) the VM did not take, and a number outside its
+        window gets our ACK dropped and answered with an ACK of its own, which may be just
+        as unacceptable to us: an endless ACK exchange (Linux: tcp_acceptable_seq)."""
+        snd_nxt = self.max_sent + (1 if self.fin_sent else 0)
+        snd_una = self.sbuf.una + (1 if self.fin_acked else 0)
+        return self._seq(min(snd_nxt, snd_una + self.snd_wnd))
 
     def _challenge_ack(self, now: float) -> None:
         self._send_ack(now)
