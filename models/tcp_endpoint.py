@@ -429,8 +429,8 @@ class TcpEndpoint:
         rel = seq_diff(seg.seq, t.rcv_nxt)
         length = len(seg.payload) + (1 if seg.flags & FIN else 0)
         wnd = self.rcv_edge - self.rbuf.nxt
-        if length == 0:
-            ok = rel == 0 if wnd == 0 else 0 <= rel < max(wnd, 1)
+        if length == 0:  # the right edge itself is fine for an ACK (as Linux has it)
+            ok = rel == 0 if wnd == 0 else 0 <= rel < wnd + (0 if seg.flags & RST else 1)
         else:
             ok = wnd > 0 and (0 <= rel < wnd or 0 < rel + length <= wnd)
             if not ok and wnd == 0 and rel == 0:
