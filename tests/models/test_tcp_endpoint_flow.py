@@ -548,3 +548,70 @@ def test_window_shrunk_to_zero_and_peer_gone_times_out():
             break
         ep.on_timer(ep.poll_at())
     assert events(ep) == [Aborted("timeout"), Closed()]
+
+
+@pytest.mark.parametrize("recv_buffer", [2048, 4096, 20_000])
+def test_small_receive_buffer_limits_the_window_scale(recv_buffer):
+    """A shift so large that the whole buffer rounds to a zero window field would close
+    the window for good: the shift offered leaves the buffer at least eight units."""
+    ep, peer = passive_established(cfg(wscale=14, recv_buffer=recv_buffer))
+    assert recv_buffer >> ep.tcb.rcv_shift >= 8
+    ep.receive(peer.data(b"x" * 1000), NOW)
+    [a] = peer.take(ep)
+    assert a.window > 0
+    while a.window:
+        ep.receive(peer.data(b"x" * min(1000, a.window << ep.tcb.rcv_shift)), NOW)
+        [a] = peer.take(ep)
+    ep.read(recv_buffer, NOW)  # the application catches up: the window reopens
+    [u] = peer.take(ep)
+    assert u.window << ep.tcb.rcv_shift > recv_buffer // 2
+
+
+def test_receive_buffer_smaller_than_the_mss_still_reopens():
+    """Receiver SWS avoidance waits for min(half the buffer, one MSS) of room (RFC 9293
+    3.8.6.2.2), not for more than the buffer can ever hold."""
+    c = cfg(recv_buffer=1000)
+    ep, peer = passive_established(c, Peer(wscale=None))
+    ep.receive(peer.data(b"x" * 1000), NOW)
+    [a] = peer.take(ep)
+    assert a.window == 0
+    ep.read(300, NOW)
+    assert peer.take(ep) == []  # less than half the buffer: not yet
+    ep.read(300, NOW)
+    [u] = peer.take(ep)
+    assert u.window == 600
+
+
+def test_acks_never_numbered_beyond_the_vm_window():
+    """After a timeout retransmission went into the VM's closed window, our ACKs are
+    numbered at the window's right edge, not past it: a number outside the VM's window
+    gets the ACK dropped and answered, and two such ends answer each other forever."""
+    ep, peer = passive_established(cfg())
+    ep.send(b"k" * 8000, NOW)
+    peer.take(ep, learn=False)
+    ep.receive(peer.ack(window=0), NOW + 0.001)  # nothing taken, window closed
+    ep.on_timer(ep.poll_at())
+    peer.take(ep, learn=False)
+    ep.receive(peer.data(b"hello", window=0), NOW + 0.5)
+    [a] = peer.take(ep, learn=False)
+    assert a.flags == ACK and a.seq == ISS + 1  # SND.UNA + SND.WND, not SND.NXT
+    ep.receive(peer.ack(window=10), NOW + 0.6)  # a 1280-byte window
+    peer.take(ep, learn=False)
+    ep.receive(peer.data(b"again", window=10), NOW + 0.7)
+    [a] = [s for s in peer.take(ep, learn=False) if not s.payload]
+    assert a.seq == ISS + 1 + 1280
+
+
+def test_ack_at_the_right_edge_of_our_window_is_taken():
+    """A pure ACK numbered at the right edge of our window (the VM sent up to it) is
+    acceptable, as Linux has it: no answer, its acknowledgment processed."""
+    c = cfg(recv_buffer=4096)
+    ep, peer = passive_established(c, Peer(wscale=None))
+    ep.send(b"s" * 1000, NOW)
+    peer.take(ep)
+    edge = seq(peer.snd_nxt + 4096)
+    ep.receive(peer.ack(seq=edge), NOW)
+    assert peer.take(ep) == [] and ep.sbuf.una == 1000
+    ep.receive(peer.ack(seq=seq(edge + 1)), NOW)
+    [a] = peer.take(ep)  # beyond it: answered
+    assert a.ack == peer.snd_nxt

@@ -135,3 +135,17 @@ def test_delayed_accept_retransmitted_syn():
     assert sim.ep_a.retransmits == 0  # SYN resends are not data retransmissions
     connected = [t for t, e in sim.a.events if isinstance(e, Connected)]
     assert connected and connected[0] - 1000 == pytest.approx(2.502, abs=0.002)
+
+
+def test_tiny_buffers_jumbo_mss_lossy_no_ack_storm():
+    """4 KB receive buffers against a 9000-byte MSS, loss and reordering: every timeout
+    retransmission overshoots the window. Both directions complete, and the link never
+    carries an endless exchange of ACKs answering each other."""
+    a = EndpointConfig(mss=8960, wscale=2, send_buffer=65536, recv_buffer=4096, offload=False,
+                       initial_cwnd_segments=10, time_wait=10.0)
+    b = EndpointConfig(mss=8960, wscale=14, sack=False, send_buffer=1 << 20, recv_buffer=4096,
+                       initial_cwnd_segments=1, time_wait=10.0)
+    sim = Sim(a, b, ab=LinkParams(delay=0.0001, jitter=0.01, loss=0.2, dup=0.05, reorder=0.2),
+              ba=LinkParams(delay=0.001, jitter=0.001, reorder=0.05, rate=1e6), seed=548)
+    transfer(sim, 300_000, 300_000, max_time=3000)
+    assert sim.ab.stats.frames + sim.ba.stats.frames < 3000

@@ -629,3 +629,16 @@ def test_abort_resets_at_snd_nxt(state):
     [r] = peer.take(ep, learn=False)
     assert r.rst and r.seq == peer.rcv_nxt and r.ack == peer.snd_nxt
     assert events(ep) == [Aborted("local"), Closed()]
+
+
+def test_time_wait_restarts_when_the_vm_fin_comes_again():
+    """RFC 9293 3.10.7.4: a retransmitted FIN in TIME-WAIT is acknowledged and restarts
+    the wait, so a VM whose first ACK was lost is not answered by a RST."""
+    ep, peer = to_state("TIME_WAIT")
+    end = ep.poll_at()
+    ep.receive(peer.fin(seq=seq(peer.snd_nxt - 1)), end - 0.1)
+    [a] = peer.take(ep)
+    assert a.flags == ACK and a.ack == peer.snd_nxt
+    assert ep.poll_at() == pytest.approx(end - 0.1 + CFG.time_wait)
+    ep.on_timer(end)
+    assert ep.state is S.TIME_WAIT
