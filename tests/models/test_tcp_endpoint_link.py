@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from models_tcplink import SYN, LinkParams, Sim, Sink, Source, dissect, transfer
 from vtl.models.tcp_endpoint import Closed, Connected, EndpointConfig
 
@@ -149,3 +151,42 @@ def test_tiny_buffers_jumbo_mss_lossy_no_ack_storm():
               ba=LinkParams(delay=0.001, jitter=0.001, reorder=0.05, rate=1e6), seed=548)
     transfer(sim, 300_000, 300_000, max_time=3000)
     assert sim.ab.stats.frames + sim.ba.stats.frames < 3000
+
+
+link_params = st.builds(
+    LinkParams,
+    delay=st.sampled_from([0.0001, 0.001, 0.02]),
+    jitter=st.sampled_from([0.0, 0.001, 0.01]),
+    loss=st.sampled_from([0.0, 0.01, 0.05, 0.2]),
+    dup=st.sampled_from([0.0, 0.05]),
+    reorder=st.sampled_from([0.0, 0.05, 0.2]),
+    rate=st.sampled_from([None, 1e6, 1e8]),
+    wire=st.booleans(),
+)
+endpoint_configs = st.builds(
+    EndpointConfig,
+    offload=st.booleans(),
+    sack=st.booleans(),
+    timestamps=st.booleans(),
+    wscale=st.sampled_from([0, 2, 9, 14]),
+    recv_buffer=st.sampled_from([4096, 65536, 1 << 20]),
+    send_buffer=st.sampled_from([4096, 65536, 1 << 20]),
+    gso_max=st.sampled_from([4000, 62 * 1024]),
+    initial_cwnd_segments=st.sampled_from([1, 10]),
+    mss=st.sampled_from([536, 1460, 8960]),
+    time_wait=st.just(120.0),  # outlasts any retransmission of the VM's FIN here
+)
+
+
+@settings(settings.default, max_examples=max(10, settings.default.max_examples // 5),
+          deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg_a=endpoint_configs, cfg_b=endpoint_configs, ab=link_params, ba=link_params,
+       sizes=st.tuples(st.sampled_from([0, 1, 1000, 100_000]),
+                       st.sampled_from([0, 1, 1000, 100_000])),
+       v6=st.booleans(), iss=st.sampled_from([None, (1 << 32) - 500]), seed=st.integers(0, 99))
+def test_any_configs_any_link_transfer_completes(cfg_a, cfg_b, ab, ba, sizes, v6, iss, seed):
+    """Two endpoints configured apart (buffers, MSS, scaling, SACK, timestamps, GSO) over
+    links up to 20% loss: both streams arrive intact and both ends close cleanly."""
+    sim = Sim(cfg_a, cfg_b, ab=ab, ba=ba, seed=seed, v6=v6, iss_a=iss, iss_b=iss)
+    transfer(sim, *sizes, max_time=3000, max_steps=400_000)
+    assert_closed_once(sim)
