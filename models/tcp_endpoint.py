@@ -164,6 +164,7 @@ class TcpEndpoint:
         self.persist_interval = 0.0
         self.retries = 0
         self.rtt_probe: tuple[int, float] | None = None  # (offset, sent at) without timestamps
+        self.rexmit_tsval: int | None = None  # our TSval at the latest retransmission
         self.want_writable = False
         self.syn: Packet | None = None  # the VM's SYN (passive open), kept for refusals
         self.peer_opts = TcpOptions()
@@ -493,10 +494,15 @@ class TcpEndpoint:
             self.nxt = self.sbuf.una
         self.retries = 0
         self.dupacks = 0
-        # RTT sample: timestamps echo (Karn-safe), or the timed segment
+        # RTT sample: the timestamp echo, or the timed segment. Karn for timestamps: an
+        # echo older than our latest retransmission can be that of an earlier copy (the
+        # VM echoes its TS.Recent, which an old duplicate does not update) and would
+        # count the retransmission timeout itself as round-trip time.
         ts = seg.options.timestamps if t.ts_ok else None
         if ts is not None and ts[1]:
-            self.rto.sample(((t.ts_val(now) - ts[1]) & MASK) / 1000.0)
+            if self.rexmit_tsval is None or not seq_lt(ts[1], self.rexmit_tsval):
+                self.rto.sample(((t.ts_val(now) - ts[1]) & MASK) / 1000.0)
+                self.rexmit_tsval = None
         elif self.rtt_probe is not None and ack_off >= self.rtt_probe[0]:
             self.rto.sample(now - self.rtt_probe[1])
             self.rtt_probe = None
@@ -701,6 +707,7 @@ class TcpEndpoint:
         self._emit(flags, seq=self._seq(off), payload=payload, opts=opts, seg_max=seg_max)
         if retransmit:
             self.retransmits += 1
+            self.rexmit_tsval = t.ts_val(now)
         else:
             if self.rtt_probe is None and not t.ts_ok and off >= self.max_sent:
                 self.rtt_probe = (off + size, now)  # Karn: time new data only
@@ -840,6 +847,7 @@ class TcpEndpoint:
             return
         self.rto.backoff()
         self.rtt_probe = None
+        self.rexmit_tsval = t.ts_val(now)
         if st in (S.SYN_SENT, S.SYN_RECEIVED):
             self._send_syn(now, ack=st is S.SYN_RECEIVED)
             return
