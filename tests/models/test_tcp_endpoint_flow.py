@@ -615,3 +615,25 @@ def test_ack_at_the_right_edge_of_our_window_is_taken():
     ep.receive(peer.ack(seq=seq(edge + 1)), NOW)
     [a] = peer.take(ep)  # beyond it: answered
     assert a.ack == peer.snd_nxt
+
+
+def test_timestamp_echo_older_than_the_latest_retransmission_is_no_rtt_sample():
+    """Karn for timestamps: the VM got our first retransmission but its ACK was lost; our
+    second one is an old duplicate to it, so the ACK it sends echoes the first one's
+    TSval. That echo would count the whole timeout as round-trip time."""
+    ep, peer = passive_established(cfg())
+    srtt = ep.rto.srtt
+    ep.send(b"x" * 100, NOW)
+    peer.take(ep)
+    ep.on_timer(ep.poll_at())  # retransmission 1: the VM takes it, records its TSval
+    [r1] = peer.take(ep, learn=False)
+    t2 = ep.poll_at()
+    ep.on_timer(t2)  # retransmission 2 (the ACK of 1 was lost)
+    [r2] = peer.take(ep, learn=False)
+    assert r2.tsval != r1.tsval
+    ep.receive(peer.ack(options=peer.options(ts=(peer.tsval, r1.tsval))), t2 + 0.001)
+    assert ep.sbuf.una == 100 and ep.rto.srtt == srtt  # no sample
+    ep.send(b"y" * 100, t2 + 0.01)
+    [d] = peer.take(ep)
+    ep.receive(peer.ack(options=peer.options(ts=(peer.tsval, d.tsval))), t2 + 0.06)
+    assert ep.rto.srtt != srtt  # a fresh echo is a sample again
