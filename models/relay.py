@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtl.models.tcp_endpoint import Aborted, Closed, PeerFinished, TcpEndpoint
+from vtl.models.tcp_endpoint import Aborted, Closed, TcpEndpoint
 
 from vtl.frame import Frame
 from vtl.packet.packet import Packet
@@ -40,7 +40,6 @@ from vtl.stream import (
     StreamData,
     StreamEnded,
     StreamEvent,
-    StreamWritable,
 )
 
 
@@ -90,9 +89,7 @@ class Relay:
         elif isinstance(event, StreamClosed):
             self.upstream_closed = True
             self._upstream_closed(event, now)
-        elif isinstance(event, StreamWritable):
-            pass
-        self.pump(now)
+        self.pump(now)  # StreamWritable needs nothing more: the pump writes what fits
 
     def on_timer(self, now: float) -> None:
         self.endpoint.on_timer(now)
@@ -140,8 +137,6 @@ class Relay:
                 self.endpoint_closed = True
                 if not self.stats.outcome:
                     self.stats.outcome = "closed"
-            elif isinstance(ev, PeerFinished):
-                pass
         ep.events.clear()
         if stream is None or self.upstream_closed and self.endpoint_closed:
             return

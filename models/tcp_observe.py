@@ -364,7 +364,7 @@ class TcpObserver:
         if seq_gt(end, s.snd_nxt):
             s.snd_nxt = end
         if n and not self.info[sender].mss_known:
-            s.mss = max(s.mss, (gso or n) + len(seg._raw_opts))
+            s.mss = max(s.mss, (gso or n) + len(seg.raw_options))
 
     def _sent_fin(self, sender: Side, fin_seq: int, ack: int, now: float) -> bool:
         """S's FIN at ``fin_seq``: False if it cannot be one (before data S sent)."""
@@ -405,7 +405,7 @@ class TcpObserver:
     def _timestamps(self, sender: Side, seg: Segment, now: float) -> None:
         """RFC 7323: S's TSval clock; R's TS.Recent; S's own TS.Recent from its echo."""
         s, r = self.half(sender), self.peer(sender)
-        ts = seg.options.timestamps if s.ts_ok and seg._raw_opts else None
+        ts = seg.options.timestamps if s.ts_ok and seg.raw_options else None
         if ts is None:
             return
         tsval, tsecr = ts

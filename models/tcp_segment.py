@@ -111,6 +111,11 @@ class Segment:
         return cls(seq, ack, flags, window, payload, raw, pkt)
 
     @property
+    def raw_options(self) -> bytes:
+        """The option bytes as received (empty when the header has none)."""
+        return self._raw_opts
+
+    @property
     def options(self) -> TcpOptions:
         if self._opts is None:
             self._opts = TcpOptions.decode(self._raw_opts) if self._raw_opts else TcpOptions()

@@ -143,6 +143,7 @@ class Pep(Service):
             self.ctx.count("over_limit")
             endpoint.refuse(now)
             self._emit_all(endpoint.outbox)
+            endpoint.outbox = []
             return
         relay = Relay(endpoint)
         self.relays[key] = relay
@@ -164,12 +165,10 @@ class Pep(Service):
     def _emit_all(self, frames: list[Frame]) -> None:
         for f in frames:
             self.ctx.emit(f, TO_GUEST)
-        frames.clear()
 
     def _after(self, key: FlowKey, relay: Relay, now: float) -> None:
         """Emit what the relay produced, retire it when done, reschedule its timer."""
-        for f in relay.take_frames():
-            self.ctx.emit(f, TO_GUEST)
+        self._emit_all(relay.take_frames())
         b = relay.buffered
         if b > self.buffered_max:
             self.buffered_max = b
@@ -223,8 +222,7 @@ class Pep(Service):
     def stop(self, now: float) -> None:
         for relay in list(self.relays.values()):
             relay.abort(now)
-            for f in relay.take_frames():
-                self.ctx.emit(f, TO_GUEST)
+            self._emit_all(relay.take_frames())
         self.relays.clear()
 
     def report(self) -> dict[str, Any]:
