@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := libpcap-dev libudt-dev iproute2 iputils-ping iperf3 curl tcpdump tshark \
-	dante-server netcat-openbsd ethtool procps gcc g++ make python3-dev python3-venv
+	dante-server dnsmasq-base netcat-openbsd ethtool procps gcc g++ make python3-dev python3-venv
 PYTEST_ARGS ?=
 
 .PHONY: all setup system-deps demo test lint bench clean

@@ -397,7 +397,16 @@ class StreamManager:
             self._fds[s._fd] = s
             self._ep.register(s._fd, OUT)
             return
-        self._finish(s, reason, last or "no address to connect to", now)
+        self._connect_failed(s, reason, last or "no address to connect to", now)
+
+    def _connect_failed(self, s: StreamHandle, reason: CloseReason, message: str,
+                        now: float | None) -> None:
+        """The connect to the transport's endpoint failed: let the transport word it."""
+        try:
+            reason, message = s._transport.connect_failed(s.request, reason, message)
+        except Exception as exc:  # noqa: BLE001 - a transport bug must not hide the failure
+            message = f"{message} ({type(exc).__name__} in connect_failed: {exc})"
+        self._finish(s, reason, message, now)
 
     def _shutdown(self, s: StreamHandle, now: float | None) -> None:
         try:
@@ -552,7 +561,8 @@ class StreamManager:
             if s._state is not CONNECTING or s._sock is not None:
                 continue
             if isinstance(result, BaseException):
-                self._finish(s, "error", f"cannot resolve {s.request.host!r}: {result}", now)
+                self._connect_failed(s, "error", f"cannot resolve {s.request.host!r}: {result}",
+                                     now)
             else:
                 s._addrs = result
                 self._connect_next(s, now, None)
@@ -561,7 +571,10 @@ class StreamManager:
             deadline, _, s = heapq.heappop(timers)
             if s._deadline != deadline:
                 continue
-            if s._state is CONNECTING or s._state is HANDSHAKE:
+            if s._state is CONNECTING:
+                self._connect_failed(s, "timeout",
+                                     f"no answer within {s.request.timeout_s:g} s", now)
+            elif s._state is HANDSHAKE:
                 self._finish(s, "timeout", f"no answer within {s.request.timeout_s:g} s", now)
             elif s._state is CLOSING:
                 self._drop(s, rst=True)
@@ -625,7 +638,7 @@ class StreamManager:
             if s._addrs and _reason(err) in ("refused", "unreachable"):
                 self._connect_next(s, now, os.strerror(err))
             else:
-                self._finish(s, _reason(err), os.strerror(err), now)
+                self._connect_failed(s, _reason(err), os.strerror(err), now)
             return
         hs = s._transport.handshake(s.request)
         if hs is None:
@@ -635,6 +648,7 @@ class StreamManager:
         self._handshake_step(s, hs.start, (), now)
 
     def _connected(self, s: StreamHandle, remote: tuple, now: float) -> None:
+        reply = s._handshake.reply if s._handshake is not None else None
         s._state = OPEN
         s._deadline = None
         s._handshake = None
@@ -647,7 +661,7 @@ class StreamManager:
             self._shutdown(s, now)
             if s._state is DONE:
                 return
-        self._deliver(s, StreamConnected(s, local, remote), now)
+        self._deliver(s, StreamConnected(s, local, remote, reply), now)
 
     def _handshake_step(self, s: StreamHandle, fn: Callable, args: tuple, now: float) -> None:
         try:

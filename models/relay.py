@@ -16,7 +16,8 @@ one read chunk (and the bridge's own bounded stream write buffer).
 
 Opening (passive, the VM's SYN): the endpoint waits in LISTEN while the stream
 connects; ``StreamConnected`` accepts the SYN, ``refused`` answers RST, and
-``timeout`` or ``unreachable`` answer ICMP destination unreachable. Closing:
+``timeout`` or ``unreachable`` answer ICMP destination unreachable (which
+reasons do is ``icmp_reasons``). Closing:
 FIN to FIN in both directions, each only after the bytes before it were
 delivered; RST to RST (an aborted stream resets the VM's connection and a VM
 reset aborts the stream). :attr:`done` turns true once both sides are finished.
@@ -56,10 +57,15 @@ class Relay:
     """Moves bytes between a TCP endpoint and an upstream stream, with back-pressure."""
 
     __slots__ = ("endpoint", "stream", "pending", "upstream_eof", "upstream_closed",
-                 "sent_shutdown", "connected", "stats", "_paused", "endpoint_closed")
+                 "sent_shutdown", "connected", "stats", "_paused", "endpoint_closed",
+                 "icmp_reasons")
 
-    def __init__(self, endpoint: TcpEndpoint, stream: Stream | None = None):
+    def __init__(self, endpoint: TcpEndpoint, stream: Stream | None = None, *,
+                 icmp_reasons: frozenset[str] = frozenset({"timeout", "unreachable"})):
+        """``icmp_reasons``: close reasons before connect that the VM hears as ICMP
+        destination unreachable; every other failure to connect is a RST."""
         self.endpoint = endpoint
+        self.icmp_reasons = icmp_reasons
         self.stream = stream
         self.pending = b""  # upstream bytes the endpoint could not take yet
         self.upstream_eof = False
@@ -173,7 +179,7 @@ class Relay:
         reason = event.reason
         if not self.connected:
             self.stats.outcome = reason
-            if reason in ("timeout", "unreachable"):
+            if reason in self.icmp_reasons:
                 ep.unreachable(now)
             else:
                 ep.refuse(now)

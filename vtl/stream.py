@@ -93,11 +93,17 @@ class Stream(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class StreamConnected:
-    """The upstream accepted; ``local``/``remote`` are the socket's (host, port)."""
+    """The upstream accepted; ``local``/``remote`` are the socket's (host, port).
+
+    ``reply`` is what the transport's handshake reported, when it has something
+    to say: for SOCKS5 the reply's (BND.ADDR, BND.PORT); for Tor's RESOLVE that
+    is the resolved address, for RESOLVE_PTR the host name.
+    """
 
     stream: Stream
     local: tuple[str, int] | None = None
     remote: tuple[str, int] | None = None
+    reply: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,13 @@ class HandshakeStep:
 
 
 class Handshake:
-    """A sans-IO exchange after connect (one instance per stream)."""
+    """A sans-IO exchange after connect (one instance per stream).
+
+    Set :attr:`reply` before the last step to hand the service what the
+    upstream reported (it becomes ``StreamConnected.reply``).
+    """
+
+    reply: tuple[str, int] | None = None
 
     def start(self) -> HandshakeStep:
         """The first bytes to send and how many bytes to read back."""
@@ -89,6 +95,14 @@ class Transport:
         Raise OSError when the connect fails at once (no route, bad bind address).
         """
         raise NotImplementedError
+
+    def connect_failed(self, request: StreamRequest, reason: CloseReason,
+                       message: str) -> tuple[CloseReason, str]:
+        """The close reason and message for a failed connect to :meth:`endpoint`.
+
+        The default keeps them; a proxy transport says that the *proxy* failed.
+        """
+        return reason, message
 
     def handshake(self, request: StreamRequest) -> Handshake | None:
         """The exchange to run once connected, or None (the stream is connected)."""
