@@ -51,6 +51,7 @@ class RelayStats:
     bytes_up: int = 0  # VM -> upstream
     bytes_down: int = 0  # upstream -> VM
     outcome: str = ""  # "", "closed", "refused", "timeout", "unreachable", "reset", "error"
+    message: str = ""  # what the stream said when it failed
 
 
 class Relay:
@@ -177,6 +178,8 @@ class Relay:
     def _upstream_closed(self, event: StreamClosed, now: float) -> None:
         ep = self.endpoint
         reason = event.reason
+        if reason not in ("closed", "local"):
+            self.stats.message = event.message
         if not self.connected:
             self.stats.outcome = reason
             if reason in self.icmp_reasons:

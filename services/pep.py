@@ -46,24 +46,19 @@ See also
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
 from typing import Any
 
 from pydantic import Field
-from vtl.models.relay import Relay
-from vtl.models.tcp_endpoint import EndpointConfig, TcpEndpoint
+from vtl.models.split import SplitTable, guest_key
+from vtl.models.tcp_endpoint import EndpointConfig
 
 from vtl import CONSUMED, DROP, PASS, Direction, Frame, Service, ServiceContext, ServiceOptions
-from vtl.errors import PacketError
-from vtl.packet import build
 from vtl.packet.packet import Packet
 from vtl.packet.tcp import ACK, RST, SYN
 from vtl.service import Verdict
-from vtl.stream import StreamEvent, StreamRequest
+from vtl.stream import Stream, StreamHandler, StreamRequest
 
-FlowKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, remote ip, remote port
-TOMBSTONE_S = 5.0  # how long stray segments of a closed connection get RST answers
 TO_GUEST = Direction.TO_GUEST
 
 
@@ -91,141 +86,40 @@ class Pep(Service):
         self.chunk = max(4096, min(256 * 1024, options.buffer_bytes // 8))
         # the VM is one hop away: its RTT is tens of microseconds, so a lost segment
         # is better retransmitted after 30 ms than after the 200 ms floor of WAN stacks
-        self.ep_config = EndpointConfig(send_buffer=half, recv_buffer=half, rto_min=0.03)
-        self.relays: dict[FlowKey, Relay] = {}
-        self.tombstones: dict[FlowKey, float] = {}
-        self._timers: list[tuple[float, int, FlowKey]] = []
-        self._scheduled: dict[FlowKey, float] = {}
-        self._seq = 0
-        self.buffered_max = 0
-
-    # -- frames --------------------------------------------------------------------
+        ep_config = EndpointConfig(send_buffer=half, recv_buffer=half, rto_min=0.03)
+        self.table = SplitTable(ctx, ep_config, max_connections=options.max_connections)
 
     def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
         pkt = Packet(frame)
         t = pkt.tcp
         if t is None:
             return PASS
-        ip = pkt.ip
-        assert ip is not None
-        src, dst = ip.addrs
-        sport, dport = t.ports
+        key = guest_key(pkt)
         if direction is TO_GUEST:
-            key = (dst, dport, src, sport)
-            return DROP if key in self.relays else PASS
-        key = (src, sport, dst, dport)
-        relay = self.relays.get(key)
-        if relay is not None:
-            relay.on_segment(pkt, now)
-            self._after(key, relay, now)
+            key = (key[2], key[3], key[0], key[1])
+            return DROP if key in self.table else PASS
+        if self.table.segment(key, pkt, now):
             return CONSUMED
-        flags = t.flags
-        if flags & (SYN | ACK | RST) == SYN:
-            self._open(key, pkt, now)
+        if t.flags & (SYN | ACK | RST) == SYN:
+            host = str(ipaddress.ip_address(key[2]))
+            request = StreamRequest("tcp", host, key[3], timeout_s=self.options.connect_timeout_s,
+                                    read_chunk=self.chunk, write_buffer=self.chunk)
+
+            def connect(handler: StreamHandler) -> Stream:
+                return self.ctx.open_stream(request, handler)
+
+            self.table.open(key, pkt, now, connect)
             return CONSUMED
-        if key in self.tombstones:
-            if self.tombstones[key] > now:
-                if not flags & RST:
-                    self.ctx.emit(Frame(build.tcp_reset(pkt)), TO_GUEST)
-                self.ctx.count("stray_segments")
-                return CONSUMED
-            del self.tombstones[key]
         return PASS  # a connection that existed before the service started
 
-    def _open(self, key: FlowKey, syn: Packet, now: float) -> None:
-        self.tombstones.pop(key, None)
-        try:
-            endpoint = TcpEndpoint.passive(syn, self.ep_config, now)
-        except PacketError:
-            self.ctx.count("malformed")
-            return
-        if len(self.relays) >= self.options.max_connections:
-            self.ctx.count("over_limit")
-            endpoint.refuse(now)
-            self._emit_all(endpoint.outbox)
-            endpoint.outbox = []
-            return
-        relay = Relay(endpoint)
-        self.relays[key] = relay
-        host = str(ipaddress.ip_address(key[2]))
-        request = StreamRequest("tcp", host, key[3], timeout_s=self.options.connect_timeout_s,
-                                read_chunk=self.chunk, write_buffer=self.chunk)
-        self.ctx.count("connections_opened")
-
-        def handler(event: StreamEvent, now: float, key: FlowKey = key) -> None:
-            r = self.relays.get(key)
-            if r is None or r.stream is not event.stream:
-                return
-            r.on_stream_event(event, now)
-            self._after(key, r, now)
-
-        relay.stream = self.ctx.open_stream(request, handler)
-        self._after(key, relay, now)
-
-    def _emit_all(self, frames: list[Frame]) -> None:
-        for f in frames:
-            self.ctx.emit(f, TO_GUEST)
-
-    def _after(self, key: FlowKey, relay: Relay, now: float) -> None:
-        """Emit what the relay produced, retire it when done, reschedule its timer."""
-        self._emit_all(relay.take_frames())
-        b = relay.buffered
-        if b > self.buffered_max:
-            self.buffered_max = b
-        if relay.done:
-            self._retire(key, relay, now)
-            return
-        t = relay.poll_at()
-        if t is not None and self._scheduled.get(key) != t:
-            self._scheduled[key] = t
-            self._seq += 1
-            heapq.heappush(self._timers, (t, self._seq, key))
-
-    def _retire(self, key: FlowKey, relay: Relay, now: float) -> None:
-        del self.relays[key]
-        self._scheduled.pop(key, None)
-        s = relay.stats
-        self.ctx.count("bytes_up", s.bytes_up)
-        self.ctx.count("bytes_down", s.bytes_down)
-        self.ctx.count(f"connections_{s.outcome or 'closed'}")
-        if s.outcome not in ("closed", ""):
-            self.ctx.log.info("connection %s:%d -> %s:%d ended: %s",
-                              ipaddress.ip_address(key[0]), key[1],
-                              ipaddress.ip_address(key[2]), key[3], s.outcome)
-        self.tombstones[key] = now + TOMBSTONE_S
-        if len(self.tombstones) > 4 * self.options.max_connections:
-            self.tombstones = {k: v for k, v in self.tombstones.items() if v > now}
-
-    # -- timers --------------------------------------------------------------------
-
     def poll_at(self) -> float | None:
-        timers = self._timers
-        while timers:
-            t, _, key = timers[0]
-            if self._scheduled.get(key) == t:
-                return t
-            heapq.heappop(timers)
-        return None
+        return self.table.poll_at()
 
     def on_timer(self, now: float) -> None:
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            t, _, key = heapq.heappop(timers)
-            if self._scheduled.get(key) != t:
-                continue
-            del self._scheduled[key]
-            relay = self.relays.get(key)
-            if relay is not None:
-                relay.on_timer(now)
-                self._after(key, relay, now)
+        self.table.on_timer(now)
 
     def stop(self, now: float) -> None:
-        for relay in list(self.relays.values()):
-            relay.abort(now)
-            self._emit_all(relay.take_frames())
-        self.relays.clear()
+        self.table.stop(now)
 
     def report(self) -> dict[str, Any]:
-        return {"connections_active": len(self.relays),
-                "buffered_bytes": sum(r.buffered for r in self.relays.values()),
-                "buffered_max_per_connection": self.buffered_max}
+        return self.table.report()
