@@ -419,7 +419,19 @@ class StreamManager:
             self._finish(s, "closed", "", now)
 
     def _fail(self, s: StreamHandle, err: int, message: str, now: float | None) -> None:
+        if s._state is HANDSHAKE:
+            self._handshake_failed(s, _reason(err), message or os.strerror(err), now)
+            return
         self._finish(s, _reason(err), message or os.strerror(err), now)
+
+    def _handshake_failed(self, s: StreamHandle, reason: CloseReason, message: str,
+                          now: float | None) -> None:
+        """The manager ends a handshake (timeout, EOF, socket error): let it word that."""
+        try:
+            reason, message = s._handshake.failed(reason, message)
+        except Exception as exc:  # noqa: BLE001 - a transport bug must not hide the failure
+            message = f"{message} ({type(exc).__name__} in Handshake.failed: {exc})"
+        self._finish(s, reason, message, now)
 
     def _finish(self, s: StreamHandle, reason: CloseReason, message: str,
                 now: float | None) -> None:
@@ -575,7 +587,8 @@ class StreamManager:
                 self._connect_failed(s, "timeout",
                                      f"no answer within {s.request.timeout_s:g} s", now)
             elif s._state is HANDSHAKE:
-                self._finish(s, "timeout", f"no answer within {s.request.timeout_s:g} s", now)
+                self._handshake_failed(s, "timeout",
+                                       f"no answer within {s.request.timeout_s:g} s", now)
             elif s._state is CLOSING:
                 self._drop(s, rst=True)
         while self._deferred:
@@ -692,7 +705,7 @@ class StreamManager:
             self._fail(s, exc.errno or 0, str(exc), now)
             return
         if not data:
-            self._finish(s, "error", "upstream closed during the handshake", now)
+            self._handshake_failed(s, "error", "upstream closed during the handshake", now)
             return
         s._hs_buf += data
         if len(s._hs_buf) == s._hs_want:

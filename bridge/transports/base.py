@@ -68,6 +68,14 @@ class Handshake:
         """``data`` is exactly the ``want`` bytes asked for; say what comes next."""
         raise TransportError("error", f"{type(self).__name__} did not expect {len(data)} bytes")
 
+    def failed(self, reason: CloseReason, message: str) -> tuple[CloseReason, str]:
+        """The close reason and message when the exchange ends without :meth:`feed`
+        raising: no answer within ``timeout_s``, the upstream closed or reset.
+
+        The default keeps them; a proxy's handshake says which proxy, at which step.
+        """
+        return reason, message
+
 
 class Transport:
     """Starts upstream connections of one ``kind``; stateless across streams."""
