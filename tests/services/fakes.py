@@ -136,10 +136,12 @@ class FakeStream:
         self.handler(event, self.ctx.now)
 
     def connect(self, local: tuple[str, int] | None = ("10.0.0.1", 40000),
-                remote: tuple[str, int] | None = None) -> None:
+                remote: tuple[str, int] | None = None,
+                reply: tuple[str, int] | None = None) -> None:
+        """Deliver StreamConnected; ``reply`` is the handshake's report (SOCKS BND)."""
         self.connected = True
         self.deliver(StreamConnected(self, local, remote or (self.request.host,
-                                                             self.request.port)))
+                                                             self.request.port), reply))
 
     def data(self, data: bytes) -> None:
         assert not self.paused, "the bridge delivers no StreamData while paused"
