@@ -138,6 +138,13 @@ def _service_spec(
     fail = raw.get("fail", cls.default_fail)
     if fail not in ("open", "closed"):
         problems.append(f"{key}.fail: must be \"open\" or \"closed\", not {fail!r}")
+    if cls.airtight:
+        if "match" in raw:
+            problems.append(f"{key}.match: {use} must see every frame (frames a filter skips"
+                            " would pass it unchecked); remove match")
+        if fail == "open":
+            problems.append(f"{key}.fail: {use} fails closed (an error must not let frames"
+                            " through); remove fail or set it to \"closed\"")
     opts = {k: v for k, v in raw.items() if k not in COMMON_SERVICE_KEYS}
     options: ServiceOptions | None = None
     try:

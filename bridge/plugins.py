@@ -25,6 +25,7 @@ BUILTINS: dict[str, str] = {
     "netem": "vtl.services.netem:Netem",
     "capture": "vtl.services.capture:Capture",
     "pep": "vtl.services.pep:Pep",
+    "socks": "vtl.services.socks:Socks",
 }
 
 

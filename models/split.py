@@ -202,6 +202,8 @@ class SplitTable:
         self.ctx.count("bytes_up", s.bytes_up)
         self.ctx.count("bytes_down", s.bytes_down)
         self.ctx.count(f"connections_{s.outcome or 'closed'}")
+        if s.outcome not in ("closed", "", "refused"):
+            self.ctx.count("connections_failed")  # timeout, unreachable, reset, error
         if s.outcome not in ("closed", ""):
             self._log_failure(key, s.outcome, s.message, now)
         self.tombstones[key] = now + TOMBSTONE_S

@@ -139,6 +139,9 @@ class Service:
     Options: ClassVar[type[ServiceOptions]] = ServiceOptions
     #: failure policy when the config does not say: security services use "closed"
     default_fail: ClassVar[FailPolicy] = "open"
+    #: a service that must see every frame and fail closed (an anonymizer): the
+    #: config refuses ``match`` and ``fail = "open"`` for it
+    airtight: ClassVar[bool] = False
 
     def __init__(self, options: Any, ctx: ServiceContext):
         self.options = options

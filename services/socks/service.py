@@ -1,0 +1,297 @@
+"""socks: transparent SOCKS5 / Tor anonymizer; every VM connection through the proxy.
+
+Synopsis
+    [[services]]
+    use = "socks"
+    proxy = "socks5://127.0.0.1:9050"   # Tor; or socks5://user:pass@[2001:db8::1]:1080
+    dns = "fake-ip"                     # or "tor-resolve", or "tcp://9.9.9.9:53"
+    fake_ip_pool = "198.18.0.0/15"
+    fake_ip6_pool = "fd98:18::/64"
+    gateway_mac = "02:00:5e:10:00:01"   # default: random, locally administered
+    reject = true                       # ICMP administratively prohibited for the rest
+    isolate = false                     # true: per-VM credentials (Tor IsolateSOCKSAuth)
+    connect_timeout_s = 20
+
+What it does to frames
+    Nothing from the guest reaches the uplink, and nothing from the uplink
+    reaches the guest (both DROPped, counted). The guest is answered locally:
+
+    - TCP: a SYN is held while the proxy is asked to CONNECT to its destination
+      (an IPv4/IPv6 literal, or, for a fake-ip address, the *name* it stands
+      for, so that the proxy's exit resolves it); the SYN-ACK goes out only once
+      the proxy says connected. Then the virtual TCP endpoint is the guest's
+      peer and bytes are relayed through the tunnel. A proxy that refuses, is
+      down, or rejects the credentials gives the guest a RST at once, and a log
+      line names the cause ("SOCKS proxy 127.0.0.1:9050 ..."); a destination
+      the proxy reports unreachable gives ICMP host unreachable. A segment of
+      no known connection gets a RST.
+    - DNS, UDP and TCP port 53 to any address: answered by VTL, never
+      forwarded (modes below). UDP answers come from the address the guest
+      asked.
+    - ARP requests and IPv6 neighbour solicitations for any address are
+      answered with ``gateway_mac`` (except duplicate-address probes and
+      gratuitous ARP, which must stay unanswered), so the guest needs no real
+      gateway and learns nothing about the host's network.
+    - Everything else (other UDP, ICMP echo, other IP protocols) is dropped; with
+      ``reject`` an ICMP / ICMPv6 "administratively prohibited" tells the
+      application at once (never about broadcast, multicast or ICMP errors).
+
+DNS modes
+    ``fake-ip``: A/AAAA get an address from the pools, remembered name <->
+    address (like Tor's AutomapHostsOnResolve); PTR of a pool address gives the
+    name; other types get NOTIMP. ``tor-resolve``: A/AAAA/PTR through Tor's
+    SOCKS RESOLVE / RESOLVE_PTR. ``tcp://ADDR:PORT``: the query as the guest sent
+    it, over DNS-over-TCP through a SOCKS CONNECT to that resolver (any SOCKS5
+    proxy).
+
+Notes
+    - Fail-closed: the service must see every frame and an error in it drops the
+      frame, so ``match`` and ``fail = "open"`` are config errors.
+    - One bridge per VM is the usual deployment; with ``isolate`` the credentials
+      are per guest MAC (user ``vtl-<mac>``, password random per start), so Tor
+      puts each VM (and each VTL run) on its own circuits.
+    - The guest needs a static address and routes (no DHCP or router
+      advertisements are served); any on-link gateway address works.
+    - UDP other than DNS cannot go through SOCKS5 here (no UDP ASSOCIATE: Tor
+      does not support it); QUIC falls back to TCP when rejected.
+
+See also
+    RFC 1928 and 1929 (SOCKS5), Tor's socks-extensions.txt; ``pep`` (the same
+    split-TCP machinery, ``vtl.models.split``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+
+from vtl.models.split import SplitTable, guest_key
+from vtl.models.tcp_endpoint import EndpointConfig
+from vtl.services.socks.dns import DnsResolver
+from vtl.services.socks.dnstcp import LocalDnsStream
+from vtl.services.socks.fakeip import FakeIpPool
+from vtl.services.socks.options import SocksOptions
+
+from vtl import CONSUMED, DROP, Direction, Frame, Service, ServiceContext
+from vtl.errors import PacketError
+from vtl.packet import build
+from vtl.packet.arp import ARP_REQUEST
+from vtl.packet.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6
+from vtl.packet.icmp import ICMP6_NEIGHBOR_SOLICIT
+from vtl.packet.packet import Packet
+from vtl.packet.tcp import ACK, RST, SYN
+from vtl.service import Verdict
+from vtl.stream import Stream, StreamHandler, StreamRequest
+
+TO_GUEST = Direction.TO_GUEST
+DNS_PORT = 53
+UDP, TCP, ICMP, ICMP6 = 17, 6, 1, 58
+
+
+class Socks(Service):
+    name = "socks"
+    summary = "transparent SOCKS5/Tor anonymizer: all VM TCP through the proxy, nothing leaks"
+    Options = SocksOptions
+    default_fail = "closed"
+    airtight = True
+
+    options: SocksOptions
+
+    def __init__(self, options: SocksOptions, ctx: ServiceContext):
+        super().__init__(options, ctx)
+        self.proxy = options.proxy_url
+        self.gateway_mac = options.gateway_mac
+        self.secret = os.urandom(16).hex()  # isolation password: new circuits every run
+        half = options.buffer_bytes // 2
+        self.chunk = max(4096, min(256 * 1024, options.buffer_bytes // 8))
+        ep_config = EndpointConfig(send_buffer=half, recv_buffer=half, rto_min=0.03)
+        # proxy down / refusing / bad credentials: RST at once; only a destination the
+        # proxy reports unreachable is ICMP (the application then says "no route")
+        self.table = SplitTable(ctx, ep_config, max_connections=options.max_connections,
+                                icmp_reasons=frozenset({"unreachable"}))
+        mode, _ = options.dns_mode
+        self.pool = (FakeIpPool(options.fake_ip_pool, options.fake_ip6_pool, ttl=options.dns_ttl)
+                     if mode == "fake-ip" else None)
+        self.resolver = DnsResolver(options.dns, ctx, pool=self.pool, upstream=self._upstream,
+                                    timeout_s=options.dns_timeout_s, ttl=options.dns_ttl)
+        self._vm_mac = b""  # the guest a resolver upstream is opened for (isolation)
+        self._now = 0.0
+        self._local_ids = 0
+
+    # -- upstream requests ----------------------------------------------------------
+
+    def _credentials(self) -> tuple[str | None, str | None]:
+        if self.options.isolate:
+            return "vtl-" + self._vm_mac.hex(), self.secret
+        return self.proxy.username, self.proxy.password
+
+    def _upstream(self, host: str, port: int, command: str = "connect") -> StreamRequest:
+        user, password = self._credentials()
+        return StreamRequest(
+            "socks5", host, port, timeout_s=self.options.connect_timeout_s,
+            read_chunk=self.chunk, write_buffer=self.chunk,
+            options={"proxy": (self.proxy.host, self.proxy.port), "username": user,
+                     "password": password, "command": command})
+
+    # -- frames ------------------------------------------------------------------------
+
+    def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
+        self._now = now
+        if direction is TO_GUEST:
+            self.ctx.count("from_uplink_dropped")
+            return DROP
+        pkt = Packet(frame)
+        try:
+            et = pkt.ethertype
+            if et == ETH_P_ARP:
+                self._arp(pkt)
+            elif et == ETH_P_IP or et == ETH_P_IPV6:
+                self._ip(pkt, now)
+            else:
+                self.ctx.count("rejected_other")
+        except PacketError:
+            self.ctx.count("malformed")
+        return CONSUMED
+
+    def _arp(self, pkt: Packet) -> None:
+        a = pkt.arp
+        if a is None or a.op != ARP_REQUEST:
+            self.ctx.count("arp_ignored")
+            return
+        if a.spa == bytes(4) or a.spa == a.tpa:  # RFC 5227 probe / announcement
+            self.ctx.count("arp_ignored")
+            return
+        self.ctx.emit(Frame(build.arp_reply(pkt, self.gateway_mac)), TO_GUEST)
+        self.ctx.count("arp_answered")
+
+    def _ip(self, pkt: Packet, now: float) -> None:
+        ip = pkt.ip
+        if ip is None:
+            self.ctx.count("malformed")
+            return
+        proto = pkt.l4_proto
+        if proto == TCP and pkt.tcp is not None:
+            self._tcp(pkt, now)
+        elif proto == UDP and pkt.udp is not None and pkt.udp.dport == DNS_PORT:
+            self._dns_udp(pkt, now)
+        elif proto == ICMP6 and pkt.icmp6 is not None and pkt.icmp6.type >= 128 \
+                and pkt.icmp6.type != 128:
+            self._nd(pkt)
+        else:
+            name = {UDP: "udp", ICMP: "icmp", ICMP6: "icmp6"}.get(proto or -1, "other")
+            self._reject(pkt, name)
+
+    def _nd(self, pkt: Packet) -> None:
+        """Neighbour discovery and other informational ICMPv6 (echo is rejected)."""
+        icmp6 = pkt.icmp6
+        ip = pkt.ipv6
+        assert icmp6 is not None and ip is not None
+        if icmp6.type != ICMP6_NEIGHBOR_SOLICIT:
+            self.ctx.count("icmp6_ignored")  # RS, MLD, NA, RA, echo replies: nobody to tell
+            return
+        if ip.src == bytes(16):  # duplicate address detection: stay silent
+            self.ctx.count("nd_ignored")
+            return
+        self.ctx.emit(Frame(build.neighbor_advertisement(pkt, self.gateway_mac, router=True)),
+                      TO_GUEST)
+        self.ctx.count("nd_answered")
+
+    def _reject(self, pkt: Packet, proto: str) -> None:
+        self.ctx.count(f"rejected_{proto}")
+        if not self.options.reject:
+            return
+        try:
+            reply = build.unreachable(pkt)  # administratively prohibited, either family
+        except PacketError:
+            return  # broadcast, multicast, an ICMP error, a later fragment: no error
+        self.ctx.emit(Frame(reply), TO_GUEST)
+        self.ctx.count("icmp_sent")
+
+    # -- DNS ------------------------------------------------------------------------
+
+    def _dns_udp(self, pkt: Packet, now: float) -> None:
+        ip, udp, eth = pkt.ip, pkt.udp, pkt.eth
+        assert ip is not None and udp is not None
+        payload = pkt.payload
+        if payload is None:
+            self.ctx.count("malformed")
+            return
+        src_mac, dst_mac = bytes(eth.dst), bytes(eth.src)
+        src_ip, dst_ip = ip.dst, ip.src
+        dport = udp.sport
+        tags = bytes(pkt.data[12 : 12 + 4 * pkt.ntags])
+
+        def reply(wire: bytes, now: float) -> None:
+            self.ctx.emit(Frame(build.udp_datagram(src_mac, dst_mac, src_ip, dst_ip, DNS_PORT,
+                                                   dport, wire, tags=tags)), TO_GUEST)
+
+        self._vm_mac = dst_mac
+        self.resolver.answer(bytes(payload), now, reply, transport="udp")
+
+    # -- TCP --------------------------------------------------------------------------
+
+    def _tcp(self, pkt: Packet, now: float) -> None:
+        table = self.table
+        key = guest_key(pkt)
+        if table.segment(key, pkt, now):
+            return
+        t = pkt.tcp
+        assert t is not None
+        if t.flags & (SYN | ACK | RST) != SYN:
+            self.ctx.count("tcp_unknown")
+            table.answer_reset(pkt)
+            return
+        if pkt.data[0] & 1:  # a SYN to a group MAC: nobody answers that
+            self.ctx.count("malformed")
+            return
+        vm_mac = bytes(pkt.eth.src)
+        if key[3] == DNS_PORT:
+            table.open(key, pkt, now, lambda handler: self._local_dns(key, vm_mac))
+            return
+        dst = key[2]
+        host = str(ipaddress.ip_address(dst))
+        if self.pool is not None and self.pool.contains(dst):
+            name = self.pool.name(dst, now)
+            if name is None:  # a fake address this run never handed out (or recycled)
+                self.ctx.count("fake_ip_unknown")
+                table.answer_reset(pkt)
+                return
+            host = name
+        self._vm_mac = vm_mac
+        request = self._upstream(host, key[3])
+
+        def connect(handler: StreamHandler) -> Stream:
+            return self.ctx.open_stream(request, handler)
+
+        table.open(key, pkt, now, connect)
+
+    def _local_dns(self, key: Any, vm_mac: bytes) -> Stream:
+        self._local_ids += 1
+
+        def answer(query: bytes, reply: Any) -> None:
+            self._vm_mac = vm_mac
+            self.resolver.answer(query, self._now, reply, transport="tcp")
+
+        request = StreamRequest("dns", str(ipaddress.ip_address(key[2])), key[3])
+        return LocalDnsStream(-self._local_ids, request,
+                              lambda ev: self.table.post(key, ev), answer)
+
+    # -- timers and life ----------------------------------------------------------------
+
+    def poll_at(self) -> float | None:
+        times = [t for t in (self.table.poll_at(), self.resolver.poll_at()) if t is not None]
+        return min(times) if times else None
+
+    def on_timer(self, now: float) -> None:
+        self._now = now
+        self.table.on_timer(now)
+        self.resolver.on_timer(now)
+
+    def stop(self, now: float) -> None:
+        self._now = now
+        self.resolver.stop()
+        self.table.stop(now)
+
+    def report(self) -> dict[str, Any]:
+        return {**self.table.report(), **self.resolver.report()}
