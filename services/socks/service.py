@@ -146,7 +146,7 @@ class Socks(Service):
             et = pkt.ethertype
             if et == ETH_P_ARP:
                 self._arp(pkt)
-            elif et == ETH_P_IP or et == ETH_P_IPV6:
+            elif et in (ETH_P_IP, ETH_P_IPV6):
                 self._ip(pkt, now)
             else:
                 self.ctx.count("rejected_other")
