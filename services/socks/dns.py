@@ -191,7 +191,9 @@ class DnsResolver:
 
     ``upstream(host, port, command)`` builds the SOCKS5 :class:`StreamRequest` for
     ``command`` in ``"connect"``, ``"resolve"``, ``"resolve_ptr"``. A bad ``mode``,
-    fake-ip without ``pool``, or bad numbers raise ValueError.
+    fake-ip without ``pool``, or bad numbers raise ValueError. ``ttl`` is the TTL of
+    the answers made here; give the pool the same one, so that it holds an address
+    for as long as a VM may cache it.
     """
 
     def __init__(self, mode: str, ctx: ServiceContext, *, pool: FakeIpPool | None,
@@ -252,6 +254,7 @@ class DnsResolver:
         elif self.mode_key == "tor_resolve":
             self._tor_resolve(msg, wire, limit, now, reply)
         else:
+            assert self.target is not None
             self._start(msg, wire, limit, now, reply, self.target[0], self.target[1], "connect")
 
     # -- fake-ip -----------------------------------------------------------------------
@@ -461,9 +464,10 @@ class DnsResolver:
             self._close(p, abort=True)
 
     def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mode": self.mode, "pending": len(self._pending)}
+        """Figures for the service's report (keys prefixed, so they merge with others')."""
+        out: dict[str, Any] = {"dns_mode": self.mode, "dns_pending": len(self._pending)}
         if self.pool is not None:
-            out["pool"] = self.pool.report()
+            out["dns_fake_ip_pool"] = self.pool.report()
         return out
 
     # -- building replies ------------------------------------------------------------------

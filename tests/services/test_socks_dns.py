@@ -220,8 +220,8 @@ def test_fake_ip_report():
     resolver, _, _ = make("fake-ip")
     ask(resolver, query("a", "A"))
     rep = resolver.report()
-    assert rep["mode"] == "fake-ip" and rep["pending"] == 0
-    assert rep["pool"]["v4"]["in_use"] == 1
+    assert rep["dns_mode"] == "fake-ip" and rep["dns_pending"] == 0
+    assert rep["dns_fake_ip_pool"]["v4"]["in_use"] == 1
     assert resolver.poll_at() is None
 
 
@@ -235,7 +235,7 @@ def test_tor_resolve_a():
     assert up.calls == [("Example.COM", 0, "resolve")]
     (stream,) = ctx.streams
     assert stream.request.kind == "socks5"
-    assert resolver.report()["pending"] == 1
+    assert resolver.report()["dns_pending"] == 1
     assert resolver.poll_at() == 6.0
     ctx.now = 2.5
     stream.connect(reply=("93.184.216.34", 0))
@@ -246,7 +246,7 @@ def test_tor_resolve_a():
     assert stream.local == "close"
     ctx.deliver_local_closes()
     assert len(r.got) == 1
-    assert resolver.poll_at() is None and resolver.report()["pending"] == 0
+    assert resolver.poll_at() is None and resolver.report()["dns_pending"] == 0
     assert ctx.extra("dns_tor_resolve_noerror") == 1
 
 
@@ -396,7 +396,7 @@ def test_handler_called_inside_open_stream():
     resolver = DnsResolver("tor-resolve", ctx, pool=None, upstream=Upstream())
     r = ask(resolver, query("example.com", "A"))
     assert r.one().rcode() == dns.rcode.NXDOMAIN
-    assert resolver.poll_at() is None and resolver.report()["pending"] == 0
+    assert resolver.poll_at() is None and resolver.report()["dns_pending"] == 0
 
 
 def test_stop_aborts_without_replies():
@@ -407,7 +407,7 @@ def test_stop_aborts_without_replies():
     assert [s.local for s in ctx.streams] == ["abort", "abort"]
     ctx.deliver_local_closes()
     assert r.got == []
-    assert resolver.poll_at() is None and resolver.report()["pending"] == 0
+    assert resolver.poll_at() is None and resolver.report()["dns_pending"] == 0
 
 
 def test_max_pending():
@@ -871,7 +871,7 @@ def test_mutated_queries(mode, data):
             try:
                 sent = dns.message.from_wire(bytes(stream.written[2:]))
                 stream.data(framed(upstream_response(sent)))
-            except Exception:  # noqa: BLE001 - only tcp mode writes a query
+            except Exception:  # only tcp:// mode writes a query
                 assert mode != TCP_MODE
     finish(resolver, ctx, 0.0)
     msg = r.one()
