@@ -259,7 +259,7 @@ class SocksNet:
         addresses and default routes via the gateways that only VTL answers for."""
         if isinstance(services, dict):
             services = [services]
-        self.vtl = self.net.start(self.socks() if services is None else services,
+        self.vtl = self.net.start([self.socks()] if services is None else services,
                                   **bridge)
         self.guest(["ip", "route", "add", "default", "via", GW_IP])
         self.guest(["ip", "-6", "route", "add", "default", "via", GW_IP6, "dev", self.tap])
@@ -322,8 +322,9 @@ class SocksNet:
         ``pcap``; returns once it is capturing. Stop it with :meth:`stop_capture`."""
         err = pcap.with_suffix(".stderr")
         with open(err, "wb") as f:
-            proc = self.topo.spawn(netns, ["tcpdump", "-n", "-U", "-Z", "root", "-i",
-                                           ifname, "-Q", direction, "-w", str(pcap)],
+            # --immediate-mode: else frames wait in the capture ring, and are lost on SIGTERM
+            proc = self.topo.spawn(netns, ["tcpdump", "-n", "-U", "--immediate-mode", "-Z", "root",
+                                           "-i", ifname, "-Q", direction, "-w", str(pcap)],
                                    stderr=f)
         if not wait_for(lambda: "listening on" in err.read_text()
                         or proc.poll() is not None, 10):
@@ -383,12 +384,12 @@ def _errname(e: OSError) -> str:
 
 
 def probe_tcp(host: str, port: int, timeout: float, request: bool) -> dict[str, Any]:
-    """connect(); with ``request``, GET /bytes/1000?seed=3 and hash the body."""
+    """connect() (a name is resolved by the guest's resolver first); with ``request``,
+    GET /bytes/1000?seed=3 and hash the body."""
     import hashlib
-    s = socket.socket(_family(host), socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    s: socket.socket | None = None
     try:
-        s.connect((host, port))
+        s = socket.create_connection((host, port), timeout=timeout)
         if not request:
             return {"outcome": "connected"}
         s.sendall(f"GET /bytes/1000?seed=3 HTTP/1.1\r\nHost: {url_host(host)}\r\n"
@@ -405,10 +406,13 @@ def probe_tcp(host: str, port: int, timeout: float, request: bool) -> dict[str, 
         return {"outcome": "reset"}
     except TimeoutError:
         return {"outcome": "timeout"}
+    except socket.gaierror as e:
+        return {"outcome": f"resolve: {e}"}
     except OSError as e:
         return {"outcome": "error:" + _errname(e)}
     finally:
-        s.close()
+        if s is not None:
+            s.close()
 
 
 def probe_dns(server: str, name: str, rdtype: str, proto: str, timeout: float) -> dict[str, Any]:
