@@ -279,6 +279,11 @@ class SocksNet:
                 except OSError:
                     pass  # someone else's namespace files are there now
 
+    def dns_log(self) -> str:
+        """dnsmasq's query log (``query[A] NAME from ADDRESS`` lines)."""
+        p = self.tmp / "dnsmasq.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
     # -- running things
 
     def guest(self, cmd: list[str] | str, timeout: float = 60, check: bool = True):
