@@ -255,21 +255,27 @@ def tcp(snet: SocksNet, host: str, port: int = HTTP_PORT, get: bool = False) -> 
     return snet.probe("tcp", host, port, 5, *(["get"] if get else []))
 
 
-def test_proxy_down_refuses_at_once_and_recovers_without_restarting_vtl(snet: SocksNet) -> None:
-    vtl = snet.start()
-    assert tcp(snet, SRV_IP, get=True)["outcome"] == "data"
+@pytest.mark.parametrize("dns", list(DNS_MODES))
+def test_proxy_down_refuses_at_once_and_recovers_without_restarting_vtl(
+        snet: SocksNet, dns: str) -> None:
+    vtl = snet.start(snet.socks(dns=DNS_MODES[dns]))
+    assert tcp(snet, WEB_NAME, get=True)["outcome"] == "data"
     snet.dante.stop()
-    for host in (SRV_IP, SRV_IP6, WEB_NAME):
+    for host in (SRV_IP, SRV_IP6, *([WEB_NAME] if dns == "fake-ip" else [])):
         r = tcp(snet, host)
         assert r["outcome"] == "refused" and r["seconds"] < FAST, (host, r)
     lines = proxy_lines(snet)
     assert any(re.search(r"refused|down|not running|unreachable", ln, re.I) for ln in lines), \
         "no log line says the proxy is down:\n" + vtl.stderr[-3000:]
-    # curl fails fast too, and says why
+    # curl by name fails fast too: fake-ip answers the name and the connection is
+    # refused (exit 7); tcp:// cannot reach its resolver and says so (exit 6)
+    if dns == "tcp":
+        r = snet.probe("dns", GW_IP, "new.vtl.test", "A", "udp", 5)
+        assert r["outcome"] == "dns" and r["rcode"] == "SERVFAIL" and r["seconds"] < FAST, r
     t = time.monotonic()
     proc = snet.guest(["curl", "-sS", "--max-time", "10", url(WEB_NAME, 1000, 1)], check=False)
-    assert proc.returncode == 7 and time.monotonic() - t < 2 * FAST, (proc.returncode,
-                                                                     proc.stderr)
+    assert proc.returncode == (7 if dns == "fake-ip" else 6), (proc.returncode, proc.stderr)
+    assert time.monotonic() - t < 2 * FAST
     snet.dante.start()
     assert vtl.proc.poll() is None
     size = 10 * MB
