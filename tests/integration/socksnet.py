@@ -24,11 +24,13 @@ refused by the proxy and nothing leaves the machine through the host's default r
 Danted runs in the root network namespace but in a private mount namespace
 (``unshare --mount``), where three files are bind-mounted over the host's:
 ``/etc/resolv.conf`` (so it resolves names through the servers' dnsmasq: fake-ip
-mode CONNECTs by hostname) and ``/etc/passwd`` + ``/etc/shadow`` (copies with one
-extra user, :data:`SOCKS_USER`, for ``socksmethod: username``, which checks system
-passwords). The machine's own files and users are never touched; the extra user
-exists only for that danted. ``socksmethod: username none``: a client that offers
-username/password must pass the check, one that offers only "no auth" is let in.
+mode CONNECTs by hostname), ``/etc/passwd`` (the host's plus one user,
+:data:`SOCKS_USER`) and ``/etc/shadow`` (that user's hash only), for ``socksmethod:
+username``, which checks system passwords. So no system user is created (nothing
+to remove if a test dies, no race with other users of the machine), the machine's
+own files are never touched, and the extra user exists only for that danted.
+``socksmethod: username none``: a client that offers username/password must pass
+the check, one that offers only "no auth" is let in.
 
 The guest is the Linux kernel with real programs. Its default gateways
 (10.198.0.254, fd00:198::fe) exist nowhere: VTL answers ARP/ND for them, and
@@ -135,8 +137,10 @@ socks block {{
                      f"'{self.dir / 'danted.conf'}' -p '{self.dir / 'danted.pid'}'"]
 
     def _write_passwd(self, users: dict[str, str]) -> None:
+        # passwd: the host's (no secrets; danted needs root and nobody) plus ours;
+        # shadow: ours only (no copy of the host's password hashes lies around)
         passwd = Path("/etc/passwd").read_text()
-        shadow = Path("/etc/shadow").read_text()
+        shadow = ""
         for i, (user, password) in enumerate(users.items()):
             crypted = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password,
                                      capture_output=True, text=True, check=True,
@@ -144,8 +148,9 @@ socks block {{
             passwd += f"{user}:x:{61900 + i}:65534::/nonexistent:/usr/sbin/nologin\n"
             shadow += f"{user}:{crypted}:19000:0:99999:7:::\n"
         (self.dir / "passwd").write_text(passwd)
-        (self.dir / "shadow").write_text(shadow)
-        os.chmod(self.dir / "shadow", 0o600)
+        fd = os.open(self.dir / "shadow", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(shadow)
 
     def url(self, user: str | None = None, password: str | None = None) -> str:
         cred = f"{user}:{password}@" if user is not None else ""
@@ -178,7 +183,8 @@ socks block {{
     def stop(self) -> None:
         if self.proc is not None:
             self.topo.stop_proc(self.proc)
-            self.topo.procs.remove(self.proc)
+            if self.proc in self.topo.procs:
+                self.topo.procs.remove(self.proc)
         wait_for(lambda: not self.listening(), 5)
 
     def log(self) -> str:
@@ -212,11 +218,6 @@ class SocksNet:
         self.net = Net(topo, tag, tmp)
         self.guest_ns, self.peer_ns = self.net.guest_ns, self.net.peer_ns
         self.tap, self.uplink = self.net.tap, self.net.uplink
-        self.etc_netns = Path("/etc/netns") / self.guest_ns
-        self._made_etc_netns = not self.etc_netns.parent.exists()
-        self.etc_netns.mkdir(parents=True, exist_ok=True)
-        (self.etc_netns / "resolv.conf").write_text(
-            f"nameserver {GW_IP}\noptions timeout:2 attempts:2\n")
         self.servers_ns = topo.netns(f"{tag}-srv")
         self.srv_if = f"{tag}s"
         topo.veth(self.srv_if, "eth0", self.servers_ns)
@@ -242,6 +243,12 @@ class SocksNet:
         self.dante = Dante(topo, tmp, self.srv_if, SRV_NETS, nameserver=SRV_IP)
         if dante:
             self.dante.start()
+        # last, so that a failure above leaves nothing outside what topo.close() removes
+        self.etc_netns = Path("/etc/netns") / self.guest_ns
+        self._made_etc_netns = not self.etc_netns.parent.exists()
+        self.etc_netns.mkdir(parents=True, exist_ok=True)
+        (self.etc_netns / "resolv.conf").write_text(
+            f"nameserver {GW_IP}\noptions timeout:2 attempts:2\n")
         self.vtl: VtlProcess | None = None
 
     # -- the bridge
