@@ -2,9 +2,9 @@
 SOCKS5 peer (RFC 1928, RFC 1929, Tor's extensions), property tests of its reads,
 and whole streams through a StreamManager and a threaded SOCKS5 server on loopback.
 
-The peer parses what the client sends byte by byte and asserts it, so a wrong
-greeting, request or credential encoding fails here, not at a real proxy.
-Every wait is bounded.
+The peer (``socks5peer.py`` beside this file, imported as ``transports_socks5peer``)
+parses what the client sends byte by byte and asserts it, so a wrong greeting,
+request or credential encoding fails here, not at a real proxy. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -12,15 +12,27 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from transports_socks5peer import (
+    CONNECT,
+    NO_AUTH,
+    RESOLVE,
+    RESOLVE_PTR,
+    USERPASS,
+    Outcome,
+    Peer,
+    TorNet,
+    TorPeer,
+    TorStream,
+    encode_reply,
+    exchange,
+)
 from vtl.bridge.streams import StreamManager
 from vtl.bridge.transports import Socks5Transport, TransportError, builtin_transports
 from vtl.bridge.transports.socks5 import Socks5Handshake
@@ -38,169 +50,9 @@ from vtl.stream import (
 LOG = logging.getLogger("test.socks5")
 PROXY = ("127.0.0.1", 1080)
 PREFIX = "SOCKS proxy 127.0.0.1:1080"
-NO_AUTH, USERPASS, NONE_ACCEPTABLE = 0x00, 0x02, 0xFF
-CONNECT, RESOLVE, RESOLVE_PTR = 0x01, 0xF0, 0xF1
 
 
-# -- a scripted SOCKS5 server, sans-IO -----------------------------------------------------
-
-
-def encode_reply(rep: int, atyp: int, addr: str, port: int) -> bytes:
-    """VER REP RSV ATYP BND.ADDR BND.PORT (RFC 1928 section 6)."""
-    if atyp == 3:
-        raw = addr.encode("ascii")
-        body = bytes([len(raw)]) + raw
-    else:
-        body = ipaddress.ip_address(addr).packed
-        assert len(body) == (4 if atyp == 1 else 16)
-    return bytes([5, rep, 0, atyp]) + body + struct.pack("!H", port)
-
-
-class Peer:
-    """A SOCKS5 server that parses exactly what a client must send and answers.
-
-    ``auth``: ``"tor"`` picks username/password when offered, else no auth (Tor
-    with IsolateSOCKSAuth); ``"none"`` only takes no auth; ``"required"`` only
-    username/password. ``users`` (None: any) are the accepted credentials.
-    CONNECT succeeds with ``bnd`` followed by ``after`` (application bytes in the
-    same write), or fails with ``rep``. RESOLVE looks ``names`` up, RESOLVE_PTR
-    ``ptrs``; a miss is REP 4, as Tor answers. ``*_reply`` replace an answer
-    with raw bytes. ``log`` collects the credentials of every connection.
-    """
-
-    def __init__(self, *, auth: str = "tor", users: dict[bytes, bytes] | None = None,
-                 bnd: tuple[int, str, int] = (1, "10.1.2.3", 4242), rep: int = 0,
-                 names: dict[str, str] | None = None, ptrs: dict[str, str] | None = None,
-                 after: bytes = b"", method_reply: bytes | None = None,
-                 auth_reply: bytes | None = None, reply: bytes | None = None,
-                 log: list | None = None):
-        self.auth, self.users, self.bnd, self.rep = auth, users, bnd, rep
-        self.names, self.ptrs, self.after = names or {}, ptrs or {}, after
-        self.method_reply, self.auth_reply, self.reply = method_reply, auth_reply, reply
-        self.log = log if log is not None else []
-        self.offered: list[int] | None = None
-        self.creds: tuple[bytes, bytes] | None = None
-        self.request: tuple[int, int, str, int] | None = None
-        self.request_bytes = b""
-        self.app = bytearray()  # what the client sent after its request
-        self._in = bytearray()
-        self._out = bytearray()
-        self._script = self.script()
-        self._need: int | None = next(self._script)
-
-    @property
-    def finished(self) -> bool:
-        return self._need is None
-
-    def receive(self, data: bytes) -> bytes:
-        """Take bytes from the client; return what the server answers."""
-        self._in += data
-        while self._need is not None and len(self._in) >= self._need:
-            chunk = bytes(self._in[:self._need])
-            del self._in[:self._need]
-            try:
-                self._need = self._script.send(chunk)
-            except StopIteration:
-                self._need = None
-        if self._need is None:
-            self.app += self._in
-            self._in.clear()
-        out = bytes(self._out)
-        self._out.clear()
-        return out
-
-    def script(self) -> Generator[int, bytes, None]:
-        ver, nmethods = yield 2
-        assert ver == 5, f"greeting version {ver}"
-        assert nmethods >= 1
-        methods = list((yield nmethods))
-        assert len(set(methods)) == len(methods), "a method offered twice"
-        self.offered = methods
-        if self.method_reply is not None:
-            self._out += self.method_reply
-            return
-        if self.auth == "none":
-            chosen = NO_AUTH if NO_AUTH in methods else NONE_ACCEPTABLE
-        elif self.auth == "required":
-            chosen = USERPASS if USERPASS in methods else NONE_ACCEPTABLE
-        else:
-            chosen = USERPASS if USERPASS in methods else (
-                NO_AUTH if NO_AUTH in methods else NONE_ACCEPTABLE)
-        self._out += bytes([5, chosen])
-        if chosen == NONE_ACCEPTABLE:
-            return
-        if chosen == USERPASS:  # RFC 1929
-            ver, ulen = yield 2
-            assert ver == 1, f"username/password version {ver}"
-            assert ulen >= 1
-            user = yield ulen
-            (plen,) = yield 1
-            assert plen >= 1
-            password = yield plen
-            self.creds = (user, password)
-            self.log.append(self.creds)
-            ok = self.users is None or self.users.get(user) == password
-            self._out += self.auth_reply if self.auth_reply is not None else bytes(
-                [1, 0 if ok else 1])
-            if not ok or self.auth_reply is not None:
-                return
-        head = yield 4
-        ver, cmd, rsv, atyp = head
-        assert ver == 5 and rsv == 0, f"request head {head.hex()}"
-        assert cmd in (CONNECT, RESOLVE, RESOLVE_PTR), f"command {cmd:#x}"
-        if atyp == 1:
-            raw = yield 4
-            addr = str(ipaddress.ip_address(raw))
-        elif atyp == 4:
-            raw = yield 16
-            addr = str(ipaddress.ip_address(raw))
-        elif atyp == 3:
-            (n,) = raw = yield 1
-            assert n >= 1
-            name = yield n
-            raw += name
-            addr = name.decode("ascii")
-        else:
-            raise AssertionError(f"address type {atyp}")
-        pbytes = yield 2
-        (port,) = struct.unpack("!H", pbytes)
-        self.request = (cmd, atyp, addr, port)
-        self.request_bytes = head + raw + pbytes
-        self._out += self.answer(cmd, addr, port)
-
-    def answer(self, cmd: int, addr: str, port: int) -> bytes:
-        if self.reply is not None:
-            return self.reply
-        if self.rep:
-            return encode_reply(self.rep, 1, "0.0.0.0", 0)
-        if cmd == CONNECT:
-            return encode_reply(0, *self.bnd) + self.after
-        if cmd == RESOLVE:
-            ip = self.names.get(addr)
-            if ip is None:
-                return encode_reply(4, 1, "0.0.0.0", 0)
-            return encode_reply(0, 1 if ipaddress.ip_address(ip).version == 4 else 4, ip, 0)
-        name = self.ptrs.get(addr)
-        if name is None:
-            return encode_reply(4, 1, "0.0.0.0", 0)
-        return encode_reply(0, 3, name, 0)
-
-
-@dataclass
-class Outcome:
-    reply: tuple[str, int] | None = None
-    error: TransportError | None = None
-    stalled: bool = False  # the handshake waits for bytes the peer does not owe
-    wants: list[int] = field(default_factory=list)
-    sent: bytes = b""
-    leftover: bytes = b""  # peer bytes the handshake did not read
-    hs: Socks5Handshake | None = None
-
-    @property
-    def result(self) -> tuple:
-        if self.error is not None:
-            return ("error", self.error.reason, self.error.message)
-        return ("stalled",) if self.stalled else ("reply", self.reply)
+# -- driving the handshake, sans-IO ----------------------------------------------------------
 
 
 def request(host: str = "192.0.2.7", port: int = 80, **options) -> StreamRequest:
@@ -217,37 +69,9 @@ def handshake(req: StreamRequest) -> Socks5Handshake:
 def drive(req: StreamRequest, peer: Peer,
           sends: Callable[[bytes], list[bytes]] = lambda b: [b],
           reads: Callable[[], int] = lambda: 1 << 20) -> Outcome:
-    """Run a handshake against ``peer`` as the stream manager does: send what it
-    says (cut by ``sends``), then read into a buffer until it holds exactly
-    ``want`` bytes, ``reads()`` bytes at most per recv, and feed those."""
-    hs, wire = handshake(req), bytearray()
-    out = Outcome(hs=hs)
-    try:
-        step = hs.start()
-        while True:
-            out.sent += step.send
-            for piece in sends(step.send):
-                wire += peer.receive(piece)
-            if step.want == 0:
-                out.reply = hs.reply
-                break
-            assert step.want > 0
-            out.wants.append(step.want)
-            buf = b""
-            while len(buf) < step.want:
-                if not wire:
-                    out.stalled = True
-                    out.leftover = buf
-                    return out
-                n = min(reads(), step.want - len(buf), len(wire))
-                assert n > 0
-                buf += bytes(wire[:n])
-                del wire[:n]
-            step = hs.feed(buf)
-    except TransportError as exc:
-        out.error = exc
-    out.leftover += bytes(wire)
-    return out
+    """Run the handshake of ``req`` against ``peer`` as the stream manager does
+    (:func:`transports_socks5peer.exchange`)."""
+    return exchange(handshake(req), peer, sends, reads)
 
 
 def expect_error(outcome: Outcome, reason: str, *needles: str) -> str:
@@ -482,6 +306,59 @@ def test_tor_resolve_ptr(ip, atyp):
 def test_tor_resolve_ptr_failure():
     out = drive(request("192.0.2.9", 0, command="resolve_ptr"), Peer())
     expect_error(out, "unreachable", "could not resolve the name of 192.0.2.9")
+
+
+# -- against Tor's SocksPort, byte for byte (TorPeer) ---------------------------------------
+
+ONION = "exampleonionaddressxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx.onion"
+
+
+def test_tor_answers_and_records_every_stream_with_its_credentials():
+    net = TorNet(names={"example.com": "93.184.216.34"}, ptrs={"93.184.216.34": "example.com"})
+    connect = drive(request("example.com", 443, username="vm1", password="run1"), TorPeer(net))
+    assert connect.reply == ("0.0.0.0", 0)  # Tor's BND for a CONNECT
+    resolve = drive(request("Example.COM", 0, command="resolve", username="vm2",
+                            password="run1"), TorPeer(net))
+    assert resolve.reply == ("93.184.216.34", 0)
+    ptr = drive(request("93.184.216.34", 0, command="resolve_ptr"), TorPeer(net))
+    assert ptr.reply == ("example.com", 0)
+    assert net.streams == [
+        TorStream(b"vm1", b"run1", "connect", ("example.com", 443), 0),
+        TorStream(b"vm2", b"run1", "resolve", ("Example.COM", 0), 0),
+        TorStream(None, None, "resolve_ptr", ("93.184.216.34", 0), 0),
+    ]
+
+
+@pytest.mark.parametrize("req", [
+    request("nowhere.invalid", 0, command="resolve"),
+    request(ONION, 0, command="resolve"),  # Tor never resolves onion names
+    request("192.0.2.9", 0, command="resolve_ptr"),
+], ids=["unknown", "onion", "ptr"])
+def test_tor_resolve_failure_is_rep_4_with_a_zero_atyp(req):
+    out = drive(req, TorPeer(TorNet()))
+    expect_error(out, "unreachable", "host unreachable", "REP 0x04")
+    assert out.wants == [2, 4] and out.leftover == bytes(6)  # ATYP 0: the rest is not read
+
+
+@pytest.mark.parametrize(("flags", "ip"), [
+    ({}, "198.51.100.7"),
+    ({"prefer_ipv6": True}, "2001:db8::7"),
+    ({"prefer_ipv6": True, "ipv6_traffic": False}, "198.51.100.7"),
+    ({"ipv4_traffic": False}, "2001:db8::7"),
+])
+def test_tor_resolve_gives_one_address_by_the_socksport_flags(flags, ip):
+    net = TorNet(names={"dual.example": ("198.51.100.7", "2001:db8::7")}, **flags)
+    assert drive(request("dual.example", 0, command="resolve"), TorPeer(net)).reply == (ip, 0)
+
+
+@pytest.mark.parametrize(("extended", "rep", "reason"), [
+    (True, 0xF0, "unreachable"), (False, 0x01, "error"),
+])
+def test_tor_onion_codes_need_extended_errors(extended, rep, reason):
+    net = TorNet(connect_errors={ONION: 0xF0}, extended_errors=extended)
+    out = drive(request(ONION, 80), TorPeer(net))
+    expect_error(out, reason, f"REP {rep:#04x}", f"could not connect to {ONION}:80")
+    assert net.streams == [TorStream(None, None, "connect", (ONION, 80), rep)]
 
 
 @pytest.mark.parametrize(("peer", "req", "needles"), [
