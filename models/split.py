@@ -83,6 +83,7 @@ class SplitTable:
         self._seq = 0
         self._posted: deque[tuple[FlowKey, StreamEvent]] = deque()
         self._draining = False
+        self._busy = 0  # depth of table calls in progress (see post)
         self._logged: dict[str, tuple[float, int]] = {}
 
     def __contains__(self, key: FlowKey) -> bool:
@@ -95,8 +96,12 @@ class SplitTable:
         closed one. False when no connection owns it (a SYN then may :meth:`open` one)."""
         relay = self.relays.get(key)
         if relay is not None:
-            relay.on_segment(pkt, now)
-            self._after(key, relay, now)
+            self._busy += 1
+            try:
+                relay.on_segment(pkt, now)
+                self._after(key, relay, now)
+            finally:
+                self._busy -= 1
             self._drain(now)
             return True
         until = self.tombstones.get(key)
@@ -141,8 +146,12 @@ class SplitTable:
         def handler(event: StreamEvent, now: float, key: FlowKey = key) -> None:
             self.deliver(key, event, now)
 
-        relay.stream = connect(handler)
-        self._after(key, relay, now)
+        self._busy += 1
+        try:
+            relay.stream = connect(handler)
+            self._after(key, relay, now)
+        finally:
+            self._busy -= 1
         self._drain(now)
         return relay
 
@@ -153,14 +162,22 @@ class SplitTable:
         relay = self.relays.get(key)
         if relay is None or relay.stream is not event.stream:
             return
-        relay.on_stream_event(event, now)
-        self._after(key, relay, now)
+        self._busy += 1
+        try:
+            relay.on_stream_event(event, now)
+            self._after(key, relay, now)
+        finally:
+            self._busy -= 1
         self._drain(now)
 
-    def post(self, key: FlowKey, event: StreamEvent) -> None:
-        """Queue an event from an in-process stream; delivered when the current
-        table call returns (streams must not call back into their relay)."""
+    def post(self, key: FlowKey, event: StreamEvent, now: float) -> None:
+        """An event from an in-process stream. Inside a table call (the stream was
+        called by its relay) it is queued and delivered when that call returns, so a
+        stream never calls back into its relay; outside one (an answer that came
+        later, from another stream's handler) it is delivered at once."""
         self._posted.append((key, event))
+        if not self._busy:
+            self._drain(now)
 
     def _drain(self, now: float) -> None:
         if self._draining:
@@ -244,8 +261,12 @@ class SplitTable:
             del self._scheduled[key]
             relay = self.relays.get(key)
             if relay is not None:
-                relay.on_timer(now)
-                self._after(key, relay, now)
+                self._busy += 1
+                try:
+                    relay.on_timer(now)
+                    self._after(key, relay, now)
+                finally:
+                    self._busy -= 1
         self._drain(now)
 
     def stop(self, now: float) -> None:

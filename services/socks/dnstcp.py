@@ -34,8 +34,8 @@ Answer = Callable[[bytes, Callable[[bytes, float], None]], None]
 class LocalDnsStream:
     """A stream whose far end is the service's own DNS resolver."""
 
-    def __init__(self, sid: int, request: StreamRequest, post: Callable[[StreamEvent], None],
-                 answer: Answer):
+    def __init__(self, sid: int, request: StreamRequest,
+                 post: Callable[[StreamEvent, float], None], answer: Answer, now: float):
         self.id = sid
         self.request = request
         self._post = post
@@ -46,7 +46,8 @@ class LocalDnsStream:
         self._final = False
         self._paused = False
         self._held: list[StreamEvent] = []
-        post(StreamConnected(self, None, (request.host, request.port)))
+        self._now = now
+        post(StreamConnected(self, None, (request.host, request.port)), now)
 
     @property
     def write_room(self) -> int:
@@ -74,20 +75,18 @@ class LocalDnsStream:
         if self._final:
             return
         self._pending -= 1
-        self._send(StreamData(self, len(wire).to_bytes(2, "big") + wire))
-        self._maybe_end()
-
-    def _send(self, event: StreamEvent) -> None:
-        if self._paused and not isinstance(event, StreamClosed):
-            self._held.append(event)
+        self._now = now
+        if self._paused:
+            self._held.append(StreamData(self, len(wire).to_bytes(2, "big") + wire))
         else:
-            self._post(event)
+            self._post(StreamData(self, len(wire).to_bytes(2, "big") + wire), now)
+        self._maybe_end()
 
     def _maybe_end(self) -> None:
         if self._shut and not self._pending and not self._final and not self._held:
             self._final = True
-            self._post(StreamEnded(self))
-            self._post(StreamClosed(self, "closed"))
+            self._post(StreamEnded(self), self._now)
+            self._post(StreamClosed(self, "closed"), self._now)
 
     def shutdown_write(self) -> None:
         if not self._final:
@@ -99,20 +98,17 @@ class LocalDnsStream:
         if not paused and self._held:
             held, self._held = self._held, []
             for event in held:
-                self._post(event)
+                self._post(event, self._now)
             self._maybe_end()
 
     def close(self) -> None:
-        self._end("local")
+        self.abort()  # nothing is queued toward a local resolver: close is abort
 
     def abort(self) -> None:
-        self._end("local")
-
-    def _end(self, reason: str) -> None:
         if not self._final:
             self._final = True
             self._held.clear()
-            self._post(StreamClosed(self, "local"))
+            self._post(StreamClosed(self, "local"), self._now)
 
     def __repr__(self) -> str:
         return f"LocalDnsStream(#{self.id}, pending={self._pending})"

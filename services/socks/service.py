@@ -275,7 +275,7 @@ class Socks(Service):
 
         request = StreamRequest("dns", str(ipaddress.ip_address(key[2])), key[3])
         return LocalDnsStream(-self._local_ids, request,
-                              lambda ev: self.table.post(key, ev), answer)
+                              lambda ev, now: self.table.post(key, ev, now), answer, self._now)
 
     # -- timers and life ----------------------------------------------------------------
 

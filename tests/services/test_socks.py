@@ -7,6 +7,7 @@ from typing import Any
 
 import dns.message
 import dns.rdatatype
+import dns.rrset
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -418,3 +419,27 @@ def test_no_frame_ever_passes_or_goes_to_the_uplink(frames: list[bytes]) -> None
         assert verdict is CONSUMED
     assert all(direction is DOWN for _, direction in ctx.emitted)
     s.stop(1.0)
+
+
+def test_dns_over_tcp_in_tcp_mode_is_answered_as_soon_as_the_resolver_replies() -> None:
+    s, ctx = make(dns="tcp://192.0.2.53:53")
+    s.process(syn(dst="10.0.0.53", dport=53), UP, 0.0)
+    [synack] = out(ctx)
+    isn = synack[TCP].seq + 1
+    s.process(seg("A", 1001, isn, dst="10.0.0.53", dport=53), UP, 0.01)
+    q = dns.message.make_query("late.example.org", "A")
+    wire = q.to_wire()
+    s.process(seg("PA", 1001, isn, len(wire).to_bytes(2, "big") + wire, dst="10.0.0.53",
+                  dport=53), UP, 0.02)
+    out(ctx)  # the ACK
+    [upstream] = ctx.streams
+    assert upstream.request.host == "192.0.2.53"
+    ctx.now = 0.5
+    upstream.connect()
+    assert bytes(upstream.written) == len(wire).to_bytes(2, "big") + wire
+    resp = dns.message.make_response(q)
+    resp.answer.append(dns.rrset.from_text("late.example.org.", 60, "IN", "A", "192.0.2.80"))
+    rw = resp.to_wire()
+    upstream.data(len(rw).to_bytes(2, "big") + rw)  # no guest segment, no timer: at once
+    data = b"".join(bytes(p[TCP].payload) for p in out(ctx) if p[TCP].payload)
+    assert data == len(rw).to_bytes(2, "big") + rw

@@ -363,17 +363,6 @@ def tcp_messages(data: bytes) -> list[dns.message.Message]:
 
 
 ANSWERS = {100: (dns.rcode.NOERROR, [WWW_IP]), 101: (dns.rcode.NXDOMAIN, [])}
-HELD_BUG = (
-    "BUG (services/socks/dnstcp.py + models/split.py): in tor-resolve (and tcp://) mode a "
-    "DNS-over-TCP answer is produced in the resolver's stream handler, when the bridge "
-    "delivers the RESOLVE's StreamConnected/StreamClosed; LocalDnsStream hands it to "
-    "SplitTable.post(), which only queues it. Nothing drains that queue until the next "
-    "SplitTable.segment()/open()/on_timer() call, and SplitTable.poll_at() ignores queued "
-    "events, so the answer waits for the guest's next segment or an unrelated timer (a "
-    "stale SYN-ACK retransmission entry at SYN + 1 s, when there still is one)")
-
-
-@pytest.mark.xfail(strict=True, reason=HELD_BUG)
 def test_dns_over_tcp_from_the_guest_is_answered_through_tor(net: TorNet) -> None:
     svc, ctx, bridge = make(net)
     conn = dns_over_tcp(svc, ctx, bridge, VM1, [WWW, "nowhere.invalid"])
@@ -383,8 +372,6 @@ def test_dns_over_tcp_from_the_guest_is_answered_through_tor(net: TorNet) -> Non
     assert {m.id: (m.rcode(), addresses(m)) for m in msgs} == ANSWERS
 
 
-@pytest.mark.xfail(strict=True, reason=HELD_BUG + "; on a connection idle for over 1 s "
-                   "there is no timer left at all, so the answer never comes")
 def test_dns_over_tcp_on_an_idle_connection_is_answered_through_tor(net: TorNet) -> None:
     svc, ctx, bridge = make(net)
     [synack] = send(svc, ctx, bridge, tcp("S", DNS4, 53, sport=41000), 0.0)
@@ -404,8 +391,8 @@ def test_dns_over_tcp_on_an_idle_connection_is_answered_through_tor(net: TorNet)
 
 
 def test_dns_over_tcp_answers_through_tor_are_right(net: TorNet) -> None:
-    """Tor's answers, in the guest's TCP stream once it is flushed (see the xfails above):
-    an address and an NXDOMAIN, in order, and nothing toward the uplink (``out``)."""
+    """Tor's answers in the guest's TCP stream: an address and an NXDOMAIN, in order,
+    and nothing toward the uplink (``out``)."""
     svc, ctx, bridge = make(net)
     conn = dns_over_tcp(svc, ctx, bridge, VM1, [WWW, "nowhere.invalid"])
     assert [(s.command, s.target, s.rep) for s in net.streams] == \
@@ -433,7 +420,7 @@ def guest_traffic(svc: Socks, ctx: TorContext, bridge: TorBridge, guest: Guest,
     answer_of(send(svc, ctx, bridge, dns_udp("14.215.184.93.in-addr.arpa", "PTR",
                                              guest=guest), t))
     conn = dns_over_tcp(svc, ctx, bridge, guest, [f"{tag}.example.org"], sport=sport + 1, t=t)
-    data = conn.data + flush(svc, ctx, bridge, guest, conn, t + 0.003)  # see the xfails
+    data = conn.data + flush(svc, ctx, bridge, guest, conn, t + 0.003)
     [msg] = tcp_messages(data)
     assert msg.rcode() == dns.rcode.NOERROR and addresses(msg) == [NAMES[f"{tag}.example.org"]]
     got = bridge.net.streams[before:]
