@@ -53,7 +53,7 @@ FAST = 1.0  # seconds: "at once"; every probe's own timeout is several times thi
 
 @pytest.fixture
 def snet(root: None, tmp_path: Path) -> Iterator[SocksNet]:
-    tag = "vts" + secrets.token_hex(3)
+    tag = "vsk" + secrets.token_hex(3)  # vts is taken (tests/bridge)
     topo = Topology(tag)
     s: SocksNet | None = None
     try:
