@@ -112,6 +112,7 @@ HEADER = 12
 UDP_DEFAULT = 512  # RFC 1035 limit without EDNS
 UDP_MAX = 1232  # largest EDNS payload honoured over UDP (DNS flag day 2020, RFC 9715)
 TCP_MAX = 65535
+LOG_EVERY_S = 10.0  # one log line per distinct upstream failure per this long
 OUR_PAYLOAD = 1232
 A, AAAA, PTR = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.PTR
 NOT_SERVED_ANYWHERE = {dns.rdatatype.AXFR, dns.rdatatype.IXFR}
@@ -218,6 +219,7 @@ class DnsResolver:
         self._pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[float, int]] = []  # heap; entries of finished queries linger
         self._seq = 0
+        self._logged: dict[str, float] = {}  # upstream failure cause -> when last logged
 
     # -- entry point -------------------------------------------------------------------
 
@@ -417,7 +419,19 @@ class DnsResolver:
         elif isinstance(event, StreamClosed):
             p.stream = None  # dead: nothing to close
             unresolved = self.mode_key == "tor_resolve" and event.reason == "unreachable"
+            if not unresolved:
+                self._log_upstream_failure(f"{event.reason}: {event.message}", now)
             self._finish(p, dns.rcode.NXDOMAIN if unresolved else dns.rcode.SERVFAIL, now)
+
+    def _log_upstream_failure(self, cause: str, now: float) -> None:
+        """One line per cause every LOG_EVERY_S (a dead proxy must not flood the log)."""
+        last = self._logged.get(cause)
+        if last is not None and now - last < LOG_EVERY_S:
+            return
+        if len(self._logged) > 64:
+            self._logged.clear()
+        self._logged[cause] = now
+        self.ctx.log.warning("DNS upstream failed, answered SERVFAIL: %s", cause)
 
     def _close(self, p: _Pending, *, abort: bool = False) -> None:
         p.done = True

@@ -443,3 +443,17 @@ def test_dns_over_tcp_in_tcp_mode_is_answered_as_soon_as_the_resolver_replies() 
     upstream.data(len(rw).to_bytes(2, "big") + rw)  # no guest segment, no timer: at once
     data = b"".join(bytes(p[TCP].payload) for p in out(ctx) if p[TCP].payload)
     assert data == len(rw).to_bytes(2, "big") + rw
+
+
+def test_a_dns_upstream_failure_is_logged_once_per_cause(
+        caplog: pytest.LogCaptureFixture) -> None:
+    s, ctx = make(dns="tcp://192.0.2.53:53")
+    with caplog.at_level(logging.WARNING):
+        for i in range(5):
+            s.process(dns_query(f"n{i}.example.org", sport=6000 + i), UP, i * 0.01)
+            ctx.now = i * 0.01
+            ctx.streams[-1].closed("refused", "SOCKS proxy 127.0.0.1:1080 is unreachable")
+    replies = [answer_of(r) for r in out(ctx)]
+    assert [m.rcode() for m in replies] == [2] * 5  # SERVFAIL each
+    lines = [r.getMessage() for r in caplog.records if "DNS upstream failed" in r.getMessage()]
+    assert len(lines) == 1 and "SOCKS proxy 127.0.0.1:1080 is unreachable" in lines[0]
