@@ -137,9 +137,9 @@ def host_path(topo: Topology, tag: str, pns: str) -> None:
 
 
 def iperf(topo: Topology, gns: str, bridge: Bridge, seconds: int, key: str, reverse: bool,
-          parallel: int) -> tuple[float, float]:
+          parallel: int, target: str = P, port: int = PORT) -> tuple[float, float]:
     """One iperf3 run; returns (goodput in Gbit/s as the receiver counted it, bridge cores)."""
-    args = ["iperf3", "-c", P, "-p", str(PORT), "-t", str(seconds), "-O", "1", "-J",
+    args = ["iperf3", "-c", target, "-p", str(port), "-t", str(seconds), "-O", "1", "-J",
             "-P", str(parallel), "--connect-timeout", "5000"]
     if reverse:  # download; the client receives, so it can notice a stalled transfer
         args += ["-R", "--rcv-timeout", "10000"]

@@ -52,7 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "integration")]
 
-from pep import BenchError, Bridge  # noqa: E402  (the same `vtl run` wrapper)
+from pep import BenchError, Bridge, iperf  # noqa: E402  (the same `vtl run` wrapper)
 from socksnet import Dante  # noqa: E402  (danted in a private mount namespace)
 from vtl.bridge.topology import Topology, ip, require_root  # noqa: E402
 
@@ -153,31 +153,6 @@ ifname = "{tag}u"
 {services}"""
 
 
-def iperf(topo: Topology, gns: str, bridge: Bridge, target: str, seconds: int, key: str,
-          reverse: bool, parallel: int) -> tuple[float, float]:
-    """One iperf3 run; (goodput in Gbit/s as the receiver counted it, bridge cores)."""
-    args = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1", "-J",
-            "-P", str(parallel), "--connect-timeout", "5000"]
-    if reverse:
-        args += ["-R", "--rcv-timeout", "10000"]
-    what = f"iperf3 {key} ({' '.join(args[1:])}) through the {bridge.chain} chain"
-    cpu0, t0 = bridge.cpu_seconds(), time.monotonic()
-    try:
-        proc = topo.run(gns, args, timeout=seconds + 40, check=False)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{what} did not finish in {seconds + 40} s; bridge stderr:\n"
-                         + bridge.tail()) from None
-    cores = (bridge.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-    try:
-        out = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        out = {"error": (proc.stderr or proc.stdout or "no output").strip()[-500:]}
-    if proc.returncode or "error" in out:
-        raise BenchError(f"{what} failed (exit {proc.returncode}): {out.get('error')}; "
-                         f"bridge stderr:\n{bridge.tail()}")
-    return out["end"]["sum_received"]["bits_per_second"] / 1e9, cores
-
-
 def connect_rate(topo: Topology, gns: str, bridge: Bridge, target: str, seconds: int,
                  concurrency: int) -> tuple[dict, float]:
     """The connect loop in the guest; (its report, bridge cores)."""
@@ -258,8 +233,8 @@ def run(seconds: int, repeat: int, concurrency: int, progress: bool) -> dict:
                         topo.run(gns, ["ping", "-c", "2", "-i", "0.2", "-W", "2", target],
                                  timeout=20)
                     for key, _label, reverse, parallel in CELLS:
-                        gbps, cores = iperf(topo, gns, bridge, target, seconds, key, reverse,
-                                            parallel)
+                        gbps, cores = iperf(topo, gns, bridge, seconds, key, reverse,
+                                            parallel, target=target, port=IPERF_PORT)
                         runs[chain][key].values.append(gbps)
                         runs[chain][key].cores.append(cores)
                         say(f"run {r + 1}/{repeat} {chain:5} {key:6} {gbps:6.2f} Gbit/s "
