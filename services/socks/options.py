@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from vtl import ServiceOptions
 from vtl.packet.addr import mac_bytes, mac_str
@@ -128,12 +128,12 @@ class SocksOptions(ServiceOptions):
 
     @field_validator("fake_ip_pool", "fake_ip6_pool")
     @classmethod
-    def _pool(cls, v: str, info: object) -> str:
+    def _pool(cls, v: str, info: ValidationInfo) -> str:
         try:
             net = ipaddress.ip_network(v, strict=False)
         except ValueError as exc:
             raise ValueError(f"not a network: {exc}") from None
-        want = 6 if getattr(info, "field_name", "") == "fake_ip6_pool" else 4
+        want = 6 if info.field_name == "fake_ip6_pool" else 4
         if net.version != want:
             raise ValueError(f"give an IPv{want} network, e.g. "
                              + ("198.18.0.0/15" if want == 4 else "fd98:18::/64"))

@@ -64,9 +64,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable
 from typing import Any
 
-from vtl.models.split import SplitTable, guest_key
+from vtl.models.split import FlowKey, SplitTable, guest_key
 from vtl.models.tcp_endpoint import EndpointConfig
 from vtl.services.socks.dns import DnsResolver
 from vtl.services.socks.dnstcp import LocalDnsStream
@@ -266,10 +267,10 @@ class Socks(Service):
 
         table.open(key, pkt, now, connect)
 
-    def _local_dns(self, key: Any, vm_mac: bytes) -> Stream:
+    def _local_dns(self, key: FlowKey, vm_mac: bytes) -> Stream:
         self._local_ids += 1
 
-        def answer(query: bytes, reply: Any) -> None:
+        def answer(query: bytes, reply: Callable[[bytes, float], None]) -> None:
             self._vm_mac = vm_mac
             self.resolver.answer(query, self._now, reply, transport="tcp")
 
