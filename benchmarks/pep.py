@@ -114,8 +114,13 @@ class Bridge:
 
 
 def bridge_config(tag: str, gns: str, chain: str) -> str:
+    return bridge_toml(tag, gns, CHAINS[chain], "pepbench")
+
+
+def bridge_toml(tag: str, gns: str, services: str, name: str) -> str:
+    """`vtl run` config: guest TAP ``{tag}t`` in ``gns``, uplink ``{tag}u``, ``services``."""
     return f"""[bridge]
-name = "pepbench"
+name = "{name}"
 stats_interval_s = 1
 [ports.guest]
 kind = "tap"
@@ -124,7 +129,7 @@ netns = "{gns}"
 [ports.uplink]
 kind = "packet"
 ifname = "{tag}u"
-{CHAINS[chain]}"""
+{services}"""
 
 
 def host_path(topo: Topology, tag: str, pns: str) -> None:

@@ -52,7 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "integration")]
 
-from pep import BenchError, Bridge, iperf  # noqa: E402  (the same `vtl run` wrapper)
+from pep import BenchError, Bridge, bridge_toml, iperf  # noqa: E402  (the same `vtl run` wrapper)
 from socksnet import Dante  # noqa: E402  (danted in a private mount namespace)
 from vtl.bridge.topology import Topology, ip, require_root  # noqa: E402
 
@@ -140,17 +140,7 @@ gateway_mac = "{GATEWAY_MAC}"
 connect_timeout_s = 5
 max_connections = 4096
 """
-    return f"""[bridge]
-name = "socksbench"
-stats_interval_s = 1
-[ports.guest]
-kind = "tap"
-ifname = "{tag}t"
-netns = "{gns}"
-[ports.uplink]
-kind = "packet"
-ifname = "{tag}u"
-{services}"""
+    return bridge_toml(tag, gns, services, "socksbench")
 
 
 def connect_rate(topo: Topology, gns: str, bridge: Bridge, target: str, seconds: int,
