@@ -259,16 +259,25 @@ class DnsResolver:
             assert self.target is not None
             self._start(msg, wire, limit, now, reply, self.target[0], self.target[1], "connect")
 
+    def _host_or_answer(self, msg: dns.message.Message, limit: int, now: float,
+                        reply: Reply) -> str | None:
+        """The question's name as a proxy can take it; else answer here (the root name:
+        NODATA; a name that needs escapes: NXDOMAIN) and say None."""
+        qname = msg.question[0].name
+        name = hostname(qname)
+        if name is None:
+            rcode = dns.rcode.NOERROR if qname == dns.name.root else dns.rcode.NXDOMAIN
+            self._rcode(msg, rcode, limit, now, reply)
+        return name
+
     # -- fake-ip -----------------------------------------------------------------------
 
     def _fake_ip(self, msg: dns.message.Message, limit: int, now: float, reply: Reply) -> None:
         assert self.pool is not None
         q = msg.question[0]
         if q.rdtype in (A, AAAA):
-            name = hostname(q.name)
+            name = self._host_or_answer(msg, limit, now, reply)
             if name is None:
-                rcode = dns.rcode.NOERROR if q.name == dns.name.root else dns.rcode.NXDOMAIN
-                self._rcode(msg, rcode, limit, now, reply)
                 return
             try:
                 addr = self.pool.address(name, 4 if q.rdtype == A else 6, now)
@@ -293,11 +302,8 @@ class DnsResolver:
                      reply: Reply) -> None:
         q = msg.question[0]
         if q.rdtype in (A, AAAA):
-            name = hostname(q.name)
-            if name is None:
-                rcode = dns.rcode.NOERROR if q.name == dns.name.root else dns.rcode.NXDOMAIN
-                self._rcode(msg, rcode, limit, now, reply)
-            else:
+            name = self._host_or_answer(msg, limit, now, reply)
+            if name is not None:
                 self._start(msg, wire, limit, now, reply, name, 0, "resolve")
         elif q.rdtype == PTR:
             addr = _reverse(q.name)
