@@ -31,7 +31,14 @@ from typing import Any, BinaryIO, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from vtl.frame import Frame
-from vtl.stream import Stream, StreamHandler, StreamRequest
+from vtl.stream import (
+    Listener,
+    ListenRequest,
+    OfferHandler,
+    Stream,
+    StreamHandler,
+    StreamRequest,
+)
 
 FailPolicy = Literal["open", "closed"]
 
@@ -125,6 +132,11 @@ class ServiceContext(Protocol):
 
     def open_stream(self, request: StreamRequest, handler: StreamHandler) -> Stream:
         """Ask the bridge for an upstream byte stream (see :mod:`vtl.stream`)."""
+
+    def listen_streams(self, request: ListenRequest, on_offer: OfferHandler) -> Listener:
+        """Take inbound streams at ``request``'s address; each arrives as an offer
+        (``on_offer(offer, now)``, under the chain lock). Raises OSError when the
+        address cannot be bound."""
 
 
 class Service:

@@ -140,7 +140,68 @@ class StreamClosed:
 StreamEvent = StreamConnected | StreamData | StreamEnded | StreamWritable | StreamClosed
 StreamHandler = Callable[[StreamEvent, float], None]
 
+
+# -- inbound streams ------------------------------------------------------------------------
+#
+# A service can also *take* streams that a remote party opens (the ``udt`` service
+# at the far bridge): ``ctx.listen_streams(ListenRequest(...), on_offer)`` binds a
+# listener; each inbound stream arrives as a :class:`StreamOffer` that the service
+# answers once, when it knows (``accept`` after its own connection toward the VM
+# is up, ``refuse`` when the VM refused). The opener's stream reports connected,
+# or closes with the refusal's reason, only then.
+#
+#     listen_streams ──► on_offer(offer) ──► offer.accept(handler) ──► StreamConnected ...
+#                                       └──► offer.refuse(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenRequest:
+    """Where to take inbound streams: ``kind`` names the transport (``"udt"``),
+    ``host``/``port`` the local address to bind (port 0: any). ``offer_timeout_s``:
+    an offer not answered by then is refused with ``"timeout"`` by the bridge."""
+
+    kind: str
+    host: str
+    port: int
+    read_chunk: int = 256 * 1024
+    write_buffer: int = 256 * 1024
+    offer_timeout_s: float = 30.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class StreamOffer(Protocol):
+    """An inbound stream whose opener waits for an answer; answer it once.
+
+    ``peer`` is the remote (host, port) that opened it; ``meta`` is what the
+    opener sent with it (for ``udt``: ``{"flow": {...}}``, the original 4-tuple).
+    """
+
+    peer: tuple[str, int]
+    meta: Mapping[str, Any]
+
+    def accept(self, handler: StreamHandler) -> Stream:
+        """Say yes: the opener's stream connects; this handle's events go to
+        ``handler``, starting with :class:`StreamConnected` (or a
+        :class:`StreamClosed` when the opener already left)."""
+
+    def refuse(self, reason: CloseReason, message: str = "") -> None:
+        """Say no: the opener's stream closes with ``reason`` (``"refused"``,
+        ``"timeout"``, ``"unreachable"``, ``"error"``)."""
+
+
+class Listener(Protocol):
+    """A bound listener; ``address`` is the (host, port) actually bound."""
+
+    address: tuple[str, int]
+
+    def close(self) -> None:
+        """Stop taking streams (offers not yet answered are refused)."""
+
+
+OfferHandler = Callable[[StreamOffer, float], None]
+
 __all__ = [
-    "CloseReason", "Stream", "StreamClosed", "StreamConnected", "StreamData", "StreamEnded",
-    "StreamEvent", "StreamHandler", "StreamRequest", "StreamWritable",
+    "CloseReason", "ListenRequest", "Listener", "OfferHandler", "Stream", "StreamClosed",
+    "StreamConnected", "StreamData", "StreamEnded", "StreamEvent", "StreamHandler",
+    "StreamOffer", "StreamRequest", "StreamWritable",
 ]
