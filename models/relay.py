@@ -17,7 +17,15 @@ one read chunk (and the bridge's own bounded stream write buffer).
 Opening (passive, the VM's SYN): the endpoint waits in LISTEN while the stream
 connects; ``StreamConnected`` accepts the SYN, ``refused`` answers RST, and
 ``timeout`` or ``unreachable`` answer ICMP destination unreachable (which
-reasons do is ``icmp_reasons``). Closing:
+reasons do is ``icmp_reasons``).
+
+Opening (active, toward the VM on behalf of a remote client): the relay starts
+with an endpoint in SYN-SENT and no stream (``Relay(endpoint, connect_deadline=...)``).
+Once the VM answered (:attr:`established`), the owner obtains the stream and
+hands it over with :meth:`attach`; bytes the VM sent meanwhile wait in the
+endpoint. A VM that resets the SYN ends the relay with outcome ``refused``; one
+that does not answer by ``connect_deadline`` (or within the endpoint's SYN
+retries) with ``timeout``. Closing:
 FIN to FIN in both directions, each only after the bytes before it were
 delivered; RST to RST (an aborted stream resets the VM's connection and a VM
 reset aborts the stream). :attr:`done` turns true once both sides are finished.
@@ -30,7 +38,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtl.models.tcp_endpoint import Aborted, Closed, TcpEndpoint
+from vtl.models.tcp_endpoint import Aborted, Closed, Connected, TcpEndpoint
+from vtl.models.tcp_state import TcpState
 
 from vtl.frame import Frame
 from vtl.packet.packet import Packet
@@ -59,15 +68,20 @@ class Relay:
 
     __slots__ = ("endpoint", "stream", "pending", "upstream_eof", "upstream_closed",
                  "sent_shutdown", "connected", "stats", "_paused", "endpoint_closed",
-                 "icmp_reasons")
+                 "icmp_reasons", "established", "endpoint_aborted", "connect_deadline")
 
     def __init__(self, endpoint: TcpEndpoint, stream: Stream | None = None, *,
-                 icmp_reasons: frozenset[str] = frozenset({"timeout", "unreachable"})):
+                 icmp_reasons: frozenset[str] = frozenset({"timeout", "unreachable"}),
+                 connect_deadline: float | None = None):
         """``icmp_reasons``: close reasons before connect that the VM hears as ICMP
-        destination unreachable; every other failure to connect is a RST."""
+        destination unreachable; every other failure to connect is a RST.
+        ``connect_deadline``: for an active open, when to give up on the VM's answer."""
         self.endpoint = endpoint
         self.icmp_reasons = icmp_reasons
         self.stream = stream
+        self.established = False  # the endpoint's handshake with the VM completed
+        self.endpoint_aborted = False
+        self.connect_deadline = connect_deadline
         self.pending = b""  # upstream bytes the endpoint could not take yet
         self.upstream_eof = False
         self.upstream_closed = False
@@ -99,11 +113,35 @@ class Relay:
         self.pump(now)  # StreamWritable needs nothing more: the pump writes what fits
 
     def on_timer(self, now: float) -> None:
-        self.endpoint.on_timer(now)
+        d = self.connect_deadline
+        if d is not None and now >= d and not self.established:
+            self.connect_deadline = None
+            self.stats.outcome = "timeout"
+            self.stats.message = "no answer from the guest"
+            self.endpoint.abort(now)  # SYN-SENT: nothing to reset; later segments get RST
+        else:
+            self.endpoint.on_timer(now)
         self.pump(now)
 
     def poll_at(self) -> float | None:
-        return self.endpoint.poll_at()
+        t = self.endpoint.poll_at()
+        d = self.connect_deadline
+        if d is not None and not self.established and (t is None or d < t):
+            return d
+        return t
+
+    @property
+    def wants_stream(self) -> bool:
+        """An active open whose VM answered: the owner should :meth:`attach` the stream."""
+        return self.stream is None and self.established and not self.endpoint_closed
+
+    def attach(self, stream: Stream, now: float) -> None:
+        """Hand over the stream of an active open (see :attr:`wants_stream`)."""
+        assert self.stream is None, "a relay has one stream"
+        self.stream = stream
+        if self.endpoint_aborted and not self.upstream_closed:
+            stream.abort()
+        self.pump(now)
 
     def abort(self, now: float) -> None:
         """Reset both sides (the service is stopping or over a limit)."""
@@ -135,9 +173,19 @@ class Relay:
         ep = self.endpoint
         stream = self.stream
         for ev in ep.events:
-            if isinstance(ev, Aborted):
-                if ev.reason == "reset" and not self.stats.outcome:
-                    self.stats.outcome = "reset"
+            if isinstance(ev, Connected):
+                self.established = True
+                self.connect_deadline = None
+            elif isinstance(ev, Aborted):
+                self.endpoint_aborted = True
+                if not self.stats.outcome:
+                    if self.stream is None and not self.established \
+                            and ep.syn is None:  # an active open the VM did not take
+                        if ev.reason != "local":
+                            self.stats.outcome = ("refused" if ev.reason == "reset"
+                                                  else "timeout")
+                    elif ev.reason == "reset":
+                        self.stats.outcome = "reset"
                 if stream is not None and not self.upstream_closed:
                     stream.abort()
             elif isinstance(ev, Closed):
@@ -182,10 +230,10 @@ class Relay:
             self.stats.message = event.message
         if not self.connected:
             self.stats.outcome = reason
-            if reason in self.icmp_reasons:
+            if ep.state is TcpState.LISTEN and reason in self.icmp_reasons:
                 ep.unreachable(now)
             else:
-                ep.refuse(now)
+                ep.abort(now)  # LISTEN: RST to the held SYN; an active open: RST
             return
         if reason in ("closed", "local"):
             self.upstream_eof = True  # deliver what is pending, then FIN

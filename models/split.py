@@ -10,6 +10,13 @@ is that bookkeeping, shared so each service only says *where* a connection goes:
   over ``max_connections``, and asks the service's ``connect`` callback for the
   stream (``ctx.open_stream`` with the service's own request, or an in-process
   stream);
+- :meth:`SplitTable.open_active` is the other way round (``udt`` at the far
+  bridge): an active endpoint opens toward the VM on behalf of a remote client;
+  once the VM answered, the ``accept`` callback gives the stream (the inbound
+  offer is accepted), and if it never does, ``refuse`` is told the outcome
+  (``refused``, ``timeout``...) exactly once;
+- :meth:`SplitTable.release` forgets a connection without a word to the guest
+  (a service falling back to letting the flow pass);
 - :meth:`SplitTable.segment` feeds later segments to their relay, and answers
   stray segments of a recently closed connection with RST for
   :data:`TOMBSTONE_S` seconds, so they never leak past the service;
@@ -46,10 +53,12 @@ from vtl.stream import Stream, StreamEvent, StreamHandler
 
 FlowKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, remote ip, remote port
 Connector = Callable[[StreamHandler], Stream]
+Refuser = Callable[[str, str], None]  # (outcome, message) of an active open that failed
 TOMBSTONE_S = 5.0  # how long stray segments of a closed connection get RST answers
 LOG_EVERY_S = 10.0  # one log line per distinct failure cause per this long
 TO_GUEST = Direction.TO_GUEST
 DEFAULT_ICMP = frozenset({"timeout", "unreachable"})
+NOT_FAILED = frozenset({"closed", "", "refused", "passthrough"})
 
 
 def guest_key(pkt: Packet) -> FlowKey:
@@ -85,6 +94,7 @@ class SplitTable:
         self._draining = False
         self._busy = 0  # depth of table calls in progress (see post)
         self._logged: dict[str, tuple[float, int]] = {}
+        self._accepting: dict[FlowKey, tuple[Connector, Refuser]] = {}  # active opens
 
     def __contains__(self, key: FlowKey) -> bool:
         return key in self.relays
@@ -155,6 +165,48 @@ class SplitTable:
         self._drain(now)
         return relay
 
+    def open_active(self, key: FlowKey, endpoint: TcpEndpoint, now: float,
+                    accept: Connector, refuse: Refuser,
+                    deadline: float | None = None) -> Relay | None:
+        """Open toward the guest (``endpoint`` from :meth:`TcpEndpoint.active`, its SYN
+        in the outbox; ``key`` as the guest will send). When the guest answers,
+        ``accept(handler)`` gives the stream; if it refuses, does not answer by
+        ``deadline``, or the connection ends before that, ``refuse(outcome, message)``
+        is called instead (once). None (and ``refuse`` called) when over the limit."""
+        assert key not in self.relays, "one connection per flow"
+        if len(self.relays) >= self.max_connections:
+            self.ctx.count("over_limit")
+            refuse("error", "over max_connections")
+            return None
+        self.tombstones.pop(key, None)
+        relay = Relay(endpoint, icmp_reasons=self.icmp_reasons, connect_deadline=deadline)
+        self.relays[key] = relay
+        self._accepting[key] = (accept, refuse)
+        self.ctx.count("connections_opened")
+        self._busy += 1
+        try:
+            relay.pump(now)
+            self._after(key, relay, now)
+        finally:
+            self._busy -= 1
+        self._drain(now)
+        return relay
+
+    def release(self, key: FlowKey, outcome: str, now: float) -> Relay | None:
+        """Forget ``key``'s connection without a frame to the guest and without a
+        tombstone (its later segments are the service's again); counted as
+        ``connections_<outcome>``. Its stream, if still open, is aborted."""
+        relay = self.relays.get(key)
+        if relay is None:
+            return None
+        relay.stats.outcome = outcome
+        if relay.stream is not None and not relay.upstream_closed:
+            relay.stream.abort()
+        relay.endpoint.outbox = []
+        self._accepting.pop(key, None)
+        self._retire(key, relay, now, tombstone=False)
+        return relay
+
     # -- stream events -------------------------------------------------------------------
 
     def deliver(self, key: FlowKey, event: StreamEvent, now: float) -> None:
@@ -199,6 +251,14 @@ class SplitTable:
     def _after(self, key: FlowKey, relay: Relay, now: float) -> None:
         """Emit what the relay produced, retire it when done, reschedule its timer."""
         self._emit(relay.take_frames())
+        if relay.wants_stream and key in self._accepting:
+            accept, _ = self._accepting.pop(key)
+
+            def handler(event: StreamEvent, now: float, key: FlowKey = key) -> None:
+                self.post(key, event, now)  # accept() may answer at once: never re-enter
+
+            relay.attach(accept(handler), now)
+            self._emit(relay.take_frames())
         b = relay.buffered
         if b > self.buffered_max:
             self.buffered_max = b
@@ -211,18 +271,23 @@ class SplitTable:
             self._seq += 1
             heapq.heappush(self._timers, (t, self._seq, key))
 
-    def _retire(self, key: FlowKey, relay: Relay, now: float) -> None:
+    def _retire(self, key: FlowKey, relay: Relay, now: float, tombstone: bool = True) -> None:
         if self.relays.get(key) is relay:
             del self.relays[key]
         self._scheduled.pop(key, None)
         s = relay.stats
+        opener = self._accepting.pop(key, None)
+        if opener is not None:  # an active open that never got its stream
+            opener[1](s.outcome or "error", s.message or "the connection ended")
         self.ctx.count("bytes_up", s.bytes_up)
         self.ctx.count("bytes_down", s.bytes_down)
         self.ctx.count(f"connections_{s.outcome or 'closed'}")
-        if s.outcome not in ("closed", "", "refused"):
+        if s.outcome not in NOT_FAILED:
             self.ctx.count("connections_failed")  # timeout, unreachable, reset, error
-        if s.outcome not in ("closed", ""):
+        if s.outcome not in ("closed", "", "passthrough"):
             self._log_failure(key, s.outcome, s.message, now)
+        if not tombstone:
+            return
         self.tombstones[key] = now + TOMBSTONE_S
         if len(self.tombstones) > 4 * self.max_connections:
             self.tombstones = {k: v for k, v in self.tombstones.items() if v > now}
@@ -271,9 +336,12 @@ class SplitTable:
 
     def stop(self, now: float) -> None:
         """Reset every connection both ways (the service is stopping)."""
-        for relay in list(self.relays.values()):
+        for key, relay in list(self.relays.items()):
             relay.abort(now)
             self._emit(relay.take_frames())
+            opener = self._accepting.pop(key, None)
+            if opener is not None:
+                opener[1]("error", "the service is stopping")
         self.relays.clear()
         self._posted.clear()
 
@@ -283,4 +351,4 @@ class SplitTable:
                 "buffered_max_per_connection": self.buffered_max}
 
 
-__all__ = ["Connector", "FlowKey", "SplitTable", "TOMBSTONE_S", "describe", "guest_key"]
+__all__ = ["Connector", "FlowKey", "Refuser", "SplitTable", "TOMBSTONE_S", "describe", "guest_key"]

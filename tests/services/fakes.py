@@ -19,6 +19,8 @@ from scapy.utils import RawPcapWriter
 from vtl import Direction, Frame, Service, ServiceCounters
 from vtl.stream import (
     CloseReason,
+    ListenRequest,
+    OfferHandler,
     StreamClosed,
     StreamConnected,
     StreamData,
@@ -161,13 +163,69 @@ class FakeStream:
         self.deliver(StreamClosed(self, reason, message))
 
 
+class FakeListener:
+    """A :class:`vtl.stream.Listener` that records ``close()``; offers come from the test
+    (:meth:`offer`)."""
+
+    def __init__(self, ctx: FakeContext, request: ListenRequest, on_offer: OfferHandler):
+        self.ctx = ctx
+        self.request = request
+        self.on_offer = on_offer
+        self.address = (request.host, request.port or 40999)
+        self.closed = False
+        self.offers: list[FakeOffer] = []
+
+    def close(self) -> None:
+        self.closed = True
+        for offer in self.offers:
+            if offer.answer is None:
+                offer.answer = ("refused", "listener closed")
+
+    def offer(self, meta: dict, peer: tuple[str, int] = ("10.190.0.1", 50000)) -> FakeOffer:
+        """Play an inbound stream: the service's ``on_offer`` is called with it."""
+        assert not self.closed, "offer on a closed listener"
+        offer = FakeOffer(self, peer, meta)
+        self.offers.append(offer)
+        self.on_offer(offer, self.ctx.now)
+        return offer
+
+
+class FakeOffer:
+    """A :class:`vtl.stream.StreamOffer`: ``answer`` is None until the service answers,
+    then ``"accept"`` or ``(reason, message)``; ``stream`` is the :class:`FakeStream`
+    ``accept`` gave (not yet connected: the test calls ``stream.connect()``, as the
+    bridge would deliver StreamConnected after the call)."""
+
+    def __init__(self, listener: FakeListener, peer: tuple[str, int], meta: dict):
+        self.listener = listener
+        self.peer = peer
+        self.meta = meta
+        self.answer: str | tuple[str, str] | None = None
+        self.stream: FakeStream | None = None
+
+    def accept(self, handler: StreamHandler) -> FakeStream:
+        assert self.answer is None, f"offer answered twice (was {self.answer!r})"
+        self.answer = "accept"
+        ctx, req = self.listener.ctx, self.listener.request
+        request = StreamRequest(req.kind, self.peer[0], self.peer[1], read_chunk=req.read_chunk,
+                                write_buffer=req.write_buffer, options=dict(self.meta))
+        self.stream = FakeStream(ctx, len(ctx.streams) + 1, request, handler)
+        ctx.accepted.append(self.stream)
+        return self.stream
+
+    def refuse(self, reason: CloseReason, message: str = "") -> None:
+        assert self.answer is None, f"offer answered twice (was {self.answer!r})"
+        self.answer = (reason, message)
+
+
 class FakeContext:
     """Implements :class:`vtl.ServiceContext` for tests.
 
     ``emitted`` holds ``(frame, direction)`` tuples in emission order and
     ``emitted_at`` the clock (``self.now``) at each emission; test drivers set
     ``now`` before calling hooks. ``streams`` holds a :class:`FakeStream` per
-    ``open_stream`` call, in order.
+    ``open_stream`` call, in order; ``listeners`` a :class:`FakeListener` per
+    ``listen_streams`` call and ``accepted`` the streams of accepted offers.
     """
 
     def __init__(self, name: str = "svc", pcap_dir: Path | None = None):
@@ -181,6 +239,8 @@ class FakeContext:
         self.sinks: dict[str, MemorySink | ScapySink] = {}
         self.files: dict[str, io.BytesIO] = {}
         self.streams: list[FakeStream] = []
+        self.listeners: list[FakeListener] = []
+        self.accepted: list[FakeStream] = []
 
     def emit(self, frame: Frame, direction: Direction) -> None:
         assert isinstance(frame, Frame)
@@ -208,9 +268,15 @@ class FakeContext:
         self.streams.append(stream)
         return stream
 
+    def listen_streams(self, request: ListenRequest, on_offer: OfferHandler) -> FakeListener:
+        assert isinstance(request, ListenRequest)
+        listener = FakeListener(self, request, on_offer)
+        self.listeners.append(listener)
+        return listener
+
     def deliver_local_closes(self) -> None:
         """Deliver StreamClosed("local") to every stream the service closed or aborted."""
-        for stream in self.streams:
+        for stream in self.streams + self.accepted:
             if stream.local and stream.final is None:
                 stream.closed("local", f"{stream.local}()")
 
