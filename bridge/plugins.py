@@ -26,6 +26,7 @@ BUILTINS: dict[str, str] = {
     "capture": "vtl.services.capture:Capture",
     "pep": "vtl.services.pep:Pep",
     "socks": "vtl.services.socks:Socks",
+    "udt": "vtl.services.udt:Udt",
 }
 
 
