@@ -95,6 +95,7 @@ from vtl.stream import (
 TO_GUEST, TO_UPLINK = Direction.TO_GUEST, Direction.TO_UPLINK
 PEER_DOWN = frozenset({"timeout", "unreachable"})
 MAX_LEARNT = 4096  # MACs remembered per table (cleared when full)
+LOCAL_MAC = b"\x02\x00\x00\x00\x00\x01"  # source MAC when nothing better is known
 
 
 def _ip(b: bytes) -> str:
@@ -303,7 +304,11 @@ class Udt(Service):
             self._refuse(offer, "error", "that connection is already live")
             return
         dst_mac = self.guest_macs.get(server, server_mac)
-        src_mac = self.toward_macs.get(client, client_mac)
+        src_mac = self.toward_macs.get(client, client_mac) or LOCAL_MAC
+        if dst_mac is None:
+            self._refuse(offer, "unreachable", f"no MAC known for {_ip(server)} (the guest has "
+                         "not sent a frame yet and the opener sent none)")
+            return
         addrs = FlowAddrs(src_mac, dst_mac, client, server, sport, dport)
         endpoint = TcpEndpoint.active(addrs, self.table.ep_config, now)
 
@@ -323,8 +328,9 @@ class Udt(Service):
         offer.refuse(reason, message)
 
 
-def _flow_of(meta: Mapping[str, Any]) -> tuple[bytes, int, bytes, int, bytes, bytes]:
-    """The original client and server of an offered stream, checked."""
+def _flow_of(meta: Mapping[str, Any]
+             ) -> tuple[bytes, int, bytes, int, bytes | None, bytes | None]:
+    """The original client and server of an offered stream, checked (MACs are optional)."""
     flow = meta["flow"]
     client = ipaddress.ip_address(flow["src"])
     server = ipaddress.ip_address(flow["dst"])
@@ -333,10 +339,15 @@ def _flow_of(meta: Mapping[str, Any]) -> tuple[bytes, int, bytes, int, bytes, by
     sport, dport = int(flow["sport"]), int(flow["dport"])
     if not (0 < sport < 65536 and 0 < dport < 65536):
         raise ValueError("ports must be 1 to 65535")
-    client_mac, server_mac = bytes(flow["src_mac"]), bytes(flow["dst_mac"])
-    if len(client_mac) != 6 or len(server_mac) != 6:
-        raise ValueError("MACs must be 6 bytes")
-    return client.packed, sport, server.packed, dport, client_mac, server_mac
+    macs = []
+    for k in ("src_mac", "dst_mac"):
+        mac = flow.get(k)
+        if mac is not None:
+            mac = bytes(mac)
+            if len(mac) != 6:
+                raise ValueError(f"{k} must be 6 bytes")
+        macs.append(mac)
+    return client.packed, sport, server.packed, dport, macs[0], macs[1]
 
 
 __all__ = ["Udt", "UdtOptions", "parse_hostport"]

@@ -267,6 +267,18 @@ def test_offer_before_the_guest_spoke_uses_the_meta_macs() -> None:
     assert (syn[Ether].src, syn[Ether].dst) == (A_MAC, GW_A)
 
 
+def test_offer_without_macs_uses_what_was_learnt_or_refuses() -> None:
+    udt, ctx = make_b()
+    meta = {"flow": {"src": A_IP, "sport": 40000, "dst": B_IP, "dport": 80}}
+    unknown = ctx.listeners[0].offer(meta)
+    assert unknown.answer is not None and unknown.answer[0] == "unreachable"
+    learn_guest(udt)
+    known = ctx.listeners[0].offer(meta)
+    assert known.answer is None
+    [syn] = wire(ctx)
+    assert (syn[Ether].src, syn[Ether].dst) == (GW_B, B_MAC)
+
+
 def guest_synack(syn: Ether, seq: int = 7000) -> Frame:
     return seg("SA", seq, syn[TCP].seq + 1, sport=80, dport=40000, src=B_IP, dst=A_IP,
                smac=B_MAC, dmac=GW_B)
