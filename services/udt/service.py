@@ -49,8 +49,10 @@ Notes
       right when both sides agree on it. Same for the source MAC (the one the
       guest uses toward the client's address, else the client's own).
     - ``connect_timeout_s`` covers both reaching the peer bridge and its guest
-      answering; a far guest that does not answer in time therefore looks like
-      an unreachable bridge here (timeout) and gets the fallback.
+      answering. A far guest that does not answer is refused by the far bridge
+      with ``timeout`` and a message saying so; when the transport carries that
+      message, this side answers RST without the fallback, otherwise (or when
+      this side's own timeout fires first) it looks like an unreachable bridge.
     - Memory per connection is bounded as in ``pep`` (``buffer_bytes`` plus one
       read chunk and the bridge's stream write buffer).
     - Counters: ``connections_opened``, ``connections_<outcome>``,
@@ -95,6 +97,7 @@ from vtl.stream import (
 TO_GUEST, TO_UPLINK = Direction.TO_GUEST, Direction.TO_UPLINK
 PEER_DOWN = frozenset({"timeout", "unreachable"})
 MAX_LEARNT = 4096  # MACs remembered per table (cleared when full)
+FAR_SILENT = "the guest behind the peer bridge did not answer"  # B's timeout refusals
 LOCAL_MAC = b"\x02\x00\x00\x00\x00\x01"  # source MAC when nothing better is known
 
 
@@ -252,7 +255,8 @@ class Udt(Service):
                     self.down.pop(where, None)
                 elif isinstance(event, StreamClosed):
                     held = self.syns.pop(key, None)
-                    if held is not None and event.reason in PEER_DOWN:  # never connected
+                    if held is not None and event.reason in PEER_DOWN \
+                            and FAR_SILENT not in event.message:  # the bridge never answered
                         if o.retry_s > 0:
                             self.down[where] = now + o.retry_s
                         if o.fallback == "passthrough":
@@ -318,7 +322,7 @@ class Udt(Service):
 
         def refuse(outcome: str, message: str) -> None:
             reason = outcome if outcome in ("refused", "timeout", "reset") else "error"
-            self._refuse(offer, reason, message)
+            self._refuse(offer, reason, FAR_SILENT if reason == "timeout" else message)
 
         self.table.open_active(key, endpoint, now, accept, refuse,
                                deadline=now + self.options.connect_timeout_s)

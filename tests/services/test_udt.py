@@ -14,6 +14,7 @@ from vtl.models.tcp_endpoint import EndpointConfig, TcpEndpoint
 from vtl.models.tcp_segment import FlowAddrs
 from vtl.models.tcp_state import TcpState
 from vtl.services.udt import Udt, UdtOptions
+from vtl.services.udt.service import FAR_SILENT
 
 from vtl import CONSUMED, DROP, PASS, Direction, Frame
 from vtl.packet.addr import ip_bytes, mac_bytes
@@ -112,6 +113,15 @@ def test_peer_down_with_fallback_reset_is_a_rst_and_remembered(reason: str) -> N
     # after retry_s it is tried again
     assert udt.process(seg("S", sport=40002), UP, 13.5) is CONSUMED
     assert len(ctx.streams) == 2 and wire(ctx) == []
+
+
+def test_far_guest_silent_is_a_rst_not_a_fallback() -> None:
+    udt, ctx = make(fallback="passthrough")
+    udt.process(seg("S"), UP, 0.0)
+    ctx.streams[0].closed("timeout", f"peer refused: {FAR_SILENT}")
+    [rst] = wire(ctx)
+    assert rst[TCP].flags.R
+    assert ctx.extra("fallback_passthrough") == 0 and udt.report()["peers_down"] == 0
 
 
 def test_peer_down_with_passthrough_lets_the_flow_pass_both_ways() -> None:
@@ -335,6 +345,7 @@ def test_silent_guest_refuses_the_offer_with_timeout() -> None:
     assert [p[TCP].flags for p in wire(ctx)] == ["S"]  # one retransmitted SYN (RTO 1 s)
     run_timers(udt, ctx, 3.1)
     assert offer.answer is not None and offer.answer[0] == "timeout"
+    assert offer.answer[1] == FAR_SILENT
     assert ctx.extra("connections_timeout") == 1
     assert udt.poll_at() is None
 
