@@ -37,6 +37,10 @@ Invariants:
 
 A handler that raises is counted through ``on_error`` (the chain passes the
 slot's ``failed``), its stream is aborted and gets ``StreamClosed("error")``.
+Inbound streams (:meth:`StreamManager.listen`, offers) live in
+:mod:`vtl.bridge.streams_inbound`; an accepted offer becomes a handle here
+that starts at the transport's handshake on an already connected socket.
+
 At bridge stop, :meth:`StreamManager.halt` runs before the services' ``stop()``:
 from then on no handler is called (services release their streams in
 ``stop()`` themselves); :meth:`StreamManager.stop` then resets whatever is left.
@@ -58,11 +62,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
+from vtl.bridge.streams_inbound import Inbound, ListenerHandle
 from vtl.bridge.transports import Transport, TransportError, builtin_transports
 
 from vtl.errors import LocalProtocolError
 from vtl.stream import (
     CloseReason,
+    ListenRequest,
+    OfferHandler,
     StreamClosed,
     StreamConnected,
     StreamData,
@@ -275,6 +282,7 @@ class StreamManager:
         self._delivered = False
         self._halted = False
         self._thread: threading.Thread | None = None
+        self._inbound = Inbound(self)
         self.opened_total = 0
         self.failed_total = 0
         self.bytes_up = 0
@@ -321,6 +329,26 @@ class StreamManager:
             self._connect_next(s, None, None)
         return s
 
+    def listen(self, request: ListenRequest, on_offer: OfferHandler,
+               on_error: Callable[[float], None] | None = None) -> ListenerHandle:
+        """Take inbound streams (see :mod:`vtl.bridge.streams_inbound`); OSError when
+        the address cannot be bound. Call with the lock held."""
+        if self._halted:
+            raise LocalProtocolError("listen_streams(): the bridge is stopping")
+        return self._inbound.listen(request, on_offer, on_error)
+
+    def _adopt(self, request: StreamRequest, handler: StreamHandler,
+               on_error: Callable[[float], None] | None, transport: Transport) -> StreamHandle:
+        """A handle for an accepted inbound stream: ``transport.connect`` returns its
+        connected socket, ``transport.handshake`` confirms it (lock held)."""
+        s = StreamHandle(self, next(self._ids), request, handler, on_error, transport)
+        self._live[s.id] = s
+        self.opened_total += 1
+        self._arm(s, time.monotonic() + request.timeout_s)
+        s._addrs = [(socket.AF_INET, ("127.0.0.1", 0))]
+        self._connect_next(s, None, None)
+        return s
+
     def halt(self) -> None:
         """From now on no handler is called and no stream opens (call with the lock held)."""
         self._halted = True
@@ -335,8 +363,15 @@ class StreamManager:
             self._thread.join(5.0)
             self._thread = None
         with self._lock:
+            self._inbound.close()
             for s in list(self._live.values()):
                 self._drop(s, rst=s._state is not CONNECTING)
+        for t in list(self.transports.values()):
+            try:
+                t.close()
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                self.log.exception("closing transport %r failed", t.kind)
+        with self._lock:
             if self._wake_fd >= 0:
                 self._ep.close()
                 os.close(self._wake_fd)
@@ -526,6 +561,9 @@ class StreamManager:
                 timeout = _MAX_POLL_S
                 if self._timers:
                     timeout = min(timeout, max(0.0, self._timers[0][0] - now))
+                offers_due = self._inbound.next_deadline()
+                if offers_due is not None:
+                    timeout = min(timeout, max(0.0, offers_due - now))
                 self._poll_until = now + timeout
                 self._io_active = False
             try:
@@ -578,6 +616,7 @@ class StreamManager:
             else:
                 s._addrs = result
                 self._connect_next(s, now, None)
+        self._inbound.poll(now)
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, _, s = heapq.heappop(timers)

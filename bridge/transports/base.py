@@ -21,16 +21,25 @@ Adding a transport is a subclass with a ``kind``, registered with
 :func:`vtl.bridge.transports.builtin_transports`). A transport whose
 connections are not kernel sockets (UDT) can hand the manager one end of a
 ``socket.socketpair()`` and pump the other end itself.
+
+Inbound streams: a transport that can take streams opened by a remote party
+implements :meth:`Transport.listen`; each arrival is an
+:class:`InboundStream` (the manager's end of a connected socket pair plus
+how to answer the opener), which the manager turns into a
+:class:`~vtl.stream.StreamOffer` for the service. :meth:`Transport.close`
+releases what a transport holds across streams (threads, listeners) at
+manager stop.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
 from vtl.errors import LocalProtocolError
-from vtl.stream import CloseReason, StreamRequest
+from vtl.stream import CloseReason, ListenRequest, StreamRequest
 
 
 class TransportError(Exception):
@@ -77,6 +86,32 @@ class Handshake:
         return reason, message
 
 
+@dataclass(frozen=True)
+class InboundStream:
+    """One stream a remote party opened, as a transport hands it to the manager.
+
+    ``sock`` is the manager's end (connected, non-blocking); ``accept()`` tells
+    the opener yes and returns the handshake the manager runs on ``sock``
+    before ``StreamConnected`` (it fails with ``"reset"`` when the opener left);
+    ``refuse(reason, message)`` tells the opener no (the manager closes ``sock``).
+    Both are safe from any thread; exactly one is called.
+    """
+
+    sock: socket.socket
+    peer: tuple[str, int]
+    meta: Mapping[str, Any]
+    accept: Callable[[], Handshake]
+    refuse: Callable[[CloseReason, str], None]
+
+
+class TransportListener(Protocol):
+    """What :meth:`Transport.listen` returns."""
+
+    address: tuple[str, int]
+
+    def close(self) -> None: ...
+
+
 class Transport:
     """Starts upstream connections of one ``kind``; stateless across streams."""
 
@@ -116,5 +151,15 @@ class Transport:
         """The exchange to run once connected, or None (the stream is connected)."""
         return None
 
+    def listen(self, request: ListenRequest,
+               deliver: Callable[[InboundStream], None]) -> TransportListener:
+        """Bind at ``request``'s address (OSError when that fails) and pass each
+        inbound stream to ``deliver`` (from any thread; it only queues)."""
+        raise LocalProtocolError(f"stream kind {self.kind!r} cannot listen")
 
-__all__ = ["Handshake", "HandshakeStep", "Transport", "TransportError"]
+    def close(self) -> None:
+        """Release what the transport holds across streams (manager stop)."""
+
+
+__all__ = ["Handshake", "HandshakeStep", "InboundStream", "Transport", "TransportError",
+           "TransportListener"]

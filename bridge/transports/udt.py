@@ -1,0 +1,182 @@
+"""The ``udt`` stream transport: a stream carried over UDT to a peer VTL bridge.
+
+Theory of operation. ``StreamRequest(kind="udt", host, port)`` names the
+*peer bridge's* UDT listener (an IPv4 literal or a name; udt4py has no IPv6).
+The bytes travel over UDT, framed by :mod:`.udtwire`, and the peer bridge
+hands them to its own service as an inbound stream (``listen_streams``) with
+the original flow. The I/O is done by a :class:`~.udthub.Hub` (one per
+transport instance, so per stream manager; started on first use, stopped at
+manager stop); the manager gets the local end of a loopback TCP pair and runs
+:class:`RecordHandshake` on it, which reads the hub's status records: the
+stream is connected only once the far service accepted, and closes with the
+far side's reason (``refused``, ``timeout``, ...) when it refused.
+
+Options (``StreamRequest.options`` and, for the listener, ``ListenRequest.options``):
+
+- ``flow`` (required for streams): ``{"src": ip, "sport": int, "dst": ip,
+  "dport": int, "src_mac": 6 bytes (optional), "dst_mac": 6 bytes (optional)}``,
+  given to the far service as ``offer.meta["flow"]``;
+- ``mss``: UDT packet size (``UDT_MSS``), default 1500;
+- ``window``: bytes; UDT send/receive buffers and flight window, and the
+  per-stream credit window of the framing; default 8 MiB;
+- ``mux``: carry the stream inside one shared UDT connection per (peer,
+  mss, window) instead of a UDT connection of its own (default False).
+
+Failures name the peer bridge: ``UDT peer 10.0.0.2:9000 could not be
+reached: ...`` (reason ``timeout`` when it did not answer within
+``timeout_s``, ``unreachable`` when libudt gave up first), ``UDT peer
+10.0.0.2:9000: <far service's message>`` with the far side's reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from vtl.bridge.transports.base import (
+    Handshake,
+    HandshakeStep,
+    InboundStream,
+    Transport,
+    TransportError,
+    TransportListener,
+)
+from vtl.bridge.transports.udtwire import MAX_WINDOW, REASONS, Flow
+
+from vtl.errors import LocalProtocolError
+from vtl.stream import CloseReason, ListenRequest, StreamRequest
+
+DEFAULT_MSS = 1500
+DEFAULT_WINDOW = 8 << 20
+MIN_WINDOW = 64 << 10
+
+
+def _int_opt(opts, key: str, default: int, lo: int, hi: int) -> int:
+    v = opts.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise LocalProtocolError(f"udt option {key}={v!r}: give an integer in {lo}..{hi}")
+    return v
+
+
+class RecordHandshake(Handshake):
+    """Reads the hub's status records: UP*, then OK (connected) or FAIL."""
+
+    def __init__(self, label: str, timeout_s: float):
+        self.label = label
+        self.timeout_s = timeout_s
+        self.reached = False
+        self._fail: CloseReason | None = None
+
+    def start(self) -> HandshakeStep:
+        from vtl.bridge.transports.udthub import RECORD
+        return HandshakeStep(want=RECORD.size)
+
+    def feed(self, data: bytes) -> HandshakeStep:
+        from vtl.bridge.transports.udthub import FAIL, MAGIC, OK, RECORD, UP
+        if self._fail is not None:
+            raise TransportError(self._fail, data.decode("utf-8", "replace"))
+        magic, code, idx, length = RECORD.unpack(data)
+        if magic != MAGIC or code not in (UP, OK, FAIL):
+            raise TransportError("error", f"UDT peer {self.label}: bad status record")
+        if code == UP:
+            self.reached = True
+            return HandshakeStep(want=RECORD.size)
+        if code == OK:
+            return HandshakeStep()
+        reason: CloseReason = REASONS[idx - 1] if 1 <= idx <= len(REASONS) else "error"
+        if length:
+            self._fail = reason
+            return HandshakeStep(want=length)
+        raise TransportError(reason, f"UDT peer {self.label}: the stream failed")
+
+    def failed(self, reason: CloseReason, message: str) -> tuple[CloseReason, str]:
+        if reason == "timeout":
+            if self.reached:
+                return reason, (f"UDT peer {self.label}: no answer to the stream open within "
+                                f"{self.timeout_s:g} s")
+            return reason, (f"UDT peer {self.label} could not be reached: no answer within "
+                            f"{self.timeout_s:g} s")
+        return reason, f"UDT peer {self.label}: {message}"
+
+
+class _UdtListener:
+    def __init__(self, hub, rec):
+        self._hub, self._rec = hub, rec
+        self.address = rec.address
+
+    def close(self) -> None:
+        self._hub.unlisten(self._rec)
+
+
+class UdtTransport(Transport):
+    """Streams to and from peer bridges over UDT (see the module docstring)."""
+
+    kind = "udt"
+    options = frozenset({"flow", "mss", "window", "mux"})
+
+    def __init__(self) -> None:
+        self._hub = None
+
+    def hub(self):
+        if self._hub is None:
+            from vtl.bridge.transports.udthub import Hub
+            self._hub = Hub()
+        return self._hub
+
+    def _settings(self, opts) -> tuple[int, int]:
+        return (_int_opt(opts, "mss", DEFAULT_MSS, 76, 65536),
+                _int_opt(opts, "window", DEFAULT_WINDOW, MIN_WINDOW, MAX_WINDOW))
+
+    def check(self, request: StreamRequest) -> None:
+        super().check(request)
+        opts = request.options
+        if "flow" not in opts:
+            raise LocalProtocolError("udt stream: option 'flow' is required")
+        Flow.from_dict(opts["flow"])
+        self._settings(opts)
+        if not isinstance(opts.get("mux", False), bool):
+            raise LocalProtocolError(f"udt option mux={opts['mux']!r}: give a bool")
+
+    def connect(self, request: StreamRequest, family: int, sockaddr: tuple) -> socket.socket:
+        if family != socket.AF_INET:
+            raise OSError(errno.EAFNOSUPPORT, "UDT (udt4py) supports IPv4 peers only")
+        opts = request.options
+        mss, window = self._settings(opts)
+        return self.hub().open((sockaddr[0], sockaddr[1]), Flow.from_dict(opts["flow"]), mss,
+                               window, bool(opts.get("mux", False)))
+
+    def connect_failed(self, request: StreamRequest, reason: CloseReason,
+                       message: str) -> tuple[CloseReason, str]:
+        return reason, f"UDT peer {request.host}:{request.port} could not be reached: {message}"
+
+    def handshake(self, request: StreamRequest) -> Handshake:
+        return RecordHandshake(f"{request.host}:{request.port}", request.timeout_s)
+
+    def listen(self, request: ListenRequest, deliver) -> TransportListener:
+        unknown = set(request.options) - {"mss", "window"}
+        if unknown:
+            raise LocalProtocolError(f"udt listen: unknown option(s) {sorted(unknown)} "
+                                     "(known: mss, window)")
+        mss, window = self._settings(request.options)
+        hub = self.hub()
+
+        def arrive(a) -> None:
+            label = f"{a.peer[0]}:{a.peer[1]}"
+
+            def accept() -> Handshake:
+                hub.accept(a.pipe)
+                return RecordHandshake(label, 10.0)
+
+            deliver(InboundStream(a.sock, a.peer, a.meta, accept,
+                                  lambda reason, message: hub.refuse(a.pipe, reason, message)))
+
+        return _UdtListener(hub, hub.listen(request.host.strip("[]"), request.port, mss,
+                                            window, arrive))
+
+    def close(self) -> None:
+        if self._hub is not None:
+            self._hub.stop()
+            self._hub = None
+
+
+__all__ = ["RecordHandshake", "UdtTransport"]
