@@ -219,8 +219,14 @@ class UdtNet:
         self.warm_up()
 
     def warm_up(self) -> None:
-        """Resolve neighbours over the WAN so that the first measured packet does not."""
+        """Resolve neighbours afresh over the WAN, so that every (re)started bridge learns
+        the MACs behind its guest port: a bridge forwards unicast from its uplink to the
+        guest only to MACs it saw there, so after a restart a VM that keeps a neighbour
+        entry and sends nothing would stay unreachable for tens of seconds."""
+        for ns in (self.vma, self.vmb, self.bra, self.brb):
+            self.topo.run(ns, ["ip", "neigh", "flush", "all"], check=False)
         self.vm_a(["ping", "-c", "1", "-W", "3", VM_B], check=False)
+        self.vm_b(["ping", "-c", "1", "-W", "3", VM_A], check=False)
         self.topo.run(self.bra, ["ping", "-c", "1", "-W", "3", BR_B], check=False)
 
     def stop(self, role: str) -> int | None:
@@ -242,6 +248,18 @@ class UdtNet:
             out[key + "_frames"] = c["rx_frames"]
             out[key + "_bytes"] = c["rx_bytes"]
         return out
+
+    def congestion_control(self, name: str) -> None:
+        """Set the VMs' TCP congestion control on their on-link routes (``congctl``).
+
+        New namespaces inherit the machine's default, and a namespace other than the
+        first may only pick from ``tcp_allowed_congestion_control`` with the sysctl; a
+        route's ``congctl`` has no such limit and covers every connection over it."""
+        for ns, src in ((self.vma, VM_A), (self.vmb, VM_B)):
+            ip("-n", ns, "route", "replace", "10.187.0.0/16", "dev", "eth0", "proto", "kernel",
+               "scope", "link", "src", src, "congctl", name)
+            ip("-n", ns, "-6", "route", "replace", "fd00:187::/64", "dev", "eth0", "proto",
+               "kernel", "metric", "256", "congctl", name)
 
     # -- commands --------------------------------------------------------------------------
 

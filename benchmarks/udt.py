@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""Benchmark: one TCP connection over a lossy long-fat WAN, plain vs TCP-to-UDT, same run.
+
+Topology (tests/integration/udtnet.py; all removed at the end, also on Ctrl-C or
+failure): VM-A (10.187.1.1) -- bridge A -- WAN -- bridge B -- VM-B (10.187.2.1),
+one L2 segment of network namespaces. The WAN is a third ``vtl run`` with
+``netem``: 100 Mbit/s, RTT/2 of delay each way, the same random loss in both
+directions, a rate queue of about one bandwidth-delay product. TSO/GSO/GRO are
+off on every veth, so the WAN sees wire-sized frames and loses them one by one
+(the mean frame size it counted is checked after every run).
+
+Section 1 (goodput): for every RTT x loss cell, iperf3 in VM-A sends to iperf3 -s
+in VM-B over ONE connection (data VM-A -> VM-B; ``--direction down`` for -R),
+once with both bridges on the empty chain (plain TCP end to end: VM-A's kernel
+TCP, cubic unless the machine says otherwise) and once with ``udt`` on both
+bridges (VM-A's TCP ends at bridge A, the bytes cross the WAN over UDT, bridge B
+re-originates TCP to VM-B). The two alternate within each cell. It prints the
+goodput the receiving iperf3 counted, the ratio UDT/plain, and the WAN bridge's
+CPU (utime+stime of its `vtl run`, in cores) in each case. A first sanity row
+measures the empty chain at 0 ms / 0 % (it should reach the 100 Mbit/s line,
+~94 Mbit/s of TCP goodput) and at an unlimited rate (the WAN bridge's headroom).
+
+Section 2 (mux): udt with ``mux = false`` (one UDT connection per TCP connection)
+vs ``mux = true`` (one per peer pair) at 60 ms RTT, 0 % loss: time to first byte
+of a small HTTP GET on a new connection (first one cold, then the median of
+later ones), and the time for 50 parallel 1 MB downloads; plain TCP for scale.
+
+Needs root. The default run takes about 10-15 minutes.
+
+    .venv/bin/python benchmarks/udt.py [--seconds 8] [--rtts 10,30,60,120]
+        [--losses 0,0.001,0.01] [--repeat 1] [--mux false|true] [--direction up|down]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "integration")]
+
+from pep import BenchError, iperf  # noqa: E402  (the same iperf3 run and its checks)
+from tcptools import ensure_http_server, parallel_downloads  # noqa: E402
+from udtnet import VM_B, NsVtl, UdtNet, udt_service  # noqa: E402
+from vtl.bridge import plugins  # noqa: E402
+from vtl.bridge.topology import Topology, require_root  # noqa: E402
+
+from vtl.errors import ConfigError, SetupError  # noqa: E402
+
+PORT = 5301
+HTTP_PORT = 8080
+GOAL_LOSSY, AMBITIOUS_LOSSY, GOAL_CLEAN = 5.0, 10.0, 0.9
+MAX_FRAME = 1514
+
+
+class Meter:
+    """What pep.iperf needs of a bridge (its chain's name, CPU, stderr) over an NsVtl."""
+
+    def __init__(self, vtl: NsVtl, chain: str):
+        self.vtl, self.chain = vtl, chain
+
+    def cpu_seconds(self) -> float:
+        return self.vtl.cpu_seconds()
+
+    def tail(self, n: int = 20) -> str:
+        return "".join(ln for ln in self.vtl.lines if "stats {" not in ln)[-3000:]
+
+
+@dataclass
+class Cell:
+    mbps: list[float] = field(default_factory=list)
+    wan_cores: list[float] = field(default_factory=list)
+    bridge_cores: list[float] = field(default_factory=list)
+    frame: list[float] = field(default_factory=list)
+    error: str = ""
+
+    def med(self, name: str) -> float:
+        xs = getattr(self, name)
+        return statistics.median(xs) if xs else float("nan")
+
+
+def udt_available() -> str:
+    """"" when the udt service can be loaded, else why not."""
+    try:
+        plugins.resolve("udt", None)
+    except ConfigError as exc:
+        return "; ".join(exc.problems)
+    return ""
+
+
+def cell_seconds(base: int, rtt_ms: float) -> int:
+    """Longer runs at high RTT, so slow start is not the whole story."""
+    return int(base + rtt_ms / 20)
+
+
+class Bench:
+    def __init__(self, net: UdtNet, args: argparse.Namespace, progress: bool):
+        self.net, self.args, self.progress = net, args, progress
+        self.topo: Topology = net.topo
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    def chain(self, name: str, **udt: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        if name == "plain":
+            return [], []
+        return [udt_service("a", **udt)], [udt_service("b", **udt)]
+
+    def one_iperf(self, chain: str, seconds: int, cell: Cell, **udt: Any) -> None:
+        net = self.net
+        a, b = self.chain(chain, **udt)
+        net.start("a", a)
+        net.start("b", b)
+        try:
+            net.warm_up()
+            wan = net.bridges["wan"]
+            try:
+                f0: dict[str, float] | None = net.wan_frame_sizes()
+            except AssertionError:  # no stats line yet
+                f0 = None
+            busy = net.bridges["a"].cpu_seconds() + net.bridges["b"].cpu_seconds()
+            t0 = time.monotonic()
+            gbps, cores = iperf(self.topo, net.vma, Meter(wan, chain), seconds, "one",
+                                self.args.direction == "down", 1, target=VM_B, port=PORT)
+            dt = time.monotonic() - t0
+            busy = net.bridges["a"].cpu_seconds() + net.bridges["b"].cpu_seconds() - busy
+            time.sleep(1.1)  # one more stats line from the WAN bridge
+            f1 = net.wan_frame_sizes()
+            key = "b_to_a" if self.args.direction == "down" else "a_to_b"
+            frames = f1[key + "_frames"] - (f0[key + "_frames"] if f0 else 0)
+            nbytes = f1[key + "_bytes"] - (f0[key + "_bytes"] if f0 else 0)
+            mean = nbytes / frames if frames else 0.0
+            if mean > MAX_FRAME + 1:
+                raise BenchError(f"the WAN saw {mean:.0f} bytes per frame on average: "
+                                 "super-frames reach it (offloads not off?)")
+            cell.mbps.append(gbps * 1000)
+            cell.wan_cores.append(cores)
+            cell.bridge_cores.append(busy / dt)
+            cell.frame.append(mean)
+        finally:
+            for side in ("a", "b"):
+                code = net.stop(side)
+                if code not in (0, None):
+                    self.log(f"warning: bridge {side} ({chain}) exited {code}")
+
+    def goodput(self) -> dict[tuple[float, float], dict[str, Cell]]:
+        args = self.args
+        chains = ["plain"] + (["udt"] if not args.no_udt else [])
+        udt_opts = {} if args.mux is None else {"mux": args.mux == "true"}
+        res: dict[tuple[float, float], dict[str, Cell]] = {}
+        cells = [(0.0, 0.0, "sanity")] if not args.skip_sanity else []
+        cells += [(rtt, loss, "") for rtt in args.rtts for loss in args.losses]
+        for rtt, loss, tag in cells:
+            seconds = cell_seconds(args.seconds, rtt)
+            self.net.start_wan(rtt, loss)
+            row = res.setdefault((rtt, loss), {c: Cell() for c in chains})
+            for r in range(args.repeat):
+                for chain in (chains if tag != "sanity" else ["plain"]):
+                    try:
+                        self.one_iperf(chain, seconds, row[chain], **udt_opts)
+                    except (BenchError, SetupError, AssertionError) as exc:
+                        row[chain].error = str(exc).splitlines()[0][:200]
+                        self.log(f"  {chain} failed: {exc}")
+                        continue
+                    c = row[chain]
+                    self.log(f"run {r + 1}/{args.repeat} rtt {rtt:g} ms loss {loss:g} "
+                             f"{chain:5} {c.mbps[-1]:7.2f} Mbit/s  WAN {c.wan_cores[-1]:.2f} "
+                             f"cores  A+B {c.bridge_cores[-1]:.2f} cores  "
+                             f"{c.frame[-1]:.0f} B/frame")
+            if tag == "sanity":
+                self.net.start_wan(0, 0, rate_mbit=0)
+                unl = res.setdefault((0.0, -1.0), {"plain": Cell()})
+                try:
+                    self.one_iperf("plain", args.seconds, unl["plain"])
+                    self.log(f"WAN without rate limit: {unl['plain'].mbps[-1]:.0f} Mbit/s, "
+                             f"WAN bridge {unl['plain'].wan_cores[-1]:.2f} cores")
+                except (BenchError, SetupError, AssertionError) as exc:
+                    unl["plain"].error = str(exc).splitlines()[0][:200]
+        return res
+
+    # -- section 2 ----------------------------------------------------------------------
+
+    def ttfb(self, count: int = 8) -> tuple[float, float]:
+        """Time to first byte (ms) of GET /bytes/1000 on a new connection: the first one,
+        and the median of the next ``count``."""
+        url = f"http://{VM_B}:{HTTP_PORT}/bytes/1000"
+        times = []
+        for _ in range(count + 1):
+            out = self.net.vm_a(["curl", "-sS", "-o", "/dev/null", "--max-time", "10",
+                                 "-w", "%{time_starttransfer}", url], timeout=20)
+            times.append(float(out.stdout.strip()) * 1000)
+        return times[0], statistics.median(times[1:])
+
+    def mux(self) -> dict[str, dict[str, Any]]:
+        net, rtt = self.net, 60.0
+        net.start_wan(rtt, 0.0)
+        ensure_http_server(net, HTTP_PORT, VM_B)  # type: ignore[arg-type]
+        out: dict[str, dict[str, Any]] = {}
+        variants = [("plain", {})] + ([] if self.args.no_udt else
+                                      [("udt mux=false", {"mux": False}),
+                                       ("udt mux=true", {"mux": True})])
+        for name, opts in variants:
+            a, b = self.chain("plain" if name == "plain" else "udt", **opts)
+            net.start("a", a)
+            net.start("b", b)
+            try:
+                net.warm_up()
+                first, later = self.ttfb()
+                par = parallel_downloads(net, count=50, size=1_000_000,  # type: ignore[arg-type]
+                                         host=VM_B, port=HTTP_PORT, timeout=120)
+                out[name] = {"ttfb_first_ms": first, "ttfb_ms": later,
+                             "parallel_s": par.seconds, "parallel_ok": par.ok,
+                             "failures": par.failures()[:3]}
+            except (BenchError, SetupError, AssertionError) as exc:
+                out[name] = {"error": str(exc).splitlines()[0][:200]}
+            finally:
+                net.stop("a")
+                net.stop("b")
+            self.log(f"{name}: {out[name]}")
+        return out
+
+
+def fmt_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+
+    sep = "| " + " | ".join("-" * (w - 1) + (":" if i else "-") for i, w in enumerate(widths)) \
+        + " |"
+    return "\n".join([line(head), sep, *(line(r) for r in rows)])
+
+
+def f(x: float, spec: str = ".1f") -> str:
+    return "n/a" if x != x else format(x, spec)
+
+
+def goodput_table(res: dict[tuple[float, float], dict[str, Cell]]) -> str:
+    head = ["RTT / loss", "plain Mbit/s", "UDT Mbit/s", "UDT/plain", "WAN CPU plain",
+            "WAN CPU UDT", "A+B CPU UDT"]
+    rows = []
+    for (rtt, loss), row in res.items():
+        p = row.get("plain", Cell())
+        u = row.get("udt", Cell())
+        if loss < 0:
+            label = "sanity: 0 ms, no rate limit"
+        elif rtt == 0:
+            label = "sanity: 0 ms / 0 %"
+        else:
+            label = f"{rtt:g} ms / {loss * 100:g} %"
+        pm, um = p.med("mbps"), u.med("mbps")
+        ratio = um / pm if pm and pm == pm and um == um else float("nan")
+        rows.append([label, p.error and "error" or f(pm),
+                     u.error and "error" or (f(um) if "udt" in row else "-"),
+                     f(ratio, ".2f") if "udt" in row else "-",
+                     f(p.med("wan_cores"), ".2f"),
+                     f(u.med("wan_cores"), ".2f") if "udt" in row else "-",
+                     f(u.med("bridge_cores"), ".2f") if "udt" in row else "-"])
+    return fmt_table(head, rows)
+
+
+def mux_table(res: dict[str, dict[str, Any]]) -> str:
+    head = ["60 ms RTT, 0 % loss", "TTFB first (ms)", "TTFB later (median, ms)",
+            "50 x 1 MB parallel (s)"]
+    rows = []
+    for name, r in res.items():
+        if "error" in r:
+            rows.append([name, "error", "error", "error"])
+            continue
+        par = f(r["parallel_s"], ".2f") + ("" if r["parallel_ok"] else " (CORRUPT)")
+        rows.append([name, f(r["ttfb_first_ms"]), f(r["ttfb_ms"]), par])
+    return fmt_table(head, rows)
+
+
+def verdicts(res: dict[tuple[float, float], dict[str, Cell]]) -> list[str]:
+    out = []
+
+    def ratio(rtt: float, loss: float) -> float:
+        row = res.get((rtt, loss))
+        if not row or "udt" not in row:
+            return float("nan")
+        p, u = row["plain"].med("mbps"), row["udt"].med("mbps")
+        return u / p if p else float("nan")
+
+    r = ratio(60.0, 0.01)
+    if r == r:
+        met = ("ambitious goal met" if r >= AMBITIOUS_LOSSY else "goal met" if r >= GOAL_LOSSY
+               else "goal NOT met")
+        out.append(f"60 ms / 1 %: UDT {r:.1f}x plain (goal >= {GOAL_LOSSY:g}x, ambitious >= "
+                   f"{AMBITIOUS_LOSSY:g}x): {met}")
+    clean = [(rtt, ratio(rtt, 0.0)) for (rtt, loss) in res if loss == 0.0 and rtt > 0]
+    clean = [(rtt, x) for rtt, x in clean if x == x]
+    if clean:
+        worst = min(clean, key=lambda t: t[1])
+        met = "goal met" if worst[1] >= GOAL_CLEAN else "goal NOT met"
+        out.append(f"0 % loss: worst UDT/plain {worst[1]:.2f} at {worst[0]:g} ms (goal >= "
+                   f"{GOAL_CLEAN:g}): {met}")
+    return out
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=8,
+                    help="seconds per iperf3 run at low RTT; + RTT/20 ms more (default 8)")
+    ap.add_argument("--rtts", type=_floats, default=[10.0, 30.0, 60.0, 120.0],
+                    help="comma-separated RTTs in ms (default 10,30,60,120)")
+    ap.add_argument("--losses", type=_floats, default=[0.0, 0.001, 0.01],
+                    help="comma-separated loss probabilities, each direction (default "
+                    "0,0.001,0.01)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per cell, median (default 1)")
+    ap.add_argument("--mux", choices=["false", "true"], default=None,
+                    help="udt's mux in section 1 (default: the service's default)")
+    ap.add_argument("--direction", choices=["up", "down"], default="up",
+                    help="up: VM-A sends to VM-B (default); down: iperf3 -R")
+    ap.add_argument("--cc", default="cubic",
+                    help="the VMs' TCP congestion control (default cubic, Linux's default; "
+                    "this machine's namespaces would otherwise inherit its own)")
+    ap.add_argument("--no-udt", action="store_true", help="plain TCP only")
+    ap.add_argument("--skip-sanity", action="store_true", help="no 0 ms sanity rows")
+    ap.add_argument("--skip-mux", action="store_true", help="no mux section")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args()
+    if args.seconds < 1 or args.repeat < 1:
+        ap.error("--seconds and --repeat must be at least 1")
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.monotonic()
+    why = udt_available()
+    if why and not args.no_udt:
+        print(f"benchmarks/udt.py: the udt service is not available ({why}); "
+              "measuring plain TCP only", file=sys.stderr)
+        args.no_udt = True
+    tag = f"vub{os.getpid() % 10000:04d}"
+    try:
+        require_root("the benchmark")
+        with Topology(tag) as topo, tempfile.TemporaryDirectory() as tmp:
+            net = UdtNet(topo, tag, Path(tmp))
+            try:
+                machine_cc = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+                net.congestion_control(args.cc)
+                cc = f"{args.cc} (route congctl; the machine's default: {machine_cc})"
+                topo.spawn(net.vmb, ["iperf3", "-s", "-B", VM_B, "-p", str(PORT)])
+                topo.wait_tcp(net.vmb, VM_B, PORT)
+                bench = Bench(net, args, progress=not args.json)
+                res = bench.goodput()
+                mux = {} if args.skip_mux else bench.mux()
+            finally:
+                net.stop_all()
+    except (BenchError, SetupError) as exc:
+        print(f"benchmarks/udt.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("benchmarks/udt.py: interrupted; namespaces removed", file=sys.stderr)
+        return 130
+    elapsed = time.monotonic() - started
+    if args.json:
+        print(json.dumps({
+            "args": {k: v for k, v in vars(args).items()}, "congestion_control": cc,
+            "goodput": {f"{rtt:g}ms/{loss:g}": {c: vars(v) for c, v in row.items()}
+                        for (rtt, loss), row in res.items()},
+            "mux": mux, "seconds": elapsed}, indent=2))
+        return 0
+    print()
+    print(goodput_table(res))
+    data = "VM-A -> VM-B" if args.direction == "up" else "VM-B -> VM-A"
+    print(f"\n(one TCP connection, data {data}"
+          f"; goodput counted by the receiving iperf3, median of {args.repeat} run(s) of "
+          f"{args.seconds} s + RTT/20 ms, first second omitted; WAN: netem in a `vtl run`, "
+          f"100 Mbit/s, loss in both directions, queue ~1 BDP; VM-A's TCP: {cc}; "
+          f"CPU in cores of 2; udt mux = {args.mux or 'default'})")
+    for line in verdicts(res):
+        print(line)
+    if mux:
+        print()
+        print(mux_table(mux))
+    print(f"\ntotal {elapsed / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
