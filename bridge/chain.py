@@ -12,7 +12,8 @@ A service that raises is counted, logged (at most once a second per service)
 and the frame gets the slot's failure policy: ``open`` passes it, ``closed``
 drops it. The chain is not thread-safe; the engine holds a lock around it.
 
-Upstream streams (``ctx.open_stream``) are delegated to ``chain.streams``, a
+Upstream streams (``ctx.open_stream``, ``ctx.listen_streams``) are delegated
+to ``chain.streams``, a
 :class:`~vtl.bridge.streams.StreamManager` the bridge sets; its I/O thread
 calls stream handlers under the same lock and then :meth:`Chain.after_external`
 to walk what they injected. A handler that raises is counted like a service
@@ -34,7 +35,14 @@ from vtl.bridge.streams import StreamManager
 from vtl.errors import LocalProtocolError
 from vtl.frame import Frame
 from vtl.service import Direction, FailPolicy, Service, ServiceCounters, Verdict
-from vtl.stream import Stream, StreamHandler, StreamRequest
+from vtl.stream import (
+    Listener,
+    ListenRequest,
+    OfferHandler,
+    Stream,
+    StreamHandler,
+    StreamRequest,
+)
 
 TO_UPLINK = Direction.TO_UPLINK
 TO_GUEST = Direction.TO_GUEST
@@ -53,7 +61,7 @@ class SlotContext:
         self.name = name
         self.log = log
         self.counters = ServiceCounters()
-        self.resources: list[PcapSink | BinaryIO] = []
+        self.resources: list[PcapSink | BinaryIO | Listener] = []  # closed at chain stop
 
     def emit(self, frame: Frame, direction: Direction) -> None:
         if not isinstance(frame, Frame):
@@ -87,6 +95,21 @@ class SlotContext:
             chain.slots[index].failed("stream handler", now)
 
         return streams.open(request, handler, on_error)
+
+    def listen_streams(self, request: ListenRequest, on_offer: OfferHandler) -> Listener:
+        """Take inbound streams (see :mod:`vtl.stream`); the listener closes at chain stop."""
+        streams = self._chain.streams
+        if streams is None:
+            raise LocalProtocolError(f"{self.name}: listen_streams() needs a bridge; this "
+                                     "chain has no stream manager (set chain.streams)")
+        chain, index = self._chain, self._index
+
+        def on_error(now: float) -> None:
+            chain.slots[index].failed("stream offer handler", now)
+
+        listener = streams.listen(request, on_offer, on_error)
+        self.resources.append(listener)
+        return listener
 
     def close_resources(self) -> None:
         for r in self.resources:

@@ -446,8 +446,8 @@ def test_many_parallel_streams(mgr, lock, listener):
 
 def test_api_misuse_raises(mgr, lock):
     with lock:
-        with pytest.raises(LocalProtocolError, match="no stream kind 'udt'"):
-            mgr.open(StreamRequest("udt", "127.0.0.1", 1), Rec())
+        with pytest.raises(LocalProtocolError, match="no stream kind .quic."):
+            mgr.open(StreamRequest("quic", "127.0.0.1", 1), Rec())
         with pytest.raises(LocalProtocolError, match="unknown option"):
             mgr.open(StreamRequest("tcp", "127.0.0.1", 1, options={"proxy": "x"}), Rec())
         with pytest.raises(LocalProtocolError, match="write_buffer"):

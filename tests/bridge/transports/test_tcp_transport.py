@@ -54,7 +54,7 @@ def events_of(mgr: StreamManager, lock: threading.Lock, request: StreamRequest):
 
 
 def test_builtins_and_option_checks():
-    assert set(builtin_transports()) == {"tcp", "socks5"}
+    assert set(builtin_transports()) == {"tcp", "socks5", "udt"}
     tcp = TcpTransport()
     tcp.check(StreamRequest("tcp", "::1", 1, options={"bind": ("::1", 0), "mark": 3}))
     for bad in ({"bind": 5}, {"mark": -1}, {"mark": True}, {"mark": "1"}, {"via": 1}):
