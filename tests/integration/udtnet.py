@@ -24,7 +24,8 @@ The WAN is a third ``vtl run`` whose chain is one ``netem`` (per direction:
 ``delay_ms`` = RTT/2, the same loss and reordering both ways, ``rate_mbit``
 with a queue of about one bandwidth-delay product). So that netem applies its
 loss per packet as a real link would, no super-frame may reach it: TSO, GSO and
-GRO are off (``ethtool -K``) on every veth of the topology, and
+GRO are off (``ethtool -K``) on the VMs' NICs, the bridges' uplinks and the WAN's
+veths (the bridges' guest ends keep TSO: see the comment in ``__init__``), and
 :meth:`UdtNet.wan_frame_sizes` reads the WAN bridge's port counters to check it
 (mean bytes per frame in the data direction close to the 1514-byte frame).
 
@@ -172,11 +173,19 @@ class UdtNet:
         self._addr(self.vmb, "eth0", f"{VM_B}/16", f"{VM_B6}/64")
         self._addr(self.bra, "uplink", f"{BR_A}/24", f"{BR_A6}/64")
         self._addr(self.brb, "uplink", f"{BR_B}/24", f"{BR_B6}/64")
+        for ns, dev in ((self.vma, "eth0"), (self.vmb, "eth0"), (self.bra, "uplink"),
+                        (self.brb, "uplink"), (self.wan, "side_a"), (self.wan, "side_b")):
+            # no super-frames from the VMs or the hosts: the WAN must see wire-sized frames
+            topo.run(ns, ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"])
+        for ns in (self.bra, self.brb):
+            # The bridges' guest ends keep TSO: what a bridge sends there goes to its VM
+            # only, and a service's GSO frame sent through an AF_PACKET socket with
+            # PACKET_QDISC_BYPASS to a device without TSO fails with ENOBUFS (the kernel's
+            # direct xmit drops what it would have to segment). No GRO toward the bridge.
+            topo.run(ns, ["ethtool", "-K", "guest", "gro", "off"])
         for ns, dev in ((self.vma, "eth0"), (self.vmb, "eth0"), (self.bra, "guest"),
                         (self.bra, "uplink"), (self.brb, "guest"), (self.brb, "uplink"),
                         (self.wan, "side_a"), (self.wan, "side_b")):
-            # no super-frames anywhere: the WAN must see wire-sized frames
-            topo.run(ns, ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"])
             ip("-n", ns, "link", "set", "dev", dev, "up")
         self.bridges: dict[str, NsVtl] = {}
         self._n = 0
