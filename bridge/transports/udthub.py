@@ -191,6 +191,13 @@ def _set_opts(sock: UDTSocket, mss: int, window: int) -> None:
     sock.UDT_FC = max(25600, window // max(mss - 44, 1) + 1)
 
 
+def _uclose(sock: UDTSocket) -> None:
+    try:
+        sock.close()
+    except UDTException:
+        pass  # libudt already dropped it (broken and collected)
+
+
 def _nonblocking(sock: UDTSocket) -> None:
     sock.UDT_SNDSYN = False
     sock.UDT_RCVSYN = False
@@ -237,7 +244,7 @@ class Hub:
             self._rung = True
             try:
                 self._bell_tx.send(b"!")
-            except UDTException:
+            except (UDTException, TypeError):  # TypeError: udt4py after close()
                 pass
 
     def call(self, fn: Callable[..., None], *args: Any) -> None:
@@ -290,7 +297,7 @@ class Hub:
             if isinstance(obj, Conn):
                 self._conn_dead(obj, "the bridge is stopping", send_rst=True)
             elif isinstance(obj, Listen):
-                obj.sock.close()
+                _uclose(obj.sock)
         for p in list(self._pipes.values()):
             self._drop_pipe(p, rst=True, tell_peer=False)
         self._bell_tx.close()
@@ -327,10 +334,10 @@ class Hub:
             _nonblocking(sock)
             result: UDTSocket | str = sock
         except UDTException as exc:
-            sock.close()
+            _uclose(sock)
             result = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported to the streams, not lost
-            sock.close()
+            _uclose(sock)
             result = f"{type(exc).__name__}: {exc}"
         self.call(self._connected, conn, result)
 
@@ -341,7 +348,7 @@ class Hub:
                             f"UDT peer {conn.label} could not be reached: {result}")
             return
         if self._stopping or (not conn.pipes and conn.mux_key is None):
-            result.close()
+            _uclose(result)
             conn.state = CState.DEAD
             return
         conn.sock, conn.state, conn.idle_since = result, CState.OPEN, time.monotonic()
@@ -356,7 +363,7 @@ class Hub:
 
     def _listen(self, rec: Listen) -> None:
         if self._stopping:
-            rec.sock.close()
+            _uclose(rec.sock)
             return
         self._udt[rec.sock.socket] = rec
         self._ep.add(rec.sock, UIN)
@@ -370,7 +377,7 @@ class Hub:
             self._ep.remove(rec.sock)
         except UDTException:
             pass
-        rec.sock.close()
+        _uclose(rec.sock)
 
     def _answer(self, p: Pipe, reason: str | None, message: str) -> None:
         if p.state is not PState.OFFERED:
@@ -606,7 +613,7 @@ class Hub:
                     self._ep.remove(c.sock)
                 except UDTException:
                     pass
-            c.sock.close()
+            _uclose(c.sock)
             c.mask = 0
         self._dirty.discard(c)
 
