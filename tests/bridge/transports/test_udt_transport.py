@@ -364,3 +364,36 @@ def test_listener_close_refuses_new_streams(sides, mux):
     wait_for(lambda: rec.final, 5.0, "closed")
     assert rec.final.reason in ("timeout", "unreachable", "refused")
     assert not far.offers
+
+
+def test_slot_context_listen_streams_closes_at_chain_stop(sides):
+    from vtl.bridge.chain import Chain
+
+    from vtl import Service
+
+    a, b = sides
+    far = Far(b)
+
+    class Taker(Service):
+        name = "taker"
+
+        def __init__(self, ctx):
+            super().__init__(None, ctx)
+
+        def start(self, now):
+            self.listener = self.ctx.listen_streams(ListenRequest("udt", "127.0.0.1", 0), far)
+
+    chain = Chain.from_services([Taker], LOG)
+    chain.streams = b.mgr
+    with b.lock:
+        chain.start(0.0)
+    addr = chain.slots[0].service.listener.address
+    rec = Rec()
+    open_(a, addr, rec, False)
+    wait_for(lambda: rec.events and far.recs and far.recs[0].events, what="connected")
+    with b.lock:
+        chain.stop(0.0)
+    rec2 = Rec()
+    open_(a, addr, rec2, False, timeout_s=1.0)
+    wait_for(lambda: rec2.final, 5.0, "refused after stop")
+    assert rec2.final.reason != "closed" and len(far.offers) == 1
