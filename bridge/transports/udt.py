@@ -94,7 +94,9 @@ class RecordHandshake(Handshake):
             if self.reached:
                 return reason, (f"UDT peer {self.label}: no answer to the stream open within "
                                 f"{self.timeout_s:g} s")
-            return reason, (f"UDT peer {self.label} could not be reached: no answer within "
+            # never reached: the peer bridge is down or has no listener (services fall
+            # back on this reason; "timeout" means the peer answered but its far side did not)
+            return "unreachable", (f"UDT peer {self.label} could not be reached: no answer within "
                             f"{self.timeout_s:g} s")
         return reason, f"UDT peer {self.label}: {message}"
 

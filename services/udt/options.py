@@ -42,6 +42,9 @@ def parse_hostport(value: str) -> tuple[str, int]:
         raise ValueError(f"{value!r}: the port must be 1 to 65535")
     if addr.version == 6 and not value.startswith("["):
         raise ValueError(f"{value!r}: write an IPv6 address in brackets")
+    if addr.version == 6:
+        raise ValueError(f"{value!r}: bridges reach each other over IPv4 only (udt4py has no "
+                         "IPv6 sockets); the connections carried may still be IPv6")
     return str(addr), int(port_s)
 
 

@@ -23,8 +23,8 @@ What it does to frames
     MACs. The SYN is answered (SYN-ACK from the destination's address) only
     once the far bridge's guest accepted; then the service is the guest's TCP
     peer, CONSUMES every segment of the connection, and relays the bytes. The
-    far guest refusing gives the guest a RST. The peer bridge not answering
-    within ``connect_timeout_s`` (or unreachable) gives ``fallback``: ``reset``,
+    far guest refusing gives the guest a RST. The peer bridge not reached within
+    ``connect_timeout_s`` (no UDT handshake answer) gives ``fallback``: ``reset``,
     a RST at once; ``passthrough``, nothing to the guest: the held SYN is emitted
     toward the uplink and every later segment of that flow PASSes both ways
     (until ``passthrough_idle_s`` without one). A failed peer bridge is
@@ -49,10 +49,10 @@ Notes
       right when both sides agree on it. Same for the source MAC (the one the
       guest uses toward the client's address, else the client's own).
     - ``connect_timeout_s`` covers both reaching the peer bridge and its guest
-      answering. A far guest that does not answer is refused by the far bridge
-      with ``timeout`` and a message saying so; when the transport carries that
-      message, this side answers RST without the fallback, otherwise (or when
-      this side's own timeout fires first) it looks like an unreachable bridge.
+      answering. Only a peer bridge that was never reached (close reason
+      ``unreachable`` from the transport) takes the fallback and is remembered as
+      down; a peer that answered the UDT handshake but whose guest stayed silent
+      (``timeout``, from either bridge's clock) is a RST to the guest.
     - Memory per connection is bounded as in ``pep`` (``buffer_bytes`` plus one
       read chunk and the bridge's stream write buffer).
     - Counters: ``connections_opened``, ``connections_<outcome>``,
@@ -95,7 +95,7 @@ from vtl.stream import (
 )
 
 TO_GUEST, TO_UPLINK = Direction.TO_GUEST, Direction.TO_UPLINK
-PEER_DOWN = frozenset({"timeout", "unreachable"})
+PEER_DOWN = frozenset({"unreachable"})  # the transport: the peer bridge was never reached
 MAX_LEARNT = 4096  # MACs remembered per table (cleared when full)
 FAR_SILENT = "the guest behind the peer bridge did not answer"  # B's timeout refusals
 LOCAL_MAC = b"\x02\x00\x00\x00\x00\x01"  # source MAC when nothing better is known
@@ -255,8 +255,7 @@ class Udt(Service):
                     self.down.pop(where, None)
                 elif isinstance(event, StreamClosed):
                     held = self.syns.pop(key, None)
-                    if held is not None and event.reason in PEER_DOWN \
-                            and FAR_SILENT not in event.message:  # the bridge never answered
+                    if held is not None and event.reason in PEER_DOWN:  # bridge never answered
                         if o.retry_s > 0:
                             self.down[where] = now + o.retry_s
                         if o.fallback == "passthrough":
@@ -310,7 +309,7 @@ class Udt(Service):
         dst_mac = self.guest_macs.get(server, server_mac)
         src_mac = self.toward_macs.get(client, client_mac) or LOCAL_MAC
         if dst_mac is None:
-            self._refuse(offer, "unreachable", f"no MAC known for {_ip(server)} (the guest has "
+            self._refuse(offer, "error", f"no MAC known for {_ip(server)} (the guest has "
                          "not sent a frame yet and the opener sent none)")
             return
         addrs = FlowAddrs(src_mac, dst_mac, client, server, sport, dport)

@@ -25,21 +25,20 @@ def problems(**service: object) -> list[str]:
 def test_the_documented_example_is_valid() -> None:
     o = UdtOptions(listen="10.190.0.1:9000", fallback="passthrough",
                    peers=[{"prefix": "10.191.2.0/24", "bridge": "10.190.0.2:9000"},
-                          {"prefix": "fd00:191:2::/48", "bridge": "[fd00:190::2]:9000"}])
+                          {"prefix": "fd00:191:2::/48", "bridge": "10.190.0.3:9000"}])
     assert o.listen_address == ("10.190.0.1", 9000)
     table = o.peer_table()
     assert table.lookup(bytes([10, 191, 2, 9])).where == "10.190.0.2:9000"
     assert table.lookup(bytes([10, 191, 3, 9])) is None
     import ipaddress
     assert table.lookup(ipaddress.ip_address("fd00:191:2::7").packed).where == \
-        "[fd00:190::2]:9000"
+        "10.190.0.3:9000"
     assert problems() == []
 
 
 @pytest.mark.parametrize("value, expected", [
     ("10.0.0.1:9000", ("10.0.0.1", 9000)),
-    ("[::1]:9000", ("::1", 9000)),
-    ("[2001:db8::1]:1", ("2001:db8::1", 1)),
+    ("127.0.0.1:1", ("127.0.0.1", 1)),
 ])
 def test_hostport_accepts(value: str, expected: tuple[str, int]) -> None:
     assert parse_hostport(value) == expected
@@ -91,5 +90,11 @@ def test_config_errors_name_the_key(service: dict, key: str, words: str) -> None
 
 def test_ipv6_duplicates_are_caught_after_normalisation() -> None:
     with pytest.raises(ValidationError, match="also peers\\[0\\]"):
-        UdtOptions(peers=[{"prefix": "fd00:191:2::/48", "bridge": "[::1]:1"},
-                          {"prefix": "fd00:0191:0002:0::/48", "bridge": "[::1]:2"}])
+        UdtOptions(peers=[{"prefix": "fd00:191:2::/48", "bridge": "10.0.0.1:1"},
+                          {"prefix": "fd00:0191:0002:0::/48", "bridge": "10.0.0.1:2"}])
+
+
+def test_ipv6_bridges_are_refused_with_the_reason() -> None:
+    for value in ("[::1]:9000", "[2001:db8::1]:1"):
+        with pytest.raises(ValueError, match="IPv4 only"):
+            parse_hostport(value)
