@@ -45,6 +45,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,20 @@ class NsVtl(VtlProcess):
                 if marker in line:
                     return json.loads(line.split(marker, 1)[1])
         raise AssertionError("no stats line yet:\n" + self.stderr[-2000:])
+
+    def next_stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The next ``stats {...}`` snapshot it logs (so counters include what just
+        happened; needs ``stats_interval_s``, which :func:`config_toml` sets to 1 s)."""
+        def count() -> int:
+            return sum(1 for ln in list(self.lines) if "stats {" in ln)
+
+        n = count()
+        deadline = time.monotonic() + timeout
+        while count() <= n:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("no new stats line:\n" + self.stderr[-2000:])
+            time.sleep(0.05)
+        return self.stats()
 
     def cpu_seconds(self) -> float:
         """utime + stime of the bridge process so far, in seconds."""
@@ -242,9 +257,20 @@ class UdtNet:
         vtl = self.bridges.pop(role, None)
         return vtl.stop() if vtl is not None else None
 
-    def stop_all(self) -> None:
-        for role in list(self.bridges):
-            self.stop(role)
+    def stop_all(self, order: tuple[str, ...] = ("a", "b", "wan")) -> dict[str, str]:
+        """Stop every bridge (in ``order``, then any other). Returns those that did not
+        exit 0 within 15 s of SIGTERM: role -> exit code, seconds and stderr tail."""
+        slow: dict[str, str] = {}
+        roles = [r for r in order if r in self.bridges]
+        roles += [r for r in self.bridges if r not in roles]
+        for role in roles:
+            vtl = self.bridges[role]
+            t0 = time.monotonic()
+            code = self.stop(role)
+            if code != 0:
+                tail = "".join(ln for ln in vtl.lines if "stats {" not in ln)[-1500:]
+                slow[role] = f"exit {code} after {time.monotonic() - t0:.1f} s:\n{tail}"
+        return slow
 
     def wan_frame_sizes(self) -> dict[str, float]:
         """Mean bytes per frame the WAN bridge received from each side so far
