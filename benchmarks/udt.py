@@ -81,6 +81,7 @@ class Cell:
     wan_cores: list[float] = field(default_factory=list)
     bridge_cores: list[float] = field(default_factory=list)
     frame: list[float] = field(default_factory=list)
+    qdrop: list[float] = field(default_factory=list)
     error: str = ""
 
     def med(self, name: str) -> float:
@@ -126,16 +127,18 @@ class Bench:
             wan = net.bridges["wan"]
             try:
                 f0: dict[str, float] | None = net.wan_frame_sizes()
+                d0 = self.wan_data_link()
             except AssertionError:  # no stats line yet
-                f0 = None
+                f0, d0 = None, {}
             busy = net.bridges["a"].cpu_seconds() + net.bridges["b"].cpu_seconds()
             t0 = time.monotonic()
             gbps, cores = iperf(self.topo, net.vma, Meter(wan, chain), seconds, "one",
                                 self.args.direction == "down", 1, target=VM_B, port=PORT)
             dt = time.monotonic() - t0
             busy = net.bridges["a"].cpu_seconds() + net.bridges["b"].cpu_seconds() - busy
-            time.sleep(1.1)  # one more stats line from the WAN bridge
+            wan.next_stats()  # counters that include the whole run
             f1 = net.wan_frame_sizes()
+            d1 = self.wan_data_link()
             key = "b_to_a" if self.args.direction == "down" else "a_to_b"
             frames = f1[key + "_frames"] - (f0[key + "_frames"] if f0 else 0)
             nbytes = f1[key + "_bytes"] - (f0[key + "_bytes"] if f0 else 0)
@@ -147,11 +150,19 @@ class Bench:
             cell.wan_cores.append(cores)
             cell.bridge_cores.append(busy / dt)
             cell.frame.append(mean)
+            sent = d1.get("delayed", 0) - d0.get("delayed", 0)
+            dropped = d1.get("queue_drops", 0) - d0.get("queue_drops", 0)
+            cell.qdrop.append(dropped / (sent + dropped) if sent + dropped else 0.0)
         finally:
             for side in ("a", "b"):
                 code = net.stop(side)
                 if code not in (0, None):
                     self.log(f"warning: bridge {side} ({chain}) exited {code}")
+
+    def wan_data_link(self) -> dict[str, int]:
+        """netem's counters for the direction the data takes (guest = bridge A's side)."""
+        dirs = self.net.bridges["wan"].stats()["services"]["netem"]["directions"]
+        return dirs["to_uplink" if self.args.direction == "up" else "to_guest"]
 
     def goodput(self) -> dict[tuple[float, float], dict[str, Cell]]:
         args = self.args
@@ -163,9 +174,10 @@ class Bench:
         for rtt, loss, tag in cells:
             seconds = cell_seconds(args.seconds, rtt)
             self.net.start_wan(rtt, loss)
-            row = res.setdefault((rtt, loss), {c: Cell() for c in chains})
+            row = res.setdefault((rtt, loss), {c: Cell() for c in
+                                               (chains if tag != "sanity" else ["plain"])})
             for r in range(args.repeat):
-                for chain in (chains if tag != "sanity" else ["plain"]):
+                for chain in row:
                     try:
                         self.one_iperf(chain, seconds, row[chain], **udt_opts)
                     except (BenchError, SetupError, AssertionError) as exc:
@@ -176,7 +188,7 @@ class Bench:
                     self.log(f"run {r + 1}/{args.repeat} rtt {rtt:g} ms loss {loss:g} "
                              f"{chain:5} {c.mbps[-1]:7.2f} Mbit/s  WAN {c.wan_cores[-1]:.2f} "
                              f"cores  A+B {c.bridge_cores[-1]:.2f} cores  "
-                             f"{c.frame[-1]:.0f} B/frame")
+                             f"{c.frame[-1]:.0f} B/frame  WAN queue drops {c.qdrop[-1]:.1%}")
             if tag == "sanity":
                 self.net.start_wan(0, 0, rate_mbit=0)
                 unl = res.setdefault((0.0, -1.0), {"plain": Cell()})
@@ -248,7 +260,7 @@ def f(x: float, spec: str = ".1f") -> str:
 
 def goodput_table(res: dict[tuple[float, float], dict[str, Cell]]) -> str:
     head = ["RTT / loss", "plain Mbit/s", "UDT Mbit/s", "UDT/plain", "WAN CPU plain",
-            "WAN CPU UDT", "A+B CPU UDT"]
+            "WAN CPU UDT", "A+B CPU UDT", "queue drops plain", "queue drops UDT"]
     rows = []
     for (rtt, loss), row in res.items():
         p = row.get("plain", Cell())
@@ -266,7 +278,9 @@ def goodput_table(res: dict[tuple[float, float], dict[str, Cell]]) -> str:
                      f(ratio, ".2f") if "udt" in row else "-",
                      f(p.med("wan_cores"), ".2f"),
                      f(u.med("wan_cores"), ".2f") if "udt" in row else "-",
-                     f(u.med("bridge_cores"), ".2f") if "udt" in row else "-"])
+                     f(u.med("bridge_cores"), ".2f") if "udt" in row else "-",
+                     f(p.med("qdrop") * 100, ".1f") + " %",
+                     f(u.med("qdrop") * 100, ".1f") + " %" if "udt" in row else "-"])
     return fmt_table(head, rows)
 
 
@@ -385,7 +399,8 @@ def main() -> int:
           f"; goodput counted by the receiving iperf3, median of {args.repeat} run(s) of "
           f"{args.seconds} s + RTT/20 ms, first second omitted; WAN: netem in a `vtl run`, "
           f"100 Mbit/s, loss in both directions, queue ~1 BDP; VM-A's TCP: {cc}; "
-          f"CPU in cores of 2; udt mux = {args.mux or 'default'})")
+          f"CPU in cores of 2; udt mux = {args.mux or 'default'}; queue drops: frames the "
+          f"WAN's rate queue tail-dropped in the data direction, of those offered)")
     for line in verdicts(res):
         print(line)
     if mux:
