@@ -13,7 +13,8 @@ interface slips in between. Options, all at level ``SOL_PACKET`` (263):
 - ``PACKET_IGNORE_OUTGOING`` (23) = 1: the socket does not see frames leaving
   the interface, neither the host's own nor the ones we inject;
 - ``PACKET_QDISC_BYPASS`` (20) = 1: injected frames go straight to the driver
-  (they skip the qdisc and are not seen by other packet sockets' taps);
+  (they skip the qdisc and are not seen by other packet sockets' taps), until
+  a GSO frame is refused (see below);
 - ``PACKET_ADD_MEMBERSHIP`` with ``PACKET_MR_PROMISC`` when ``promisc``: the
   interface is promiscuous for as long as the socket lives (no state left behind);
 - ``SO_RCVBUFFORCE`` (33) / ``SO_SNDBUFFORCE`` (32), which Python does not name,
@@ -36,6 +37,18 @@ Pitfalls
   off with ethtool.
 - Read buffers hold 65,536 + 24 + 10 bytes; a longer frame is counted in
   ``rx_errors`` and dropped (``MSG_TRUNC`` tells us its real length).
+- The direct-xmit path of ``PACKET_QDISC_BYPASS`` cannot segment: a GSO frame
+  (virtio-net header with a GSO type) sent to a device without the matching
+  offload (``ethtool -K dev tso off``, a bond/tunnel without it, a frame above
+  the device's GSO limits) is dropped by the kernel and ``send`` fails with
+  ``ENOBUFS``. On the first such failure the port turns the bypass off on its
+  socket, logs it once at info level, counts it in ``qdisc_fallbacks`` and
+  sends the frame again; from then on frames go through the qdisc path, which
+  segments GSO frames in software. Only GSO frames can trigger this: an
+  ``ENOBUFS`` for a plain frame (a full driver queue) is a drop as before. A
+  full queue hit by a GSO frame also turns the bypass off; that costs a little
+  CPU per frame (the qdisc path) and drops nothing more. The check runs only when a
+  send has already failed, so the normal send path costs the same.
 - A TPACKET_V2 ring was tried in the study and lost sync under a 64-byte
   flood; plain ``recv_into`` is used on purpose.
 """
@@ -43,6 +56,7 @@ Pitfalls
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import struct
 from typing import Literal
@@ -71,6 +85,12 @@ SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 
 VNET_HDR_SIZE = 10
+#: Offset of ``gso_type`` in the virtio-net header; the low bits are the type
+#: (0: not a GSO frame), 0x80 is the ECN flag.
+_GSO_TYPE_OFFSET = 1
+_GSO_TYPE_MASK = 0x7F
+
+log = logging.getLogger("vtl.ports")
 _FATAL = frozenset({errno.EBADF, errno.ENODEV, errno.ENXIO})
 
 
@@ -107,6 +127,11 @@ class PacketPort(Port):
         self._buf = bytearray(READ_BUF_SIZE)
         self._view = memoryview(self._buf)
         self._hdr = VNET_HDR_SIZE if cfg.vnet_hdr else 0
+        #: Whether the open socket still has PACKET_QDISC_BYPASS on.
+        self.qdisc_bypass = False
+        #: Times a refused GSO frame made us turn the bypass off (at most once per open).
+        self.qdisc_fallbacks = 0
+        self._fallback_logged = False
 
     @property
     def is_open(self) -> bool:
@@ -148,9 +173,11 @@ class PacketPort(Port):
                 ) from None
             raise SetupError(f"cannot {what}: {describe_oserror(exc, 'CAP_NET_RAW')}") from None
         self._sock = sock
+        self.qdisc_bypass = True
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
+        self.qdisc_bypass = False
         if sock is not None:
             sock.close()  # drops the promiscuous membership too
 
@@ -198,9 +225,49 @@ class PacketPort(Port):
             return False
         try:
             sock.send(raw)
-        except OSError:
+        except OSError as exc:
             # EAGAIN/ENOBUFS/EMSGSIZE mostly; ENETDOWN and EINVAL (bad virtio header)
             # are per-frame too. Never raise on the fast path.
+            if exc.errno == errno.ENOBUFS and self.qdisc_bypass and self._is_gso(raw):
+                return self._send_without_bypass(sock, raw)
+            c.tx_dropped += 1
+            return False
+        c.tx_frames += 1
+        c.tx_bytes += len(raw) - self._hdr
+        return True
+
+    def _is_gso(self, raw: bytes | bytearray | memoryview) -> bool:
+        return self._hdr > 0 and len(raw) > self._hdr and bool(
+            raw[_GSO_TYPE_OFFSET] & _GSO_TYPE_MASK
+        )
+
+    def _send_without_bypass(
+        self, sock: socket.socket, raw: bytes | bytearray | memoryview
+    ) -> bool:
+        """A GSO frame the direct-xmit path refused: go through the qdisc from now on."""
+        c = self.counters
+        self.qdisc_bypass = False
+        try:
+            sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 0)
+        except OSError as exc:
+            log.warning(
+                "port %s (%s): cannot turn PACKET_QDISC_BYPASS off (%s); GSO frames "
+                "to this interface are dropped", self.role, self.ifname, exc.strerror,
+            )
+            c.tx_dropped += 1
+            return False
+        self.qdisc_fallbacks += 1
+        if not self._fallback_logged:
+            self._fallback_logged = True
+            log.info(
+                "port %s (%s): the interface refused a GSO frame on the qdisc-bypass path "
+                "(its TSO/GSO offload is off or does not fit the frame); sending through "
+                "the qdisc from now on, which segments GSO frames in software",
+                self.role, self.ifname,
+            )
+        try:
+            sock.send(raw)
+        except OSError:
             c.tx_dropped += 1
             return False
         c.tx_frames += 1
