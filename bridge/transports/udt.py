@@ -19,8 +19,11 @@ Options (``StreamRequest.options`` and, for the listener, ``ListenRequest.option
 - ``mss``: UDT packet size (``UDT_MSS``), default 1500;
 - ``window``: bytes; UDT send/receive buffers and flight window, and the
   per-stream credit window of the framing; default 8 MiB;
+- ``max_bw``: bytes per second one UDT connection may send (``UDT_MAXBW``),
+  default 0: no cap. UDT's own rate control overshoots a rate-limited path;
+  a cap at the path's rate keeps it under the bottleneck;
 - ``mux``: carry the stream inside one shared UDT connection per (peer,
-  mss, window) instead of a UDT connection of its own (default False).
+  mss, window, max_bw) instead of a UDT connection of its own (default False).
 
 Failures name the peer bridge: ``UDT peer 10.0.0.2:9000 could not be
 reached: ...`` (reason ``timeout`` when it did not answer within
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import NamedTuple
 
 from vtl.bridge.transports.base import (
     Handshake,
@@ -110,11 +114,20 @@ class _UdtListener:
         self._hub.unlisten(self._rec)
 
 
+class Tuning(NamedTuple):
+    """What a UDT socket is set up with (the transport's ``mss``, ``window``, ``max_bw``)."""
+
+    mss: int
+    window: int
+    max_bw: int = 0  # bytes per second a connection may send; 0: no cap (UDT_MAXBW -1)
+
+
+
 class UdtTransport(Transport):
     """Streams to and from peer bridges over UDT (see the module docstring)."""
 
     kind = "udt"
-    options = frozenset({"flow", "mss", "window", "mux"})
+    options = frozenset({"flow", "mss", "window", "max_bw", "mux"})
 
     def __init__(self) -> None:
         self._hub = None
@@ -125,9 +138,10 @@ class UdtTransport(Transport):
             self._hub = Hub()
         return self._hub
 
-    def _settings(self, opts) -> tuple[int, int]:
-        return (_int_opt(opts, "mss", DEFAULT_MSS, 76, 65536),
-                _int_opt(opts, "window", DEFAULT_WINDOW, MIN_WINDOW, MAX_WINDOW))
+    def _settings(self, opts) -> Tuning:
+        return Tuning(_int_opt(opts, "mss", DEFAULT_MSS, 76, 65536),
+                      _int_opt(opts, "window", DEFAULT_WINDOW, MIN_WINDOW, MAX_WINDOW),
+                      _int_opt(opts, "max_bw", 0, 0, 1 << 40))
 
     def check(self, request: StreamRequest) -> None:
         super().check(request)
@@ -143,9 +157,8 @@ class UdtTransport(Transport):
         if family != socket.AF_INET:
             raise OSError(errno.EAFNOSUPPORT, "UDT (udt4py) supports IPv4 peers only")
         opts = request.options
-        mss, window = self._settings(opts)
-        return self.hub().open((sockaddr[0], sockaddr[1]), Flow.from_dict(opts["flow"]), mss,
-                               window, bool(opts.get("mux", False)))
+        return self.hub().open((sockaddr[0], sockaddr[1]), Flow.from_dict(opts["flow"]),
+                               self._settings(opts), bool(opts.get("mux", False)))
 
     def connect_failed(self, request: StreamRequest, reason: CloseReason,
                        message: str) -> tuple[CloseReason, str]:
@@ -155,11 +168,11 @@ class UdtTransport(Transport):
         return RecordHandshake(f"{request.host}:{request.port}", request.timeout_s)
 
     def listen(self, request: ListenRequest, deliver) -> TransportListener:
-        unknown = set(request.options) - {"mss", "window"}
+        unknown = set(request.options) - {"mss", "window", "max_bw"}
         if unknown:
             raise LocalProtocolError(f"udt listen: unknown option(s) {sorted(unknown)} "
-                                     "(known: mss, window)")
-        mss, window = self._settings(request.options)
+                                     "(known: mss, window, max_bw)")
+        tuning = self._settings(request.options)
         hub = self.hub()
 
         def arrive(a) -> None:
@@ -172,8 +185,8 @@ class UdtTransport(Transport):
             deliver(InboundStream(a.sock, a.peer, a.meta, accept,
                                   lambda reason, message: hub.refuse(a.pipe, reason, message)))
 
-        return _UdtListener(hub, hub.listen(request.host.strip("[]"), request.port, mss,
-                                            window, arrive))
+        return _UdtListener(hub, hub.listen(request.host.strip("[]"), request.port, tuning,
+                                            arrive))
 
     def close(self) -> None:
         if self._hub is not None:

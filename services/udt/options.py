@@ -134,12 +134,20 @@ class UdtOptions(ServiceOptions):
     mss: int = Field(1500, ge=576, le=65535, description="UDT packet size (bytes)")
     window: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=1 << 30,
                         description="UDT buffer per connection (bytes)")
+    max_rate_mbit: float = Field(0.0, ge=0, le=1_000_000, description="cap on what one UDT "
+                                 "connection sends, in Mbit/s of UDT packets (0: no cap); set "
+                                 "it to the WAN's rate")
     mux: bool = Field(False, description="one UDT connection per pair of bridges (true) or "
                       "one per TCP connection (false)")
     buffer_bytes: int = Field(2 * 1024 * 1024, ge=16 * 1024, le=1 << 30,
                               description="memory per connection, both directions together")
     max_connections: int = Field(1024, ge=1, le=1_000_000,
                                  description="connections at once; more get RST")
+
+    @property
+    def max_bw(self) -> int:
+        """``max_rate_mbit`` as the transport's ``max_bw`` (bytes per second, 0: none)."""
+        return int(self.max_rate_mbit * 1e6 / 8)
 
     @field_validator("listen")
     @classmethod
