@@ -341,9 +341,9 @@ def main() -> int:
     ap.add_argument("--losses", type=_floats, default=[0.0, 0.001, 0.01],
                     help="comma-separated loss probabilities, each direction (default "
                     "0,0.001,0.01)")
-    ap.add_argument("--max-rate", type=float, default=95.0,
-                    help="the udt service's max_rate_mbit (default 95: the WAN's 100 less "
-                         "Ethernet framing; 0: no cap, UDT's own rate control alone)")
+    ap.add_argument("--max-rate", type=float, default=90.0,
+                    help="the udt service's max_rate_mbit (default 90: ~10 %% under the WAN's "
+                         "100; 0: no cap, UDT's own rate control alone)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell, median (default 1)")
     ap.add_argument("--mux", choices=["false", "true"], default=None,
                     help="udt's mux in section 1 (default: the service's default)")

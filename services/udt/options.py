@@ -137,7 +137,7 @@ class UdtOptions(ServiceOptions):
     max_rate_mbit: float = Field(0.0, ge=0, le=1_000_000, description="cap on what one UDT "
                                  "connection sends, in Mbit/s of UDT packets (0: no cap); set "
                                  "it to the WAN's rate")
-    mux: bool = Field(False, description="one UDT connection per pair of bridges (true) or "
+    mux: bool = Field(True, description="one UDT connection per pair of bridges (true) or "
                       "one per TCP connection (false)")
     buffer_bytes: int = Field(2 * 1024 * 1024, ge=16 * 1024, le=1 << 30,
                               description="memory per connection, both directions together")
