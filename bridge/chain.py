@@ -83,30 +83,28 @@ class SlotContext:
         self.resources.append(f)
         return f
 
-    def open_stream(self, request: StreamRequest, handler: StreamHandler) -> Stream:
-        """Ask the bridge's stream manager for an upstream stream (see :mod:`vtl.stream`)."""
+    def _streams(self, what: str) -> tuple[StreamManager, Callable[[float], None]]:
+        """The chain's stream manager, and the guard that applies this slot's failure
+        policy when a handler of ``what`` raises."""
         streams = self._chain.streams
         if streams is None:
-            raise LocalProtocolError(f"{self.name}: open_stream() needs a bridge; this chain "
-                                     "has no stream manager (set chain.streams)")
+            raise LocalProtocolError(f"{self.name}: {what}() needs a bridge; this chain has "
+                                     "no stream manager (set chain.streams)")
         chain, index = self._chain, self._index
 
         def on_error(now: float) -> None:
-            chain.slots[index].failed("stream handler", now)
+            chain.slots[index].failed(f"{what} handler", now)
 
+        return streams, on_error
+
+    def open_stream(self, request: StreamRequest, handler: StreamHandler) -> Stream:
+        """Ask the bridge's stream manager for an upstream stream (see :mod:`vtl.stream`)."""
+        streams, on_error = self._streams("open_stream")
         return streams.open(request, handler, on_error)
 
     def listen_streams(self, request: ListenRequest, on_offer: OfferHandler) -> Listener:
         """Take inbound streams (see :mod:`vtl.stream`); the listener closes at chain stop."""
-        streams = self._chain.streams
-        if streams is None:
-            raise LocalProtocolError(f"{self.name}: listen_streams() needs a bridge; this "
-                                     "chain has no stream manager (set chain.streams)")
-        chain, index = self._chain, self._index
-
-        def on_error(now: float) -> None:
-            chain.slots[index].failed("stream offer handler", now)
-
+        streams, on_error = self._streams("listen_streams")
         listener = streams.listen(request, on_offer, on_error)
         self.resources.append(listener)
         return listener
