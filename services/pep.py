@@ -50,8 +50,7 @@ import ipaddress
 from typing import Any
 
 from pydantic import Field
-from vtl.models.split import SplitTable, guest_key
-from vtl.models.tcp_endpoint import EndpointConfig
+from vtl.models.split import SplitTable, budget, guest_key
 
 from vtl import CONSUMED, DROP, PASS, Direction, Frame, Service, ServiceContext, ServiceOptions
 from vtl.packet.packet import Packet
@@ -82,11 +81,7 @@ class Pep(Service):
 
     def __init__(self, options: PepOptions, ctx: ServiceContext):
         super().__init__(options, ctx)
-        half = options.buffer_bytes // 2
-        self.chunk = max(4096, min(256 * 1024, options.buffer_bytes // 8))
-        # the VM is one hop away: its RTT is tens of microseconds, so a lost segment
-        # is better retransmitted after 30 ms than after the 200 ms floor of WAN stacks
-        ep_config = EndpointConfig(send_buffer=half, recv_buffer=half, rto_min=0.03)
+        ep_config, self.chunk = budget(options.buffer_bytes)
         self.table = SplitTable(ctx, ep_config, max_connections=options.max_connections)
 
     def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:

@@ -67,8 +67,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from vtl.models.split import FlowKey, SplitTable, guest_key
-from vtl.models.tcp_endpoint import EndpointConfig
+from vtl.models.split import FlowKey, SplitTable, budget, guest_key
 from vtl.services.socks.dns import DnsResolver
 from vtl.services.socks.dnstcp import LocalDnsStream
 from vtl.services.socks.fakeip import FakeIpPool
@@ -104,9 +103,7 @@ class Socks(Service):
         self.proxy = options.proxy_url
         self.gateway_mac = options.gateway_mac
         self.secret = os.urandom(16).hex()  # isolation password: new circuits every run
-        half = options.buffer_bytes // 2
-        self.chunk = max(4096, min(256 * 1024, options.buffer_bytes // 8))
-        ep_config = EndpointConfig(send_buffer=half, recv_buffer=half, rto_min=0.03)
+        ep_config, self.chunk = budget(options.buffer_bytes)
         # proxy down / refusing / bad credentials: RST at once; only a destination the
         # proxy reports unreachable is ICMP (the application then says "no route")
         self.table = SplitTable(ctx, ep_config, max_connections=options.max_connections,

@@ -85,8 +85,8 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from vtl.models.split import FlowKey, SplitTable, guest_key
-from vtl.models.tcp_endpoint import EndpointConfig, TcpEndpoint
+from vtl.models.split import FlowKey, SplitTable, budget, guest_key
+from vtl.models.tcp_endpoint import TcpEndpoint
 from vtl.models.tcp_segment import FlowAddrs
 from vtl.services.udt.options import Peer, UdtOptions, parse_hostport
 
@@ -128,9 +128,7 @@ class Udt(Service):
 
     def __init__(self, options: UdtOptions, ctx: ServiceContext):
         super().__init__(options, ctx)
-        half = options.buffer_bytes // 2
-        self.chunk = max(4096, min(256 * 1024, options.buffer_bytes // 8))
-        ep_config = EndpointConfig(send_buffer=half, recv_buffer=half, rto_min=0.03)
+        ep_config, self.chunk = budget(options.buffer_bytes)
         # every failure to connect is a RST to the guest (unreachable peers: see fallback)
         self.table = SplitTable(ctx, ep_config, max_connections=options.max_connections,
                                 icmp_reasons=frozenset())
