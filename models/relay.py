@@ -17,7 +17,8 @@ one read chunk (and the bridge's own bounded stream write buffer).
 Opening (passive, the VM's SYN): the endpoint waits in LISTEN while the stream
 connects; ``StreamConnected`` accepts the SYN, ``refused`` answers RST, and
 ``timeout`` or ``unreachable`` answer ICMP destination unreachable (which
-reasons do is ``icmp_reasons``).
+reasons do is ``icmp_reasons``), and ``prohibited`` (the bridge's egress policy)
+ICMP administratively prohibited.
 
 Opening (active, toward the VM on behalf of a remote client): the relay starts
 with an endpoint in SYN-SENT and no stream (``Relay(endpoint, connect_deadline=...)``).
@@ -42,6 +43,7 @@ from vtl.models.tcp_endpoint import Aborted, Closed, Connected, TcpEndpoint
 from vtl.models.tcp_state import TcpState
 
 from vtl.frame import Frame
+from vtl.packet.icmp import ICMP_ADMIN_PROHIBITED
 from vtl.packet.packet import Packet
 from vtl.stream import (
     Stream,
@@ -140,14 +142,14 @@ class Relay:
         assert self.stream is None, "a relay has one stream"
         self.stream = stream
         if self.endpoint_aborted and not self.upstream_closed:
-            stream.abort()
+            stream.abort(now)
         self.pump(now)
 
     def abort(self, now: float) -> None:
         """Reset both sides (the service is stopping or over a limit)."""
         self.endpoint.abort(now)
         if self.stream is not None and not self.upstream_closed:
-            self.stream.abort()
+            self.stream.abort(now)
         self.pump(now)
 
     # -- outputs ------------------------------------------------------------------------
@@ -187,7 +189,7 @@ class Relay:
                     elif ev.reason == "reset":
                         self.stats.outcome = "reset"
                 if stream is not None and not self.upstream_closed:
-                    stream.abort()
+                    stream.abort(now)
             elif isinstance(ev, Closed):
                 self.endpoint_closed = True
                 if not self.stats.outcome:
@@ -202,13 +204,13 @@ class Relay:
                 if room <= 0:
                     break
                 data = ep.read(room, now)
-                taken = stream.write(data)
+                taken = stream.write(data, now)
                 self.stats.bytes_up += taken
                 if taken < len(data):  # cannot happen when write_room is honest
                     raise AssertionError("stream took less than its write_room")
             if ep.eof and not self.sent_shutdown:
                 self.sent_shutdown = True
-                stream.shutdown_write()
+                stream.shutdown_write(now)
         # upstream -> VM, as far as the endpoint takes
         if self.pending:
             n = ep.send(self.pending, now)
@@ -217,7 +219,7 @@ class Relay:
         want_pause = bool(self.pending)
         if want_pause != self._paused and not self.upstream_closed:
             self._paused = want_pause
-            stream.pause_reading(want_pause)
+            stream.pause_reading(want_pause, now)
         if self.upstream_eof and not self.pending and not ep.fin_queued:
             ep.shutdown(now)
         if ep.events:  # send/read/shutdown may have produced events
@@ -230,7 +232,9 @@ class Relay:
             self.stats.message = event.message
         if not self.connected:
             self.stats.outcome = reason
-            if ep.state is TcpState.LISTEN and reason in self.icmp_reasons:
+            if ep.state is TcpState.LISTEN and reason == "prohibited":
+                ep.unreachable(now, ICMP_ADMIN_PROHIBITED)  # the bridge's egress policy
+            elif ep.state is TcpState.LISTEN and reason in self.icmp_reasons:
                 ep.unreachable(now)
             else:
                 ep.abort(now)  # LISTEN: RST to the held SYN; an active open: RST

@@ -1,8 +1,11 @@
 """VTL: a framework for transparent network services.
 
 This package is the public API that plugin authors import: the packet access
-API (:mod:`vtl.packet`), frames and their offload metadata, the service base
-class and its context, verdicts and errors.
+API (:mod:`vtl.packet`; :class:`Packet` and the TCP flag names are here too),
+frames and their offload metadata, flow keys and bounded flow tables
+(:mod:`vtl.flow`), the service base class and its context, verdicts, upstream
+streams (:mod:`vtl.stream`) and errors. :mod:`vtl.testing` has the fakes and
+the harness for a service's tests.
 """
 
 from vtl.errors import (
@@ -13,7 +16,10 @@ from vtl.errors import (
     SetupError,
     VTLError,
 )
+from vtl.flow import FlowKey, FlowTable
 from vtl.frame import Frame, VnetHeader
+from vtl.packet.packet import Packet
+from vtl.packet.tcp import ACK, CWR, ECE, FIN, PSH, RST, SYN, URG
 from vtl.service import (
     CONSUMED,
     DROP,
@@ -25,11 +31,14 @@ from vtl.service import (
     ServiceOptions,
     Verdict,
 )
+from vtl.stream import Stream, StreamEvent, StreamFlow, StreamRequest
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CONSUMED", "DROP", "PASS", "ConfigError", "Direction", "Frame", "LocalProtocolError",
+    "ACK", "CONSUMED", "CWR", "DROP", "ECE", "FIN", "PASS", "PSH", "RST", "SYN", "URG",
+    "ConfigError", "Direction", "FlowKey", "FlowTable", "Frame", "LocalProtocolError", "Packet",
     "PacketError", "RemoteProtocolError", "Service", "ServiceContext", "ServiceCounters",
-    "ServiceOptions", "SetupError", "VTLError", "Verdict", "VnetHeader", "__version__",
+    "ServiceOptions", "SetupError", "Stream", "StreamEvent", "StreamFlow", "StreamRequest",
+    "VTLError", "Verdict", "VnetHeader", "__version__",
 ]

@@ -35,6 +35,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from vtl.flow import FlowKey
+
 CloseReason = Literal[
     "closed",  # orderly: both sides finished (EOF seen and our shutdown flushed)
     "local",  # this side called close() or abort()
@@ -42,8 +44,21 @@ CloseReason = Literal[
     "refused",  # connection refused (TCP RST to our SYN, SOCKS "connection refused")
     "timeout",  # no answer within StreamRequest.timeout_s
     "unreachable",  # no route, host or network unreachable
+    "prohibited",  # refused by the bridge's egress policy before any socket existed
     "error",  # anything else (the message says what)
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFlow:
+    """The guest's connection a stream carries, for transports that re-create it at the
+    far end (``udt``): ``key`` as the client sent it (client -> server), and the
+    client's and server's MAC addresses when known (empty: the far end uses what
+    it learnt)."""
+
+    key: FlowKey
+    client_mac: bytes = b""
+    server_mac: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +68,7 @@ class StreamRequest:
     ``kind`` names the transport (``"tcp"``; later ``"socks5"``, ``"udt"``);
     ``host`` is an address literal or, for transports that resolve remotely,
     a name. ``options`` carries transport-specific settings (proxy URL,
-    credentials, the original 4-tuple for UDT framing).
+    credentials); ``flow`` the guest connection for transports that re-create it.
     """
 
     kind: str
@@ -63,6 +78,7 @@ class StreamRequest:
     read_chunk: int = 256 * 1024  # largest StreamData the bridge delivers at once
     write_buffer: int = 256 * 1024  # bytes the bridge buffers beyond what the socket took
     options: Mapping[str, Any] = field(default_factory=dict)
+    flow: StreamFlow | None = None  # the original connection, for transports that carry it
 
 
 class Stream(Protocol):
@@ -75,19 +91,19 @@ class Stream(Protocol):
     def write_room(self) -> int:
         """How many bytes :meth:`write` would take now (0 before connected or after shutdown)."""
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def write(self, data: bytes | bytearray | memoryview, now: float) -> int:
         """Queue up to :attr:`write_room` bytes; returns how many were taken."""
 
-    def shutdown_write(self) -> None:
+    def shutdown_write(self, now: float) -> None:
         """Half-close: send EOF after the queued bytes (TCP FIN)."""
 
-    def pause_reading(self, paused: bool) -> None:
+    def pause_reading(self, paused: bool, now: float) -> None:
         """Stop (True) or resume (False) delivering :class:`StreamData`."""
 
-    def close(self) -> None:
+    def close(self, now: float) -> None:
         """Flush queued bytes, then close both ways."""
 
-    def abort(self) -> None:
+    def abort(self, now: float) -> None:
         """Close at once, dropping queued bytes; a TCP upstream gets a RST."""
 
 
@@ -203,5 +219,5 @@ OfferHandler = Callable[[StreamOffer, float], None]
 __all__ = [
     "CloseReason", "ListenRequest", "Listener", "OfferHandler", "Stream", "StreamClosed",
     "StreamConnected", "StreamData", "StreamEnded", "StreamEvent", "StreamHandler",
-    "StreamOffer", "StreamRequest", "StreamWritable",
+    "StreamFlow", "StreamOffer", "StreamRequest", "StreamWritable",
 ]
