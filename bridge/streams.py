@@ -171,7 +171,7 @@ class StreamHandle:
         room = self.request.write_buffer - self._queued
         return room if room > 0 else 0
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def write(self, data: bytes | bytearray | memoryview, now: float | None = None) -> int:
         if self._state is not OPEN or self._shut_req:
             return 0
         room = self.request.write_buffer - self._queued
@@ -202,7 +202,7 @@ class StreamHandle:
             self._mgr._update_mask(self)  # EPOLLOUT: flush, or say room is back
         return take
 
-    def shutdown_write(self) -> None:
+    def shutdown_write(self, now: float | None = None) -> None:
         if self._state in (CLOSING, DONE) or self._shut_req:
             return
         self._shut_req = True  # before connected: the FIN follows the connect
@@ -213,7 +213,7 @@ class StreamHandle:
             if self._state is OPEN:
                 self._mgr._update_mask(self)
 
-    def pause_reading(self, paused: bool) -> None:
+    def pause_reading(self, paused: bool, now: float | None = None) -> None:
         paused = bool(paused)
         if self._state in (CLOSING, DONE) or paused == self._paused:
             return
@@ -221,7 +221,7 @@ class StreamHandle:
         if self._state is OPEN:
             self._mgr._update_mask(self)
 
-    def close(self) -> None:
+    def close(self, now: float | None = None) -> None:
         mgr = self._mgr
         if self._state is not OPEN:
             if self._state is not CLOSING and self._state is not DONE:
@@ -240,7 +240,7 @@ class StreamHandle:
         if self._state is CLOSING:
             mgr._update_mask(self)
 
-    def abort(self) -> None:
+    def abort(self, now: float | None = None) -> None:
         if self._state is DONE:
             return
         self._mgr._drop(self, rst=self._state is not CONNECTING)

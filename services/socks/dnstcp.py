@@ -55,7 +55,7 @@ class LocalDnsStream:
             return 0
         return 65537 - len(self._buf)
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def write(self, data: bytes | bytearray | memoryview, now: float | None = None) -> int:
         take = min(len(data), self.write_room)
         if take <= 0:
             return 0
@@ -88,12 +88,12 @@ class LocalDnsStream:
             self._post(StreamEnded(self), self._now)
             self._post(StreamClosed(self, "closed"), self._now)
 
-    def shutdown_write(self) -> None:
+    def shutdown_write(self, now: float | None = None) -> None:
         if not self._final:
             self._shut = True
             self._maybe_end()
 
-    def pause_reading(self, paused: bool) -> None:
+    def pause_reading(self, paused: bool, now: float | None = None) -> None:
         self._paused = bool(paused)
         if not paused and self._held:
             held, self._held = self._held, []
@@ -101,10 +101,10 @@ class LocalDnsStream:
                 self._post(event, self._now)
             self._maybe_end()
 
-    def close(self) -> None:
+    def close(self, now: float | None = None) -> None:
         self.abort()  # nothing is queued toward a local resolver: close is abort
 
-    def abort(self) -> None:
+    def abort(self, now: float | None = None) -> None:
         if not self._final:
             self._final = True
             self._held.clear()

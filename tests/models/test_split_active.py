@@ -44,20 +44,20 @@ class Stream:
     def write_room(self) -> int:
         return 1 << 20 if self.connected else 0
 
-    def write(self, data) -> int:
+    def write(self, data, now: float | None = None) -> int:
         self.written += data
         return len(data)
 
-    def shutdown_write(self) -> None:
+    def shutdown_write(self, now: float | None = None) -> None:
         self.shut = True
 
-    def pause_reading(self, paused: bool) -> None:
+    def pause_reading(self, paused: bool, now: float | None = None) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, now: float | None = None) -> None:
         pass
 
-    def abort(self) -> None:
+    def abort(self, now: float | None = None) -> None:
         self.aborted = True
 
 

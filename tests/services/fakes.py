@@ -102,7 +102,7 @@ class FakeStream:
             return 0
         return self.request.write_buffer if self.room is None else max(0, self.room)
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def write(self, data: bytes | bytearray | memoryview, now: float | None = None) -> int:
         offered = len(memoryview(data).cast("B"))
         take = min(offered, self.write_room)
         self.written += memoryview(data).cast("B")[:take]
@@ -112,19 +112,19 @@ class FakeStream:
             self.short_write = True
         return take
 
-    def shutdown_write(self) -> None:
+    def shutdown_write(self, now: float | None = None) -> None:
         if self.connected and not self.local and not self.final:
             self.shut = True
 
-    def pause_reading(self, paused: bool) -> None:
+    def pause_reading(self, paused: bool, now: float | None = None) -> None:
         if not self.local and not self.final:
             self.paused = bool(paused)
 
-    def close(self) -> None:
+    def close(self, now: float | None = None) -> None:
         if not self.local and not self.final:
             self.local = "close"
 
-    def abort(self) -> None:
+    def abort(self, now: float | None = None) -> None:
         if self.final is None and self.local != "abort":
             self.local = "abort"
 
