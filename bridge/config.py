@@ -34,6 +34,11 @@ class BridgeSection(BaseModel):
         "info", description="logging threshold")
     batch: int = Field(64, ge=1, le=1024, description="frames read per port per wake-up")
     mac_aging_s: float = Field(300.0, gt=0, description="forget a guest MAC after this idle time")
+    max_macs: int = Field(
+        4096, ge=1, le=1_000_000,
+        description="MAC addresses learnt behind the guest port at most; a frame from a new "
+                    "MAC beyond that is forwarded but its MAC is not learnt (counted as "
+                    "mac_overflow)")
     stats_interval_s: float = Field(
         0.0, ge=0, description="log per-service counters this often (0: only at stop)")
 
