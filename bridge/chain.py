@@ -10,7 +10,11 @@ after the frame being processed, iteratively (no recursion, bounded by
 
 A service that raises is counted, logged (at most once a second per service)
 and the frame gets the slot's failure policy: ``open`` passes it, ``closed``
-drops it. The chain is not thread-safe; the engine holds a lock around it.
+drops it. A frame the service found malformed (it raised one of the
+project's remote-error types, :class:`~vtl.errors.PacketError` or
+:class:`~vtl.errors.RemoteProtocolError`) is counted as ``malformed``, not as
+an error, and logged without a traceback; the failure policy still applies.
+The chain is not thread-safe; the engine holds a lock around it.
 
 Upstream streams (``ctx.open_stream``, ``ctx.listen_streams``) are delegated
 to ``chain.streams``, a
@@ -22,6 +26,7 @@ error of its slot. A chain built without a bridge has no streams.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -32,7 +37,7 @@ from vtl.bridge.filter import MatchFilter
 from vtl.bridge.pcapfile import PcapSink
 from vtl.bridge.streams import StreamManager
 
-from vtl.errors import LocalProtocolError
+from vtl.errors import LocalProtocolError, PacketError, RemoteProtocolError
 from vtl.frame import Frame
 from vtl.service import Direction, FailPolicy, Service, ServiceCounters, Verdict
 from vtl.stream import (
@@ -119,7 +124,8 @@ class SlotContext:
 
 
 class Slot:
-    __slots__ = ("service", "ctx", "match", "fail", "counters", "log", "_last_log", "_quiet")
+    __slots__ = ("service", "ctx", "match", "fail", "counters", "log", "_last_log", "_quiet",
+                 "_report_takes_now")
 
     def __init__(self, service: Service, ctx: SlotContext, match: MatchFilter | None,
                  fail: FailPolicy):
@@ -131,6 +137,7 @@ class Slot:
         self.log = ctx.log
         self._last_log = -1e9
         self._quiet = 0
+        self._report_takes_now: bool | None = None
 
     def failed(self, what: str, now: float) -> None:
         """Count and log (rate-limited) an exception raised by the service."""
@@ -139,6 +146,31 @@ class Slot:
             extra = f" ({self._quiet} more suppressed)" if self._quiet else ""
             self.log.warning("%s failed in %s; failure policy %r%s", self.ctx.name, what,
                              self.fail, extra, exc_info=not what.startswith("process ("))
+            self._last_log = now
+            self._quiet = 0
+        else:
+            self._quiet += 1
+
+    def report(self, now: float) -> dict[str, object]:
+        """The service's own figures; a failing report is counted, never raised. A
+        third-party service written before ``report`` took ``now`` is still called."""
+        report = self.service.report
+        try:
+            if self._report_takes_now is None:
+                params = inspect.signature(report).parameters
+                self._report_takes_now = len(params) >= 1
+            return dict(report(now) if self._report_takes_now else report())  # type: ignore[call-arg]
+        except Exception:  # noqa: BLE001 - a report must not break the bridge
+            self.failed("report", now)
+            return {}
+
+    def malformed(self, exc: Exception, now: float) -> None:
+        """Count and log (rate-limited, no traceback) a frame the service found malformed."""
+        self.counters.malformed += 1
+        if now - self._last_log >= 1.0:
+            extra = f" ({self._quiet} more suppressed)" if self._quiet else ""
+            self.log.info("%s: malformed frame: %s; failure policy %r%s", self.ctx.name, exc,
+                          self.fail, extra)
             self._last_log = now
             self._quiet = 0
         else:
@@ -252,6 +284,9 @@ class Chain:
             c.bytes_in += size
             try:
                 verdict = slot.service.process(frame, direction, now)
+            except (PacketError, RemoteProtocolError) as exc:  # the frame, not the service
+                slot.malformed(exc, now)
+                verdict = PASS if slot.fail == "open" else DROP
             except Exception:  # noqa: BLE001 - the failure policy decides
                 slot.failed("process", now)
                 verdict = PASS if slot.fail == "open" else DROP

@@ -15,7 +15,13 @@ arrived during its own send() without waiting for the other thread to wake.
 Learning switch: a frame from the guest teaches its source MAC; a frame from
 the uplink reaches the guest only if its destination is broadcast/multicast
 or a MAC seen behind the guest port in the last ``mac_aging_s`` seconds.
-Frames to other MACs (the host's own included) are left to the host.
+Frames to other MACs (the host's own included) are left to the host. The MAC
+table is a bounded :class:`~vtl.flow.FlowTable` (``max_macs``, policy
+"refuse"): a guest sending from ever new source MACs cannot grow the bridge's
+memory; when the table is full a new MAC is not learnt (its frame still goes
+out) and ``mac_overflow`` counts it, while the MACs already learnt keep
+working. The configured guest MAC never ages. Only the to-uplink thread writes
+the table; the to-guest thread reads it with ``expires_at`` (atomic reads).
 
 Offloads: when both ports carry virtio-net headers, frames cross with their
 header untouched (64 KB GSO frames stay whole). When only the output port
@@ -50,6 +56,7 @@ from vtl.bridge.ports import Port, make_port
 from vtl.bridge.streams import StreamManager
 
 from vtl.errors import SetupError, VTLError
+from vtl.flow import FlowTable
 from vtl.frame import VNET_HDR_LEN, Frame
 from vtl.service import Direction
 
@@ -65,10 +72,11 @@ class BridgeCounters:
     not_for_guest: int = 0  # unicast from the uplink to a MAC not behind the guest port
     malformed: int = 0  # frames too short for an Ethernet header, or bad offload metadata
     segmented: int = 0  # GSO frames cut in software for a port without virtio headers
+    mac_overflow: int = 0  # frames from a new guest MAC not learnt: the MAC table was full
 
     def as_dict(self) -> dict[str, int]:
         return {"not_for_guest": self.not_for_guest, "malformed": self.malformed,
-                "segmented": self.segmented}
+                "segmented": self.segmented, "mac_overflow": self.mac_overflow}
 
 
 class _Lane:
@@ -101,8 +109,8 @@ class Bridge:
         self.chain = chain if chain is not None else Chain(config.services, self.log)
         self.counters = BridgeCounters()
         self.batch = config.bridge.batch
-        self.mac_aging = config.bridge.mac_aging_s
-        self.learned: dict[bytes, float] = {}
+        self.macs: FlowTable[bytes, bool] = FlowTable(
+            config.bridge.max_macs, timeout=config.bridge.mac_aging_s, evict="refuse")
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -140,8 +148,8 @@ class Bridge:
             self.close()
             raise
         guest_mac = getattr(self.guest, "guest_mac", None)
-        if guest_mac:
-            self.learned[guest_mac] = float("inf")  # the VM's configured MAC is always behind
+        if guest_mac:  # the VM's configured MAC is always behind the guest port
+            self.macs.put(bytes(guest_mac), True, time.monotonic(), timeout=None, rank=1)
 
     def start(self) -> None:
         """Start the forwarding threads (the bridge must be open)."""
@@ -279,7 +287,7 @@ class Bridge:
         now = time.monotonic()
         off = lane.off
         counters = self.counters
-        learned = self.learned
+        macs = self.macs
         good = []
         if lane.to_uplink:
             for raw in batch:
@@ -288,12 +296,13 @@ class Bridge:
                     continue
                 mac = raw[off + 6:off + 12]
                 if mac != lane.last_src or now - lane.last_seen > 1.0:
-                    if not mac[0] & 1:
-                        learned[mac] = max(now, learned.get(mac, 0.0))
+                    if not mac[0] & 1 and not macs.touch(mac, now) \
+                            and not macs.put(mac, True, now):
+                        counters.mac_overflow += 1
                     lane.last_src, lane.last_seen = mac, now
                 good.append(raw)
         else:
-            aging = self.mac_aging
+            expires_at = macs.expires_at
             for raw in batch:
                 if len(raw) < off + 14:
                     counters.malformed += 1
@@ -301,8 +310,8 @@ class Bridge:
                 if raw[off] & 1:
                     good.append(raw)
                     continue
-                seen = learned.get(raw[off:off + 6])
-                if seen is not None and now - seen < aging:
+                until = expires_at(raw[off:off + 6])
+                if until is not None and until > now:
                     good.append(raw)
                 else:
                     counters.not_for_guest += 1
@@ -383,24 +392,18 @@ class Bridge:
     def snapshot(self) -> dict[str, object]:
         """Counters of the ports, the bridge and every service, as plain data."""
         with self._lock:
+            now = time.monotonic()
             services = {
-                slot.ctx.name: {**slot.counters.as_dict(), **_safe_report(slot)}
+                slot.ctx.name: {**slot.counters.as_dict(), **slot.report(now)}
                 for slot in self.chain.slots
             }
             streams = self.streams.snapshot() if self.streams is not None else {}
         return {
-            "bridge": self.counters.as_dict(),
+            "bridge": {**self.counters.as_dict(), "macs": len(self.macs)},
             "ports": {p.role: _port_counters(p) for p in (self.guest, self.uplink)},
             "services": services,
             "streams": streams,
         }
-
-
-def _safe_report(slot: object) -> dict[str, object]:
-    try:
-        return dict(slot.service.report())  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - a report must not break the bridge
-        return {}
 
 
 def _port_counters(port: Port) -> dict[str, int]:

@@ -122,7 +122,7 @@ class Capture(Service):
         if sink is not None:
             sink.close()
 
-    def report(self) -> dict[str, Any]:
+    def report(self, now: float) -> dict[str, Any]:
         return {
             "path": self.options.path,
             "direction": self.options.direction,

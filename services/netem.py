@@ -229,7 +229,7 @@ class Netem(Service):
             link.held_bytes = 0
             link.tx_queue.clear()
 
-    def report(self) -> dict[str, Any]:
+    def report(self, now: float) -> dict[str, Any]:
         o = self.options
         config = {"direction": o.direction, **o.model_dump(exclude_defaults=True)}
         per_dir = {

@@ -34,13 +34,16 @@ Counters (``counters``, also :meth:`FlowTable.stats`): entries, inserted,
 expired, evicted, refused. The table reads no clock: ``now`` comes in.
 
 Not here: per-packet state machines (those are the services' and the models'),
-thread safety (the bridge serialises the chain).
+locking (the bridge serialises the chain). One thread may write while others
+call :meth:`FlowTable.expires_at`, which only reads (the learning switch does so).
+``now`` must not go backwards between calls (the bridge's clock is monotonic).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Literal, NamedTuple, TypeVar
@@ -147,7 +150,7 @@ class _Bucket:
     def __init__(self, rank: int, timeout: float | None):
         self.rank = rank
         self.timeout = timeout
-        self.entries: dict = {}  # key -> time of last touch, in that order
+        self.entries: OrderedDict = OrderedDict()  # key -> time of last touch, in that order
 
 
 _DEFAULT: float = math.nan  # "the table's default timeout"
@@ -215,6 +218,17 @@ class FlowTable(Generic[K, V]):
             return None
         return b.entries[key] + b.timeout
 
+    def expires_at(self, key: K) -> float | None:
+        """When ``key`` expires (``math.inf``: never), None when absent. Safe to call from
+        another thread while one thread writes (only atomic dict reads)."""
+        b = self._where.get(key)
+        if b is None:
+            return None
+        t = b.entries.get(key)
+        if t is None:  # being moved to another bucket right now
+            return None
+        return math.inf if b.timeout is None else t + b.timeout
+
     @property
     def full(self) -> bool:
         return len(self._values) >= self.max_entries
@@ -243,8 +257,8 @@ class FlowTable(Generic[K, V]):
             return False
         if timeout is _DEFAULT and rank is None:
             e = b.entries
-            del e[key]
             e[key] = now
+            e.move_to_end(key)  # one C call: a reader on another thread never misses it
             return True
         self._place(key, now, b.timeout if timeout is _DEFAULT else timeout,
                     b.rank if rank is None else rank)

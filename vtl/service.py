@@ -89,7 +89,8 @@ class ServiceCounters:
     dropped: int = 0
     consumed: int = 0
     injected: int = 0
-    errors: int = 0
+    errors: int = 0  # the service raised: a bug, or a failure it did not handle
+    malformed: int = 0  # the service raised PacketError/RemoteProtocolError about a frame
     extra: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
@@ -97,7 +98,7 @@ class ServiceCounters:
             "frames_in": self.frames_in, "bytes_in": self.bytes_in,
             "frames_out": self.frames_out, "bytes_out": self.bytes_out,
             "dropped": self.dropped, "consumed": self.consumed,
-            "injected": self.injected, "errors": self.errors,
+            "injected": self.injected, "errors": self.errors, "malformed": self.malformed,
         }
         d.update(self.extra)
         return d
@@ -176,6 +177,7 @@ class Service:
     def stop(self, now: float) -> None:
         """Called once when the bridge stops; release what the service holds."""
 
-    def report(self) -> dict[str, Any]:
-        """Service-specific figures for summaries (counters are added by the bridge)."""
+    def report(self, now: float) -> dict[str, Any]:
+        """Service-specific figures for summaries at ``now`` (counters are added by the
+        bridge)."""
         return {}

@@ -37,7 +37,7 @@ def test_writes_every_frame_and_passes_it_unchanged():
     sink = ctx.sinks["a.pcap"]
     assert isinstance(sink, MemorySink)
     assert sink.records == [(bytes(f.data), 10.0 + i) for i, f in enumerate(frames)]
-    assert svc.report() == {"path": "a.pcap", "direction": "both", "frames_written": 5,
+    assert svc.report(0.0) == {"path": "a.pcap", "direction": "both", "frames_written": 5,
                             "bytes_written": sum(len(f) for f in frames)}
     svc.stop(20.0)
     assert sink.closed
@@ -52,7 +52,7 @@ def test_direction_scoping(direction, kept):
     for d in (UP, DOWN, UP, DOWN):
         assert svc.process(udp_frame(), d, 0.0) is PASS
     assert len(ctx.sinks["d.pcap"].records) == 2
-    assert svc.report()["frames_written"] == 2
+    assert svc.report(0.0)["frames_written"] == 2
 
 
 def test_snaplen_cuts_records_not_frames():
@@ -125,8 +125,8 @@ def test_gso_tcp_frame_written_as_wire_segments(tmp_path, scapy_file):
     else:
         raws = [r for r, _ in ctx.sinks["seg.pcap"].records]
     n = -(-len(payload) // 1448)
-    assert len(raws) == n == svc.report()["frames_written"]
-    assert svc.report()["bytes_written"] == sum(map(len, raws))
+    assert len(raws) == n == svc.report(0.0)["frames_written"]
+    assert svc.report(0.0)["bytes_written"] == sum(map(len, raws))
     got = b""
     seq = 1000
     for r in raws:

@@ -385,14 +385,14 @@ def test_stop_discards_held_frames_and_report():
     svc, ctx = make(delay_ms=100, loss=0.5, seed=1)
     for i in range(100):
         svc.process(tagged_frame(i), UP, 0.0)
-    rep = svc.report()
+    rep = svc.report(0.0)
     assert rep["config"] == {"direction": "both", "delay_ms": 100, "loss": 0.5, "seed": 1}
     held = rep["directions"]["to_uplink"]["held"]
     assert held == ctx.extra("delayed") and held + ctx.extra("lost") == 100
     svc.stop(1.0)
     assert svc.poll_at() is None
     assert ctx.extra("discarded_at_stop") == held
-    assert svc.report()["directions"]["to_uplink"]["held"] == 0
+    assert svc.report(0.0)["directions"]["to_uplink"]["held"] == 0
 
 
 @pytest.mark.parametrize("bad", [
