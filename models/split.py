@@ -35,23 +35,24 @@ context. The table does no I/O and reads no clock: ``now`` is passed in.
 from __future__ import annotations
 
 import heapq
-import ipaddress
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
+from pydantic import Field
 from vtl.models.relay import Relay
 from vtl.models.tcp_endpoint import EndpointConfig, TcpEndpoint
+from vtl.models.tcp_state import TcpState
 
 from vtl.errors import PacketError
+from vtl.flow import FlowKey, FlowTable
 from vtl.frame import Frame
 from vtl.packet import build
 from vtl.packet.packet import Packet
 from vtl.packet.tcp import ACK, RST, SYN
-from vtl.service import Direction, ServiceContext
-from vtl.stream import Stream, StreamEvent, StreamHandler
+from vtl.service import Direction, Service, ServiceContext, ServiceOptions, Verdict
+from vtl.stream import Stream, StreamEvent, StreamFlow, StreamHandler, StreamRequest
 
-FlowKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, remote ip, remote port
 Connector = Callable[[StreamHandler], Stream]
 Refuser = Callable[[str, str], None]  # (outcome, message) of an active open that failed
 TOMBSTONE_S = 5.0  # how long stray segments of a closed connection get RST answers
@@ -59,31 +60,47 @@ LOG_EVERY_S = 10.0  # one log line per distinct failure cause per this long
 TO_GUEST = Direction.TO_GUEST
 DEFAULT_ICMP = frozenset({"timeout", "unreachable"})
 NOT_FAILED = frozenset({"closed", "", "refused", "passthrough"})
+# TCP teardown left to do once the upstream is finished and nothing is buffered: such a
+# relay costs a small entry in ``closing``, not one of ``max_connections``
+LINGERING = frozenset({TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.LAST_ACK,
+                       TcpState.CLOSING, TcpState.FIN_WAIT_1})
 
 
-def budget(buffer_bytes: int) -> tuple[EndpointConfig, int]:
-    """A service's per-connection memory ``buffer_bytes`` as the guest-facing endpoint's
-    config (half for sending, half for receiving) and the upstream read chunk (an
-    eighth, 4 KiB to 256 KiB, also used as the stream's write buffer)."""
+class Budget(NamedTuple):
+    """A service's per-connection memory, as the guest-facing endpoint's config and the
+    sizes of the upstream stream (read chunk and write buffer)."""
+
+    endpoint: EndpointConfig
+    chunk: int
+
+    def request(self, kind: str, host: str, port: int, *, timeout_s: float = 10.0,
+                options: dict[str, Any] | None = None,
+                flow: StreamFlow | None = None) -> StreamRequest:
+        """A :class:`~vtl.stream.StreamRequest` with this budget's sizes filled in."""
+        return StreamRequest(kind, host, port, timeout_s=timeout_s, read_chunk=self.chunk,
+                             write_buffer=self.chunk, options=options or {}, flow=flow)
+
+
+def budget(buffer_bytes: int) -> Budget:
+    """``buffer_bytes`` per connection: half for the endpoint's send buffer, half for its
+    receive buffer; the upstream read chunk (also the stream's write buffer) is an
+    eighth, 4 KiB to 256 KiB."""
     half = buffer_bytes // 2
     # the VM is one hop away: its RTT is tens of microseconds, so a lost segment
     # is better retransmitted after 30 ms than after the 200 ms floor of WAN stacks
     config = EndpointConfig(send_buffer=half, recv_buffer=half, rto_min=0.03)
-    return config, max(4096, min(256 * 1024, buffer_bytes // 8))
+    return Budget(config, max(4096, min(256 * 1024, buffer_bytes // 8)))
 
 
 def guest_key(pkt: Packet) -> FlowKey:
-    """The table key of a TCP segment sent by the guest."""
-    ip, t = pkt.ip, pkt.tcp
-    assert ip is not None and t is not None
-    src, dst = ip.addrs
-    sport, dport = t.ports
-    return (src, sport, dst, dport)
+    """The table key of a TCP segment sent by the guest (guest -> remote)."""
+    key = FlowKey.of(pkt)
+    assert key is not None
+    return key
 
 
-def describe(key: FlowKey) -> str:
-    return (f"{ipaddress.ip_address(key[0])}:{key[1]} -> "
-            f"{ipaddress.ip_address(key[2])}:{key[3]}")
+def describe(key: object) -> str:
+    return str(key)
 
 
 class SplitTable:
@@ -95,8 +112,15 @@ class SplitTable:
         self.ep_config = ep_config
         self.max_connections = max_connections
         self.icmp_reasons = icmp_reasons
-        self.relays: dict[FlowKey, Relay] = {}
-        self.tombstones: dict[FlowKey, float] = {}
+        # live connections: each holds buffers, so they count against max_connections
+        self.relays: FlowTable[FlowKey, Relay] = FlowTable(max_connections, evict="refuse")
+        # connections only finishing their TCP teardown (nothing buffered, upstream done):
+        # small, and when there are too many the oldest is forgotten (as Linux drops
+        # TIME-WAIT buckets over tcp_max_tw_buckets)
+        self.closing: FlowTable[FlowKey, Relay] = FlowTable(
+            max(256, 4 * max_connections), evict="lru", on_evict=self._closing_evicted)
+        self.tombstones: FlowTable[FlowKey, bool] = FlowTable(
+            max(256, 4 * max_connections), timeout=TOMBSTONE_S, evict="lru")
         self.buffered_max = 0
         self._timers: list[tuple[float, int, FlowKey]] = []
         self._scheduled: dict[FlowKey, float] = {}
@@ -104,11 +128,17 @@ class SplitTable:
         self._posted: deque[tuple[FlowKey, StreamEvent]] = deque()
         self._draining = False
         self._busy = 0  # depth of table calls in progress (see post)
+        self._last_now = 0.0
         self._logged: dict[str, tuple[float, int]] = {}
         self._accepting: dict[FlowKey, tuple[Connector, Refuser]] = {}  # active opens
 
     def __contains__(self, key: FlowKey) -> bool:
-        return key in self.relays
+        return key in self.relays or key in self.closing
+
+    def get(self, key: FlowKey) -> Relay | None:
+        """The connection of ``key``, live or closing."""
+        relay = self.relays.get(key)
+        return relay if relay is not None else self.closing.get(key)
 
     # -- frames from the guest -------------------------------------------------------
 
@@ -116,6 +146,8 @@ class SplitTable:
         """Feed a segment from the guest to its connection, or answer it for a recently
         closed one. False when no connection owns it (a SYN then may :meth:`open` one)."""
         relay = self.relays.get(key)
+        if relay is None:
+            relay = self.closing.get(key)
         if relay is not None:
             self._busy += 1
             try:
@@ -125,15 +157,11 @@ class SplitTable:
                 self._busy -= 1
             self._drain(now)
             return True
-        until = self.tombstones.get(key)
-        if until is None:
+        if self.tombstones.get(key, now) is None:
             return False
         t = pkt.tcp
         if t is not None and t.flags & (SYN | ACK | RST) == SYN:
             return False  # a new connection on the same ports
-        if until <= now:
-            del self.tombstones[key]
-            return False
         self.answer_reset(pkt)
         self.ctx.count("stray_segments")
         return True
@@ -147,8 +175,8 @@ class SplitTable:
     def open(self, key: FlowKey, syn: Packet, now: float, connect: Connector) -> Relay | None:
         """Answer a SYN (no ACK, no RST) from the guest: hold it until ``connect``'s
         stream reports connected. None when the SYN was malformed or over the limit."""
-        assert key not in self.relays, "segment() feeds SYNs of live connections"
-        self.tombstones.pop(key, None)
+        assert key not in self, "segment() feeds SYNs of live connections"
+        self.tombstones.pop(key)
         try:
             endpoint = TcpEndpoint.passive(syn, self.ep_config, now)
         except PacketError:
@@ -161,7 +189,7 @@ class SplitTable:
             endpoint.outbox = []
             return None
         relay = Relay(endpoint, icmp_reasons=self.icmp_reasons)
-        self.relays[key] = relay
+        self.relays.put(key, relay, now)
         self.ctx.count("connections_opened")
 
         def handler(event: StreamEvent, now: float, key: FlowKey = key) -> None:
@@ -184,14 +212,14 @@ class SplitTable:
         ``accept(handler)`` gives the stream; if it refuses, does not answer by
         ``deadline``, or the connection ends before that, ``refuse(outcome, message)``
         is called instead (once). None (and ``refuse`` called) when over the limit."""
-        assert key not in self.relays, "one connection per flow"
+        assert key not in self, "one connection per flow"
         if len(self.relays) >= self.max_connections:
             self.ctx.count("over_limit")
             refuse("error", "over max_connections")
             return None
-        self.tombstones.pop(key, None)
+        self.tombstones.pop(key)
         relay = Relay(endpoint, icmp_reasons=self.icmp_reasons, connect_deadline=deadline)
-        self.relays[key] = relay
+        self.relays.put(key, relay, now)
         self._accepting[key] = (accept, refuse)
         self.ctx.count("connections_opened")
         self._busy += 1
@@ -207,12 +235,12 @@ class SplitTable:
         """Forget ``key``'s connection without a frame to the guest and without a
         tombstone (its later segments are the service's again); counted as
         ``connections_<outcome>``. Its stream, if still open, is aborted."""
-        relay = self.relays.get(key)
+        relay = self.get(key)
         if relay is None:
             return None
         relay.stats.outcome = outcome
         if relay.stream is not None and not relay.upstream_closed:
-            relay.stream.abort()
+            relay.stream.abort(now)
         relay.endpoint.outbox = []
         self._accepting.pop(key, None)
         self._retire(key, relay, now, tombstone=False)
@@ -222,7 +250,7 @@ class SplitTable:
 
     def deliver(self, key: FlowKey, event: StreamEvent, now: float) -> None:
         """A stream event for ``key`` (the handler ``open`` gives the stream)."""
-        relay = self.relays.get(key)
+        relay = self.get(key)
         if relay is None or relay.stream is not event.stream:
             return
         self._busy += 1
@@ -276,15 +304,32 @@ class SplitTable:
         if relay.done:
             self._retire(key, relay, now)
             return
+        if relay.upstream_closed and relay.buffered == 0 \
+                and relay.endpoint.state in LINGERING and self.relays.get(key) is relay:
+            self.relays.pop(key)  # only teardown left: give the slot back
+            self._last_now = now  # for _closing_evicted
+            self.closing.put(key, relay, now)
         t = relay.poll_at()
         if t is not None and self._scheduled.get(key) != t:
             self._scheduled[key] = t
             self._seq += 1
-            heapq.heappush(self._timers, (t, self._seq, key))
+            timers = self._timers
+            heapq.heappush(timers, (t, self._seq, key))
+            if len(timers) > 4 * len(self._scheduled) + 64:  # stale entries: compact
+                self._timers = [(t, i, k) for i, (k, t) in enumerate(self._scheduled.items())]
+                heapq.heapify(self._timers)
+
+    def _closing_evicted(self, key: FlowKey, relay: Relay, reason: object) -> None:
+        """Too many connections in teardown: the oldest is forgotten (no frame)."""
+        self.ctx.count("closing_evicted")
+        relay.endpoint.outbox = []
+        self._retire(key, relay, self._last_now)
 
     def _retire(self, key: FlowKey, relay: Relay, now: float, tombstone: bool = True) -> None:
         if self.relays.get(key) is relay:
-            del self.relays[key]
+            self.relays.pop(key)
+        elif self.closing.get(key) is relay:
+            self.closing.pop(key)
         self._scheduled.pop(key, None)
         s = relay.stats
         opener = self._accepting.pop(key, None)
@@ -297,11 +342,8 @@ class SplitTable:
             self.ctx.count("connections_failed")  # timeout, unreachable, reset, error
         if s.outcome not in ("closed", "", "passthrough"):
             self._log_failure(key, s.outcome, s.message, now)
-        if not tombstone:
-            return
-        self.tombstones[key] = now + TOMBSTONE_S
-        if len(self.tombstones) > 4 * self.max_connections:
-            self.tombstones = {k: v for k, v in self.tombstones.items() if v > now}
+        if tombstone:
+            self.tombstones.put(key, True, now)
 
     def _log_failure(self, key: FlowKey, outcome: str, message: str, now: float) -> None:
         """One line per cause every LOG_EVERY_S: a dead proxy must not flood the log."""
@@ -335,7 +377,7 @@ class SplitTable:
             if self._scheduled.get(key) != t:
                 continue
             del self._scheduled[key]
-            relay = self.relays.get(key)
+            relay = self.get(key)
             if relay is not None:
                 self._busy += 1
                 try:
@@ -347,22 +389,130 @@ class SplitTable:
 
     def stop(self, now: float) -> None:
         """Reset every connection both ways (the service is stopping)."""
-        for key, relay in list(self.relays.items()):
+        for key, relay in self.relays.items() + self.closing.items():
             relay.abort(now)
             self._emit(relay.take_frames())
             opener = self._accepting.pop(key, None)
             if opener is not None:
                 opener[1]("error", "the service is stopping")
         self.relays.clear()
+        self.closing.clear()
         self._posted.clear()
 
-    def report(self) -> dict[str, Any]:
+    def report(self, now: float | None = None) -> dict[str, Any]:
         return {"connections_active": len(self.relays),
+                "connections_closing": len(self.closing),
                 "buffered_bytes": sum(r.buffered for r in self.relays.values()),
-                "buffered_max_per_connection": self.buffered_max}
+                "buffered_max_per_connection": self.buffered_max,
+                "tombstones": len(self.tombstones)}
+
+
+# -- the base of split-TCP services --------------------------------------------------------
+
+Route = StreamRequest | Connector | Verdict | None
+
+
+class SplitOptions(ServiceOptions):
+    """Options every split-TCP service has (subclass it and add your own)."""
+
+    connect_timeout_s: float = Field(5.0, gt=0, le=300,
+                                     description="give up connecting upstream after this long")
+    buffer_bytes: int = Field(2 * 1024 * 1024, ge=16 * 1024, le=1 << 30,
+                              description="memory per connection, both directions together")
+    max_connections: int = Field(1024, ge=1, le=1_000_000,
+                                 description="connections at once; more get RST")
+
+
+class SplitService(Service):
+    """A service that terminates the guest's TCP connections and carries their bytes over
+    upstream streams. Write one decision, :meth:`route`; the connection table, its
+    timers, stop and report come with the base.
+
+    Frames from the guest: a segment of a connection the table holds is CONSUMED; a
+    SYN asks :meth:`route`; other TCP goes to :meth:`stray` and non-TCP to
+    :meth:`other` (both PASS by default). Frames toward the guest: those of a split
+    connection are DROPPED (the real far end is not part of it), the rest go to
+    :meth:`from_uplink` (PASS by default).
+    """
+
+    Options: ClassVar[type[ServiceOptions]] = SplitOptions
+    #: close reasons before connect that the guest hears as ICMP unreachable (else RST)
+    icmp_reasons: ClassVar[frozenset[str]] = DEFAULT_ICMP
+
+    def __init__(self, options: Any, ctx: ServiceContext):
+        super().__init__(options, ctx)
+        self.budget = budget(options.buffer_bytes)
+        self.table = SplitTable(ctx, self.budget.endpoint,
+                                max_connections=options.max_connections,
+                                icmp_reasons=self.icmp_reasons)
+
+    # -- what a subclass writes ------------------------------------------------------
+
+    def route(self, key: FlowKey, syn: Packet, now: float) -> Route:
+        """Decide about a new connection from the guest (``key``: guest -> remote): a
+        :class:`~vtl.stream.StreamRequest` splits it over that stream (see
+        ``self.budget.request``); a :data:`Connector` gives an in-process stream;
+        a :class:`~vtl.Verdict` means the service answered the SYN itself; None lets
+        it pass untouched."""
+        return None
+
+    def other(self, pkt: Packet, direction: Direction, now: float) -> Verdict:
+        """A frame that is not TCP."""
+        return Verdict.PASS
+
+    def stray(self, key: FlowKey, pkt: Packet, now: float) -> Verdict:
+        """A TCP segment from the guest that is not a SYN and belongs to no connection
+        the table holds (one open before the service started, or long closed)."""
+        return Verdict.PASS
+
+    def from_uplink(self, key: FlowKey, pkt: Packet, now: float) -> Verdict:
+        """A TCP segment toward the guest not of a split connection (``key`` as the
+        guest would send it)."""
+        return Verdict.PASS
+
+    # -- the machinery ------------------------------------------------------------------
+
+    def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
+        pkt = Packet(frame)
+        t = pkt.tcp
+        if t is None:
+            return self.other(pkt, direction, now)
+        key = guest_key(pkt)
+        if direction is TO_GUEST:
+            key = key.reversed()
+            return Verdict.DROP if key in self.table else self.from_uplink(key, pkt, now)
+        if self.table.segment(key, pkt, now):
+            return Verdict.CONSUMED
+        if t.flags & (SYN | ACK | RST) != SYN:
+            return self.stray(key, pkt, now)
+        decision = self.route(key, pkt, now)
+        if decision is None:
+            return Verdict.PASS
+        if isinstance(decision, Verdict):
+            return decision
+        if isinstance(decision, StreamRequest):
+            request = decision
+
+            def decision(handler: StreamHandler) -> Stream:
+                return self.ctx.open_stream(request, handler)
+
+        self.table.open(key, pkt, now, decision)
+        return Verdict.CONSUMED
+
+    def poll_at(self) -> float | None:
+        return self.table.poll_at()
+
+    def on_timer(self, now: float) -> None:
+        self.table.on_timer(now)
+
+    def stop(self, now: float) -> None:
+        self.table.stop(now)
+
+    def report(self, now: float) -> dict[str, Any]:
+        return self.table.report(now)
 
 
 __all__ = [
-    "Connector", "FlowKey", "Refuser", "SplitTable", "TOMBSTONE_S", "budget", "describe",
-    "guest_key",
+    "Budget", "Connector", "FlowKey", "Refuser", "Route", "SplitOptions", "SplitService",
+    "SplitTable", "TOMBSTONE_S", "budget", "describe", "guest_key",
 ]

@@ -46,75 +46,23 @@ See also
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Any
+from vtl.models.split import SplitOptions, SplitService
 
-from pydantic import Field
-from vtl.models.split import SplitTable, budget, guest_key
-
-from vtl import CONSUMED, DROP, PASS, Direction, Frame, Service, ServiceContext, ServiceOptions
-from vtl.packet.packet import Packet
-from vtl.packet.tcp import ACK, RST, SYN
-from vtl.service import Verdict
-from vtl.stream import Stream, StreamHandler, StreamRequest
-
-TO_GUEST = Direction.TO_GUEST
+from vtl import FlowKey, Packet, StreamRequest
 
 
-class PepOptions(ServiceOptions):
+class PepOptions(SplitOptions):
     """Options of the ``pep`` service (``match`` is the generic per-service filter)."""
 
-    connect_timeout_s: float = Field(5.0, gt=0, le=300,
-                                     description="give up connecting upstream after this long")
-    buffer_bytes: int = Field(2 * 1024 * 1024, ge=16 * 1024, le=1 << 30,
-                              description="memory per connection, both directions together")
-    max_connections: int = Field(1024, ge=1, le=1_000_000,
-                                 description="split connections at once; more get RST")
 
-
-class Pep(Service):
+class Pep(SplitService):
     name = "pep"
     summary = "split-TCP proxy: terminate the VM's TCP locally, relay over host TCP"
     Options = PepOptions
 
     options: PepOptions
 
-    def __init__(self, options: PepOptions, ctx: ServiceContext):
-        super().__init__(options, ctx)
-        ep_config, self.chunk = budget(options.buffer_bytes)
-        self.table = SplitTable(ctx, ep_config, max_connections=options.max_connections)
-
-    def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
-        pkt = Packet(frame)
-        t = pkt.tcp
-        if t is None:
-            return PASS
-        key = guest_key(pkt)
-        if direction is TO_GUEST:
-            key = (key[2], key[3], key[0], key[1])
-            return DROP if key in self.table else PASS
-        if self.table.segment(key, pkt, now):
-            return CONSUMED
-        if t.flags & (SYN | ACK | RST) == SYN:
-            host = str(ipaddress.ip_address(key[2]))
-            request = StreamRequest("tcp", host, key[3], timeout_s=self.options.connect_timeout_s,
-                                    read_chunk=self.chunk, write_buffer=self.chunk)
-
-            def connect(handler: StreamHandler) -> Stream:
-                return self.ctx.open_stream(request, handler)
-
-            self.table.open(key, pkt, now, connect)
-            return CONSUMED
-        return PASS  # a connection that existed before the service started
-
-    def poll_at(self) -> float | None:
-        return self.table.poll_at()
-
-    def on_timer(self, now: float) -> None:
-        self.table.on_timer(now)
-
-    def stop(self, now: float) -> None:
-        self.table.stop(now)
-
-    def report(self) -> dict[str, Any]:
-        return self.table.report()
+    def route(self, key: FlowKey, syn: Packet, now: float) -> StreamRequest:
+        """Every connection goes to its own destination over a host TCP connection."""
+        return self.budget.request("tcp", key.dst_ip, key.dport,
+                                   timeout_s=self.options.connect_timeout_s)

@@ -71,7 +71,7 @@ def test_bytes_flow_both_ways_and_fin_follows_the_data() -> None:
     payload = b"".join(bytes(p[TCP].payload) for p in got)
     assert payload == body
     assert got[-1][TCP].flags.F  # FIN after the last byte
-    assert pep.report()["connections_active"] == 1
+    assert pep.report(0.0)["connections_active"] == 1
 
 
 def test_refused_upstream_resets_the_guest() -> None:
@@ -81,7 +81,7 @@ def test_refused_upstream_resets_the_guest() -> None:
     [rst] = to_guest(ctx)
     assert rst[TCP].flags == "RA" and rst[TCP].ack == 1001
     assert ctx.extra("connections_refused") == 1
-    assert pep.report()["connections_active"] == 0
+    assert pep.report(0.0)["connections_active"] == 0
 
 
 @pytest.mark.parametrize("reason", ["timeout", "unreachable"])
@@ -136,7 +136,7 @@ def test_stray_segments_after_close_get_a_reset_not_the_uplink() -> None:
     gseq, pseq = handshake(pep, ctx)
     pep.process(seg("R", gseq), UP, 0.1)
     ctx.deliver_local_closes()
-    assert pep.report()["connections_active"] == 0
+    assert pep.report(0.0)["connections_active"] == 0
     assert pep.process(seg("A", gseq, pseq), UP, 0.2) is CONSUMED
     [rst] = to_guest(ctx)
     assert rst[TCP].flags.R
@@ -153,7 +153,7 @@ def test_window_tracks_the_upstream() -> None:
         pep.process(seg("A", gseq + i * 1000, pseq, chunk), UP, 0.1)
         windows += [p[TCP].window for p in to_guest(ctx)]
     assert windows[-1] == 0  # 32 KB receive buffer full: the guest is told to stop
-    assert pep.report()["buffered_bytes"] <= 32 * 1024 + 1000
+    assert pep.report(0.0)["buffered_bytes"] <= 32 * 1024 + 1000
     stream.writable()  # the upstream drains: bytes flow and the window reopens
     assert len(stream.written) >= 32 * 1024
     assert max(p[TCP].window for p in to_guest(ctx)) > 0
