@@ -28,7 +28,7 @@ from vtl.stream import (
 )
 
 MAX_PENDING = 16
-Answer = Callable[[bytes, Callable[[bytes, float], None]], None]
+Answer = Callable[[bytes, Callable[[bytes, float], None], float], None]
 
 
 class LocalDnsStream:
@@ -46,7 +46,6 @@ class LocalDnsStream:
         self._final = False
         self._paused = False
         self._held: list[StreamEvent] = []
-        self._now = now
         post(StreamConnected(self, None, (request.host, request.port)), now)
 
     @property
@@ -55,7 +54,7 @@ class LocalDnsStream:
             return 0
         return 65537 - len(self._buf)
 
-    def write(self, data: bytes | bytearray | memoryview, now: float | None = None) -> int:
+    def write(self, data: bytes | bytearray | memoryview, now: float) -> int:
         take = min(len(data), self.write_room)
         if take <= 0:
             return 0
@@ -68,47 +67,46 @@ class LocalDnsStream:
             msg = bytes(buf[2 : 2 + n])
             del buf[: 2 + n]
             self._pending += 1
-            self._answer(msg, self._answered)
+            self._answer(msg, self._answered, now)
         return take
 
     def _answered(self, wire: bytes, now: float) -> None:
         if self._final:
             return
         self._pending -= 1
-        self._now = now
         if self._paused:
             self._held.append(StreamData(self, len(wire).to_bytes(2, "big") + wire))
         else:
             self._post(StreamData(self, len(wire).to_bytes(2, "big") + wire), now)
-        self._maybe_end()
+        self._maybe_end(now)
 
-    def _maybe_end(self) -> None:
+    def _maybe_end(self, now: float) -> None:
         if self._shut and not self._pending and not self._final and not self._held:
             self._final = True
-            self._post(StreamEnded(self), self._now)
-            self._post(StreamClosed(self, "closed"), self._now)
+            self._post(StreamEnded(self), now)
+            self._post(StreamClosed(self, "closed"), now)
 
-    def shutdown_write(self, now: float | None = None) -> None:
+    def shutdown_write(self, now: float) -> None:
         if not self._final:
             self._shut = True
-            self._maybe_end()
+            self._maybe_end(now)
 
-    def pause_reading(self, paused: bool, now: float | None = None) -> None:
+    def pause_reading(self, paused: bool, now: float) -> None:
         self._paused = bool(paused)
         if not paused and self._held:
             held, self._held = self._held, []
             for event in held:
-                self._post(event, self._now)
-            self._maybe_end()
+                self._post(event, now)
+            self._maybe_end(now)
 
-    def close(self, now: float | None = None) -> None:
-        self.abort()  # nothing is queued toward a local resolver: close is abort
+    def close(self, now: float) -> None:
+        self.abort(now)  # nothing is queued toward a local resolver: close is abort
 
-    def abort(self, now: float | None = None) -> None:
+    def abort(self, now: float) -> None:
         if not self._final:
             self._final = True
             self._held.clear()
-            self._post(StreamClosed(self, "local"), self._now)
+            self._post(StreamClosed(self, "local"), now)
 
     def __repr__(self) -> str:
         return f"LocalDnsStream(#{self.id}, pending={self._pending})"

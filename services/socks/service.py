@@ -62,39 +62,40 @@ See also
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Callable
 from typing import Any
 
-from vtl.models.split import FlowKey, SplitTable, budget, guest_key
+from vtl.models.split import Route, SplitService
 from vtl.services.socks.dns import DnsResolver
 from vtl.services.socks.dnstcp import LocalDnsStream
 from vtl.services.socks.fakeip import FakeIpPool
 from vtl.services.socks.options import SocksOptions
 
-from vtl import CONSUMED, DROP, Direction, Frame, Service, ServiceContext
+from vtl import CONSUMED, DROP, Direction, FlowKey, Frame, ServiceContext
 from vtl.errors import PacketError
 from vtl.packet import build
 from vtl.packet.arp import ARP_REQUEST
 from vtl.packet.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6
 from vtl.packet.icmp import ICMP6_NEIGHBOR_SOLICIT
 from vtl.packet.packet import Packet
-from vtl.packet.tcp import ACK, RST, SYN
 from vtl.service import Verdict
-from vtl.stream import Stream, StreamHandler, StreamRequest
+from vtl.stream import Stream, StreamRequest
 
 TO_GUEST = Direction.TO_GUEST
 DNS_PORT = 53
 UDP, TCP, ICMP, ICMP6 = 17, 6, 1, 58
 
 
-class Socks(Service):
+class Socks(SplitService):
     name = "socks"
     summary = "transparent SOCKS5/Tor anonymizer: all VM TCP through the proxy, nothing leaks"
     Options = SocksOptions
     default_fail = "closed"
     airtight = True
+    # proxy down / refusing / bad credentials: RST at once; only a destination the
+    # proxy reports unreachable is ICMP (the application then says "no route")
+    icmp_reasons = frozenset({"unreachable"})
 
     options: SocksOptions
 
@@ -103,18 +104,12 @@ class Socks(Service):
         self.proxy = options.proxy_url
         self.gateway_mac = options.gateway_mac
         self.secret = os.urandom(16).hex()  # isolation password: new circuits every run
-        ep_config, self.chunk = budget(options.buffer_bytes)
-        # proxy down / refusing / bad credentials: RST at once; only a destination the
-        # proxy reports unreachable is ICMP (the application then says "no route")
-        self.table = SplitTable(ctx, ep_config, max_connections=options.max_connections,
-                                icmp_reasons=frozenset({"unreachable"}))
         mode, _ = options.dns_mode
         self.pool = (FakeIpPool(options.fake_ip_pool, options.fake_ip6_pool, ttl=options.dns_ttl)
                      if mode == "fake-ip" else None)
         self.resolver = DnsResolver(options.dns, ctx, pool=self.pool, upstream=self._upstream,
                                     timeout_s=options.dns_timeout_s, ttl=options.dns_ttl)
         self._vm_mac = b""  # the guest a resolver upstream is opened for (isolation)
-        self._now = 0.0
         self._local_ids = 0
 
     # -- upstream requests ----------------------------------------------------------
@@ -126,30 +121,31 @@ class Socks(Service):
 
     def _upstream(self, host: str, port: int, command: str = "connect") -> StreamRequest:
         user, password = self._credentials()
-        return StreamRequest(
+        return self.budget.request(
             "socks5", host, port, timeout_s=self.options.connect_timeout_s,
-            read_chunk=self.chunk, write_buffer=self.chunk,
             options={"proxy": (self.proxy.host, self.proxy.port), "username": user,
                      "password": password, "command": command})
 
     # -- frames ------------------------------------------------------------------------
 
     def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
-        self._now = now
         if direction is TO_GUEST:
             self.ctx.count("from_uplink_dropped")
             return DROP
-        pkt = Packet(frame)
         try:
-            et = pkt.ethertype
-            if et == ETH_P_ARP:
-                self._arp(pkt)
-            elif et in (ETH_P_IP, ETH_P_IPV6):
-                self._ip(pkt, now)
-            else:
-                self.ctx.count("rejected_other")
+            super().process(frame, direction, now)  # TCP: route() and stray(); else other()
         except PacketError:
             self.ctx.count("malformed")
+        return CONSUMED  # nothing from the guest leaves through the uplink
+
+    def other(self, pkt: Packet, direction: Direction, now: float) -> Verdict:
+        et = pkt.ethertype
+        if et == ETH_P_ARP:
+            self._arp(pkt)
+        elif et in (ETH_P_IP, ETH_P_IPV6):
+            self._ip(pkt, now)
+        else:
+            self.ctx.count("rejected_other")
         return CONSUMED
 
     def _arp(self, pkt: Packet) -> None:
@@ -169,9 +165,7 @@ class Socks(Service):
             self.ctx.count("malformed")
             return
         proto = pkt.l4_proto
-        if proto == TCP and pkt.tcp is not None:
-            self._tcp(pkt, now)
-        elif proto == UDP and pkt.udp is not None and pkt.udp.dport == DNS_PORT:
+        if proto == UDP and pkt.udp is not None and pkt.udp.dport == DNS_PORT:
             self._dns_udp(pkt, now)
         elif proto == ICMP6 and pkt.icmp6 is not None and pkt.icmp6.type >= 128 \
                 and pkt.icmp6.type != 128:
@@ -229,51 +223,39 @@ class Socks(Service):
 
     # -- TCP --------------------------------------------------------------------------
 
-    def _tcp(self, pkt: Packet, now: float) -> None:
-        table = self.table
-        key = guest_key(pkt)
-        if table.segment(key, pkt, now):
-            return
-        t = pkt.tcp
-        assert t is not None
-        if t.flags & (SYN | ACK | RST) != SYN:
-            self.ctx.count("tcp_unknown")
-            table.answer_reset(pkt)
-            return
-        if pkt.data[0] & 1:  # a SYN to a group MAC: nobody answers that
+    def stray(self, key: FlowKey, pkt: Packet, now: float) -> Verdict:
+        self.ctx.count("tcp_unknown")
+        self.table.answer_reset(pkt)
+        return CONSUMED
+
+    def route(self, key: FlowKey, syn: Packet, now: float) -> Route:
+        if syn.data[0] & 1:  # a SYN to a group MAC: nobody answers that
             self.ctx.count("malformed")
-            return
-        vm_mac = bytes(pkt.eth.src)
-        if key[3] == DNS_PORT:
-            table.open(key, pkt, now, lambda handler: self._local_dns(key, vm_mac))
-            return
-        dst = key[2]
-        host = str(ipaddress.ip_address(dst))
-        if self.pool is not None and self.pool.contains(dst):
-            name = self.pool.name(dst, now)
+            return CONSUMED
+        vm_mac = bytes(syn.eth.src)
+        if key.dport == DNS_PORT:
+            return lambda handler: self._local_dns(key, vm_mac, now)
+        host = key.dst_ip
+        if self.pool is not None and self.pool.contains(key.dst):
+            name = self.pool.name(key.dst, now)
             if name is None:  # a fake address this run never handed out (or recycled)
                 self.ctx.count("fake_ip_unknown")
-                table.answer_reset(pkt)
-                return
+                self.table.answer_reset(syn)
+                return CONSUMED
             host = name
         self._vm_mac = vm_mac
-        request = self._upstream(host, key[3])
+        return self._upstream(host, key.dport)
 
-        def connect(handler: StreamHandler) -> Stream:
-            return self.ctx.open_stream(request, handler)
-
-        table.open(key, pkt, now, connect)
-
-    def _local_dns(self, key: FlowKey, vm_mac: bytes) -> Stream:
+    def _local_dns(self, key: FlowKey, vm_mac: bytes, now: float) -> Stream:
         self._local_ids += 1
 
-        def answer(query: bytes, reply: Callable[[bytes, float], None]) -> None:
+        def answer(query: bytes, reply: Callable[[bytes, float], None], now: float) -> None:
             self._vm_mac = vm_mac
-            self.resolver.answer(query, self._now, reply, transport="tcp")
+            self.resolver.answer(query, now, reply, transport="tcp")
 
-        request = StreamRequest("dns", str(ipaddress.ip_address(key[2])), key[3])
+        request = StreamRequest("dns", key.dst_ip, key.dport)
         return LocalDnsStream(-self._local_ids, request,
-                              lambda ev, now: self.table.post(key, ev, now), answer, self._now)
+                              lambda ev, now: self.table.post(key, ev, now), answer, now)
 
     # -- timers and life ----------------------------------------------------------------
 
@@ -282,14 +264,12 @@ class Socks(Service):
         return min(times) if times else None
 
     def on_timer(self, now: float) -> None:
-        self._now = now
         self.table.on_timer(now)
         self.resolver.on_timer(now)
 
     def stop(self, now: float) -> None:
-        self._now = now
         self.resolver.stop()
         self.table.stop(now)
 
-    def report(self) -> dict[str, Any]:
-        return {**self.table.report(), **self.resolver.report()}
+    def report(self, now: float) -> dict[str, Any]:
+        return {**self.table.report(now), **self.resolver.report()}
