@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, Ether
-from services_fakes import FakeContext
 from vtl.services.pep import Pep, PepOptions
 
 from vtl import CONSUMED, DROP, PASS, Direction, Frame
 from vtl.packet.offload import complete_offloads
+from vtl.testing import FakeContext
 
 G_MAC, R_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 G_IP, R_IP = "10.0.0.1", "10.0.0.2"

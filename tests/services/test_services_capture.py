@@ -9,12 +9,12 @@ from pydantic import ValidationError
 from scapy.layers.inet import IP, TCP, Ether
 from scapy.packet import Raw
 from scapy.utils import rdpcap
-from services_fakes import FakeContext, MemorySink, udp_frame
 from vtl.services.capture import Capture, CaptureOptions
 
 from vtl import PASS, Direction, Frame, VnetHeader
 from vtl.frame import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
 from vtl.packet import Packet
+from vtl.testing import FakeContext, MemorySink, udp_frame
 
 UP = Direction.TO_UPLINK
 DOWN = Direction.TO_GUEST

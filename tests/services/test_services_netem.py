@@ -6,11 +6,11 @@ import statistics
 
 import pytest
 from pydantic import ValidationError
-from services_fakes import FakeContext, run_timers, tag_of, tagged_frame, udp_frame
 from vtl.services.netem import Netem, NetemOptions, _wire_bytes
 
 from vtl import CONSUMED, DROP, PASS, Direction, Frame, VnetHeader
 from vtl.frame import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
+from vtl.testing import FakeContext, run_timers, tag_of, tagged_frame, udp_frame
 
 UP = Direction.TO_UPLINK
 DOWN = Direction.TO_GUEST

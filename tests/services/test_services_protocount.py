@@ -11,9 +11,9 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, Ether
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Dot1Q
-from services_fakes import FakeContext
 
 from vtl import PASS, Direction, Frame, Service
+from vtl.testing import FakeContext
 
 PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "plugins" / "protocount.py"
 UP = Direction.TO_UPLINK

@@ -22,7 +22,6 @@ from scapy.layers.inet6 import (
     IPv6,
 )
 from scapy.layers.l2 import ARP
-from services_fakes import FakeContext
 from vtl.bridge.config import parse_config
 from vtl.services.socks import Socks, SocksOptions
 from vtl.services.socks.options import parse_proxy_url
@@ -30,6 +29,7 @@ from vtl.services.socks.options import parse_proxy_url
 from vtl import CONSUMED, DROP, Direction, Frame
 from vtl.errors import ConfigError
 from vtl.packet.offload import complete_offloads
+from vtl.testing import FakeContext
 
 G_MAC, G_MAC2, R_MAC = "02:00:00:00:00:01", "02:00:00:00:00:09", "02:00:00:00:00:fe"
 GW = "02:00:5e:00:00:01"

@@ -17,11 +17,11 @@ import dns.rrset
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from services_fakes import FakeContext
 from vtl.services.socks.dns import DnsResolver, parse_mode
 from vtl.services.socks.fakeip import FakeIpPool
 
 from vtl.stream import StreamRequest
+from vtl.testing import FakeContext
 
 TCP_MODE = "tcp://9.9.9.9:53"
 

@@ -27,7 +27,6 @@ import pytest
 from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import ICMP, IP, TCP, UDP, Ether, TCPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
-from services_fakes import FakeContext, FakeStream, run_timers
 from transports_socks5peer import (
     ONION_BAD_ADDRESS,
     ONION_BAD_AUTH,
@@ -50,6 +49,7 @@ from vtl import CONSUMED, Direction, Frame
 from vtl.errors import LocalProtocolError
 from vtl.packet.offload import complete_offloads
 from vtl.stream import StreamHandler, StreamRequest
+from vtl.testing import FakeContext, FakeStream, run_timers
 
 UP = Direction.TO_UPLINK
 DOWN = Direction.TO_GUEST

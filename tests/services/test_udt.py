@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, Ether
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP
-from services_fakes import FakeContext, run_timers
 from vtl.models.tcp_endpoint import EndpointConfig, TcpEndpoint
 from vtl.models.tcp_segment import FlowAddrs
 from vtl.models.tcp_state import TcpState
@@ -20,6 +19,7 @@ from vtl import CONSUMED, DROP, PASS, Direction, Frame
 from vtl.packet.addr import ip_bytes, mac_bytes
 from vtl.packet.offload import complete_offloads
 from vtl.packet.packet import Packet
+from vtl.testing import FakeContext, run_timers
 
 UP, DOWN = Direction.TO_UPLINK, Direction.TO_GUEST
 A_MAC, GW_A = "02:00:00:00:0a:01", "02:00:00:00:0a:fe"  # guest at A, the gateway it uses
