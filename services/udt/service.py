@@ -85,16 +85,15 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from vtl.models.split import FlowKey, SplitTable, budget, guest_key
+from vtl.models.split import Route, SplitService
 from vtl.models.tcp_endpoint import TcpEndpoint
 from vtl.models.tcp_segment import FlowAddrs
 from vtl.services.udt.options import Peer, UdtOptions, parse_hostport
 
-from vtl import CONSUMED, DROP, PASS, Direction, Frame, Service, ServiceContext
+from vtl import CONSUMED, PASS, Direction, FlowKey, FlowTable, Frame, ServiceContext
 from vtl.errors import PacketError
 from vtl.packet.ethernet import ETH_P_ARP
 from vtl.packet.packet import Packet
-from vtl.packet.tcp import ACK, RST, SYN
 from vtl.service import Verdict
 from vtl.stream import (
     Listener,
@@ -103,14 +102,15 @@ from vtl.stream import (
     StreamClosed,
     StreamConnected,
     StreamEvent,
+    StreamFlow,
     StreamHandler,
     StreamOffer,
-    StreamRequest,
 )
 
 TO_GUEST, TO_UPLINK = Direction.TO_GUEST, Direction.TO_UPLINK
 PEER_DOWN = frozenset({"unreachable"})  # the transport: the peer bridge was never reached
-MAX_LEARNT = 4096  # MACs remembered per table (cleared when full)
+MAX_LEARNT = 4096  # MACs remembered per table (the least recently learnt goes first)
+MAX_PEERS_DOWN = 1024  # peer bridges remembered as down
 FAR_SILENT = "the guest behind the peer bridge did not answer"  # B's timeout refusals
 LOCAL_MAC = b"\x02\x00\x00\x00\x00\x01"  # source MAC when nothing better is known
 
@@ -119,109 +119,90 @@ def _ip(b: bytes) -> str:
     return str(ipaddress.ip_address(b))
 
 
-class Udt(Service):
+class Udt(SplitService):
     name = "udt"
     summary = "TCP-to-UDT between two VTL bridges: TCP ends here, bytes cross over UDT"
     Options = UdtOptions
+    icmp_reasons = frozenset()  # every failure to connect is a RST (unreachable: fallback)
 
     options: UdtOptions
 
     def __init__(self, options: UdtOptions, ctx: ServiceContext):
         super().__init__(options, ctx)
-        ep_config, self.chunk = budget(options.buffer_bytes)
-        # every failure to connect is a RST to the guest (unreachable peers: see fallback)
-        self.table = SplitTable(ctx, ep_config, max_connections=options.max_connections,
-                                icmp_reasons=frozenset())
         self.peers = options.peer_table()
         self.listener: Listener | None = None
-        self.down: dict[tuple[str, int], float] = {}  # peer bridge -> retry after
-        self.passthrough: dict[FlowKey, float] = {}  # guest key -> forgotten after
+        # peer bridges that failed, until retry_s passed
+        self.down: FlowTable[tuple[str, int], bool] = FlowTable(
+            MAX_PEERS_DOWN, timeout=options.retry_s or None, evict="lru")
+        # guest keys let through untouched (fallback passthrough), until idle that long
+        self.passthrough: FlowTable[FlowKey, bool] = FlowTable(
+            4 * options.max_connections, timeout=options.passthrough_idle_s, evict="lru")
         self.syns: dict[FlowKey, Frame] = {}  # held SYNs of outbound opens not yet connected
-        self.guest_macs: dict[bytes, bytes] = {}  # guest IP -> the guest's MAC
-        self.toward_macs: dict[bytes, bytes] = {}  # remote IP -> MAC the guest sends it to
-        self._now = 0.0
+        self.guest_macs: FlowTable[bytes, bytes] = FlowTable(MAX_LEARNT)  # guest IP -> MAC
+        # remote IP -> the MAC the guest sends it to
+        self.toward_macs: FlowTable[bytes, bytes] = FlowTable(MAX_LEARNT)
 
     # -- life -------------------------------------------------------------------------
 
     def start(self, now: float) -> None:
-        self._now = now
         addr = self.options.listen_address
         if addr is None:
             return
         o = self.options
-        request = ListenRequest("udt", addr[0], addr[1], read_chunk=self.chunk,
-                                write_buffer=self.chunk, offer_timeout_s=o.connect_timeout_s + 2,
+        request = ListenRequest("udt", addr[0], addr[1], read_chunk=self.budget.chunk,
+                                write_buffer=self.budget.chunk,
+                                offer_timeout_s=o.connect_timeout_s + 2,
                                 options={"mss": o.mss, "window": o.window,
                                          "max_bw": o.max_bw})
         self.listener = self.ctx.listen_streams(request, self._on_offer)
 
     def stop(self, now: float) -> None:
-        self._now = now
-        self.table.stop(now)
+        super().stop(now)
         if self.listener is not None:
             self.listener.close()
             self.listener = None
         self.syns.clear()
         self.passthrough.clear()
 
-    def poll_at(self) -> float | None:
-        return self.table.poll_at()
-
-    def on_timer(self, now: float) -> None:
-        self._now = now
-        self.table.on_timer(now)
-
-    def report(self) -> dict[str, Any]:
-        now = self._now
-        return {**self.table.report(),
-                "passthrough_active": sum(1 for t in self.passthrough.values() if t > now),
-                "peers_down": sum(1 for t in self.down.values() if t > now)}
+    def report(self, now: float) -> dict[str, Any]:
+        self.passthrough.expire(now)
+        self.down.expire(now)
+        return {**super().report(now), "passthrough_active": len(self.passthrough),
+                "peers_down": len(self.down)}
 
     # -- frames -----------------------------------------------------------------------
 
     def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
-        self._now = now
         try:
-            pkt = Packet(frame)
             if direction is TO_UPLINK:
-                self._learn(pkt)
-            t = pkt.tcp
-            if t is None:
-                return PASS
-            key = guest_key(pkt)
+                self._learn(Packet(frame))
+            return super().process(frame, direction, now)
         except PacketError:
             self.ctx.count("malformed")
             return PASS
-        if direction is TO_GUEST:
-            key = (key[2], key[3], key[0], key[1])
-            if self._passing(key, now):
-                return PASS
-            return DROP if key in self.table else PASS
-        if self._passing(key, now):
+
+    def from_uplink(self, key: FlowKey, pkt: Packet, now: float) -> Verdict:
+        self._passing(key, now)  # keeps a passed-through flow alive both ways
+        return PASS
+
+    def stray(self, key: FlowKey, pkt: Packet, now: float) -> Verdict:
+        self._passing(key, now)
+        return PASS
+
+    def route(self, key: FlowKey, syn: Packet, now: float) -> Route:
+        if self._passing(key, now) or syn.data[0] & 1:
             return PASS
-        if self.table.segment(key, pkt, now):
-            return CONSUMED
-        if t.flags & (SYN | ACK | RST) != SYN or pkt.data[0] & 1:
-            return PASS
-        peer = self.peers.lookup(key[2])
+        peer = self.peers.lookup(key.dst)
         if peer is None:
             return PASS
-        until = self.down.get((peer.host, peer.port))
-        if until is not None:
-            if until > now:
-                return self._fallback_at_once(pkt, key, now)
-            del self.down[(peer.host, peer.port)]
-        self._open(key, pkt, frame, peer, now)
-        return CONSUMED
+        if self.down.get((peer.host, peer.port), now) is not None:
+            return self._fallback_at_once(syn, key, now)
+        return self._connector(key, syn, peer)
 
     def _passing(self, key: FlowKey, now: float) -> bool:
-        until = self.passthrough.get(key)
-        if until is None:
+        if self.passthrough.get(key, now) is None:
             return False
-        if until <= now:
-            del self.passthrough[key]
-            return False
-        self.passthrough[key] = now + self.options.passthrough_idle_s
+        self.passthrough.touch(key, now)
         return True
 
     def _learn(self, pkt: Packet) -> None:
@@ -242,53 +223,55 @@ class Udt(Service):
             self._remember(self.toward_macs, dst, bytes(d[0:6]))
 
     @staticmethod
-    def _remember(table: dict[bytes, bytes], ip: bytes, mac: bytes) -> None:
+    def _remember(table: FlowTable[bytes, bytes], ip: bytes, mac: bytes) -> None:
         if table.get(ip) != mac:
-            if len(table) >= MAX_LEARNT:
-                table.clear()
-            table[ip] = mac
+            table.put(ip, mac, 0.0)  # no aging: the least recently learnt goes when full
 
     # -- outbound: the guest opens toward a peer prefix -----------------------------------
 
-    def _open(self, key: FlowKey, pkt: Packet, frame: Frame, peer: Peer, now: float) -> None:
+    def _connector(self, key: FlowKey, syn: Packet, peer: Peer) -> Route:
         o = self.options
-        d = pkt.data
-        flow = {"src": _ip(key[0]), "sport": key[1], "dst": _ip(key[2]), "dport": key[3],
-                "src_mac": bytes(d[6:12]), "dst_mac": bytes(d[0:6])}
-        request = StreamRequest("udt", peer.host, peer.port, timeout_s=o.connect_timeout_s,
-                                read_chunk=self.chunk, write_buffer=self.chunk,
-                                options={"flow": flow, "mss": o.mss, "window": o.window,
-                                         "max_bw": o.max_bw,
-                                         "mux": o.mux})
+        d = syn.data
+        src_mac, dst_mac = bytes(d[6:12]), bytes(d[0:6])
+        flow = {"src": key.src_ip, "sport": key.sport, "dst": key.dst_ip, "dport": key.dport,
+                "src_mac": src_mac, "dst_mac": dst_mac}
+        request = self.budget.request(
+            "udt", peer.host, peer.port, timeout_s=o.connect_timeout_s,
+            options={"flow": flow, "mss": o.mss, "window": o.window, "max_bw": o.max_bw,
+                     "mux": o.mux},
+            flow=StreamFlow(key, src_mac, dst_mac))
         where = (peer.host, peer.port)
 
         def connect(handler: StreamHandler) -> Stream:
             def on_event(event: StreamEvent, now: float) -> None:
                 if isinstance(event, StreamConnected):
                     self.syns.pop(key, None)
-                    self.down.pop(where, None)
+                    self.down.pop(where)
                 elif isinstance(event, StreamClosed):
-                    held = self.syns.pop(key, None)
-                    if held is not None and event.reason in PEER_DOWN:  # bridge never answered
+                    syn_frame = self.syns.pop(key, None)
+                    if syn_frame is not None and event.reason in PEER_DOWN:  # never answered
                         if o.retry_s > 0:
-                            self.down[where] = now + o.retry_s
+                            self.down.put(where, True, now)
                         if o.fallback == "passthrough":
-                            self._pass_through(key, held, now)
+                            self._pass_through(key, syn_frame, now)
                             return
                         self.ctx.count("fallback_reset")
                 handler(event, now)
 
-            return self.ctx.open_stream(request, on_event)
+            assert syn.frame is not None
+            self.syns[key] = syn.frame.copy()  # held for a passthrough fallback
+            try:
+                return self.ctx.open_stream(request, on_event)
+            except BaseException:
+                self.syns.pop(key, None)
+                raise
 
-        self.syns[key] = frame.copy()
-        if self.table.open(key, pkt, now, connect) is None:
-            self.syns.pop(key, None)
+        return connect
 
     def _fallback_at_once(self, pkt: Packet, key: FlowKey, now: float) -> Verdict:
         if self.options.fallback == "passthrough":
             self.ctx.count("fallback_passthrough")
-            self.passthrough[key] = now + self.options.passthrough_idle_s
-            self._prune(now)
+            self.passthrough.put(key, True, now)
             return PASS
         self.ctx.count("fallback_reset")
         self.table.answer_reset(pkt)
@@ -298,30 +281,24 @@ class Udt(Service):
         """Forget the connection silently and let the held SYN go to the uplink."""
         self.ctx.count("fallback_passthrough")
         self.table.release(key, "passthrough", now)
-        self.passthrough[key] = now + self.options.passthrough_idle_s
-        self._prune(now)
+        self.passthrough.put(key, True, now)
         self.ctx.emit(syn, TO_UPLINK)
-
-    def _prune(self, now: float) -> None:
-        if len(self.passthrough) > 4 * self.options.max_connections:
-            self.passthrough = {k: t for k, t in self.passthrough.items() if t > now}
 
     # -- inbound: a peer bridge offers a stream -------------------------------------------
 
     def _on_offer(self, offer: StreamOffer, now: float) -> None:
-        self._now = now
         self.ctx.count("inbound_offers")
         try:
             client, sport, server, dport, client_mac, server_mac = _flow_of(offer.meta)
         except (KeyError, TypeError, ValueError) as exc:
             self._refuse(offer, "error", f"bad flow metadata: {exc}")
             return
-        key = (server, dport, client, sport)  # as the guest will send
-        if key in self.table or key in self.passthrough:
+        key = FlowKey(4 if len(server) == 4 else 6, 6, server, dport, client, sport)
+        if key in self.table or self.passthrough.get(key, now) is not None:
             self._refuse(offer, "error", "that connection is already live")
             return
-        dst_mac = self.guest_macs.get(server, server_mac)
-        src_mac = self.toward_macs.get(client, client_mac) or LOCAL_MAC
+        dst_mac = self.guest_macs.get(server) or server_mac
+        src_mac = self.toward_macs.get(client) or client_mac or LOCAL_MAC
         if dst_mac is None:
             self._refuse(offer, "error", f"no MAC known for {_ip(server)} (the guest has "
                          "not sent a frame yet and the opener sent none)")

@@ -92,7 +92,7 @@ def test_refused_at_the_far_side_resets_the_guest() -> None:
     [rst] = wire(ctx)
     assert rst[TCP].flags == "RA" and rst[TCP].ack == 1001
     assert ctx.extra("connections_refused") == 1 and ctx.extra("fallback_passthrough") == 0
-    assert udt.report()["peers_down"] == 0
+    assert udt.report(0.0)["peers_down"] == 0
 
 
 @pytest.mark.parametrize("reason", ["unreachable"])
@@ -109,7 +109,7 @@ def test_peer_down_with_fallback_reset_is_a_rst_and_remembered(reason: str) -> N
     [rst2] = wire(ctx)
     assert rst2[TCP].flags.R and rst2[TCP].dport == 40001
     assert len(ctx.streams) == 1 and ctx.extra("fallback_reset") == 2
-    assert udt.report()["peers_down"] == 1
+    assert udt.report(0.0)["peers_down"] == 1
     # after retry_s it is tried again
     assert udt.process(seg("S", sport=40002), UP, 13.5) is CONSUMED
     assert len(ctx.streams) == 2 and wire(ctx) == []
@@ -123,7 +123,7 @@ def test_far_guest_silent_is_a_rst_not_a_fallback(message: str) -> None:
     ctx.streams[0].closed("timeout", message)
     [rst] = wire(ctx)
     assert rst[TCP].flags.R
-    assert ctx.extra("fallback_passthrough") == 0 and udt.report()["peers_down"] == 0
+    assert ctx.extra("fallback_passthrough") == 0 and udt.report(0.0)["peers_down"] == 0
 
 
 def test_peer_down_with_passthrough_lets_the_flow_pass_both_ways() -> None:
@@ -137,8 +137,8 @@ def test_peer_down_with_passthrough_lets_the_flow_pass_both_ways() -> None:
     assert bytes(ctx.emitted[0][0].data) == original
     ctx.emitted.clear()
     assert ctx.extra("fallback_passthrough") == 1
-    assert udt.report()["connections_active"] == 0
-    assert udt.report()["passthrough_active"] == 1
+    assert udt.report(0.0)["connections_active"] == 0
+    assert udt.report(0.0)["passthrough_active"] == 1
     synack = seg("SA", 5000, 1001, sport=80, dport=40000, src=B_IP, dst=A_IP, smac=GW_A,
                  dmac=A_MAC)
     assert udt.process(synack, DOWN, 3.1) is PASS
@@ -157,9 +157,11 @@ def test_passthrough_entries_expire() -> None:
     ctx.streams[0].closed("unreachable")
     assert udt.process(seg("A", 1001, 1), UP, 4.0) is PASS
     assert udt.process(seg("A", 1001, 1), UP, 8.0) is PASS  # refreshed at 4.0
-    assert udt.report()["passthrough_active"] == 1
+    assert udt.report(8.0)["passthrough_active"] == 1
+    assert udt.report(12.9)["passthrough_active"] == 1  # refreshed at 8.0
+    assert udt.report(13.1)["passthrough_active"] == 0  # idle 5 s: expired
     assert udt.process(seg("A", 1001, 1), UP, 20.0) is PASS  # not ours any more: passes
-    assert udt.report()["passthrough_active"] == 0
+    assert udt.report(20.0)["passthrough_active"] == 0
     assert udt.process(seg("S"), UP, 21.0) is CONSUMED  # retry_s=0: tried again
     assert len(ctx.streams) == 2
 
@@ -323,7 +325,7 @@ def test_guest_answer_accepts_the_offer_and_bytes_flow_both_ways() -> None:
     # uplink frames of that flow are dropped
     assert udt.process(seg("A", 1, 1, sport=40000, dport=80, src=A_IP, dst=B_IP), DOWN,
                        0.03) is DROP
-    assert udt.report()["connections_active"] == 1
+    assert udt.report(0.0)["connections_active"] == 1
 
 
 def test_guest_reset_refuses_the_offer() -> None:
@@ -335,7 +337,7 @@ def test_guest_reset_refuses_the_offer() -> None:
     assert udt.process(rst, UP, 0.01) is CONSUMED
     assert offer.answer is not None and offer.answer[0] == "refused"
     assert ctx.extra("inbound_refused") == 1 and ctx.extra("connections_refused") == 1
-    assert udt.report()["connections_active"] == 0
+    assert udt.report(0.0)["connections_active"] == 0
 
 
 def test_silent_guest_refuses_the_offer_with_timeout() -> None:
@@ -538,7 +540,7 @@ def test_a_byte_written_at_a_arrives_at_bs_guest_and_back(v6: bool) -> None:
     assert bytes(j.got_client) == down
     assert j.client.peer_fin and j.server.peer_fin  # FIN both ways
     j.run(40.0)
-    assert j.a.report()["connections_active"] == 0 and j.b.report()["connections_active"] == 0
+    assert j.a.report(0.0)["connections_active"] == 0 and j.b.report(0.0)["connections_active"] == 0
     assert j.actx.extra("connections_closed") == 1 and j.bctx.extra("connections_closed") == 1
     assert j.actx.extra("bytes_up") == len(up) and j.bctx.extra("bytes_up") == len(down)
     assert j.bctx.extra("inbound_accepted") == 1
