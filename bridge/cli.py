@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import ipaddress
 import json
 import logging
 import re
@@ -46,7 +47,9 @@ from vtl.service import Service
 #: a help line that states its own default: "... (default: random, locally administered)"
 _STATED_DEFAULT = re.compile(r"\s*\(default:?\s+([^()]*)\)")
 _SECRET_KEY = re.compile(r"(password|passwd|passphrase|secret|token|psk)", re.I)
-_TOML_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean", bytes: "string"}
+_TOML_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean", bytes: "string",
+               ipaddress.IPv4Address: "IP address", ipaddress.IPv6Address: "IP address",
+               ipaddress.IPv4Network: "IP prefix", ipaddress.IPv6Network: "IP prefix"}
 _EMPTY_FACTORIES = (list, dict, set, tuple, frozenset)
 _BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "multiple_of": "multiple of",
            "min_length": "length >=", "max_length": "length <=", "pattern": "matches"}
@@ -175,12 +178,13 @@ def _type_name(annotation: Any) -> str:
     if origin is Literal:
         return " | ".join(_toml(a) for a in args)
     if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in args if a is not type(None))
+        names = dict.fromkeys(_type_name(a) for a in args if a is not type(None))
+        return " | ".join(names)
     if origin in (list, tuple, set, frozenset, abc.Sequence):
         inner = args[0] if args else Any
         if _nested_model(inner)[0] is not None:
             return "array of tables"
-        return f"array of {_type_name(inner)}" if args else "array"
+        return f"array of {_plural(_type_name(inner))}" if args else "array"
     if origin in (dict, abc.Mapping) or (
             isinstance(annotation, type) and issubclass(annotation, BaseModel)):
         return "table"
@@ -189,6 +193,12 @@ def _type_name(annotation: Any) -> str:
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return " | ".join(_toml(m.value) for m in annotation)
     return _TOML_TYPES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _plural(name: str) -> str:
+    if "|" in name or '"' in name:
+        return f"({name})"
+    return name + ("es" if name.endswith(("s", "x")) else "s")
 
 
 def _nested_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:

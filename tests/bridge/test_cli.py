@@ -3,6 +3,7 @@ Markdown reference page (``--markdown``) made from the declarations and module d
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from pathlib import Path
 from typing import Literal
@@ -48,6 +49,8 @@ class Kinds(ServiceOptions):
     same: int = Field(3, description="retries (default 3)")
     differs: int = Field(3, description="retries (default 4 on slow links)")
     nested: list[Inner] = Field(default_factory=list, description="a table per entry")
+    nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+        (), description="prefixes")
 
 
 def docs() -> dict[str, cli.OptionDoc]:
@@ -64,7 +67,8 @@ def test_every_kind_of_default_is_shown_once_and_in_words_a_user_reads():
                                                "config is loaded)")
     assert d["bare_factory"].default.startswith("computed by")
     assert (d["listed"].default, d["listed"].literal) == ("[]", True)
-    assert d["listed"].type == "array of integer"
+    assert d["listed"].type == "array of integers"
+    assert (d["nets"].type, d["nets"].default) == ("array of IP prefixes", "[]")
     assert d["required"].line() == "required: must be given [string; required]"
     assert (d["unset"].type, d["unset"].default) == ("integer", "unset")
     assert (d["choice"].type, d["choice"].default) == ('"a" | "b"', '"a"')
