@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
+from scapy.layers.l2 import Ether
 from vtl.bridge.chain import Chain
 from vtl.bridge.filter import MatchFilter
 
-from vtl import CONSUMED, DROP, PASS, Direction, Frame, Service
+from vtl import CONSUMED, DROP, PASS, Direction, Frame, Packet, Service
 from vtl.errors import ConfigError
 
 UP, DOWN = Direction.TO_UPLINK, Direction.TO_GUEST
@@ -99,6 +100,29 @@ def test_failure_policy(fail, passed):
         chain.process(frame(), UP, 0.0)
     assert chain.slots[0].counters.errors == 3
     assert len(chain.out_uplink) == (3 if passed else 0)
+
+
+class Picky(Service):
+    name = "picky"
+
+    def process(self, f, direction, now):
+        Packet(f).ipv4.ttl  # noqa: B018 - a frame too short for IPv4 raises PacketError
+        return PASS
+
+
+@pytest.mark.parametrize(("fail", "passed"), [("open", True), ("closed", False)])
+def test_a_malformed_frame_is_counted_as_malformed_not_as_a_bug(fail, passed, caplog):
+    chain = Chain.from_services([lambda ctx: Picky(None, ctx)], LOG)
+    chain.slots[0].fail = fail
+    short = Frame(bytes(Ether(type=0x0800) / b"\x45\x00"))
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            chain.process(short, UP, 0.0)
+    c = chain.slots[0].counters
+    assert (c.malformed, c.errors) == (3, 0)
+    assert len(chain.out_uplink) == (3 if passed else 0)
+    assert "malformed frame" in caplog.text and "Traceback" not in caplog.text
+    assert all(r.exc_info is None for r in caplog.records)
 
 
 def test_match_scopes_a_service():

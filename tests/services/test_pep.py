@@ -157,3 +157,38 @@ def test_window_tracks_the_upstream() -> None:
     stream.writable()  # the upstream drains: bytes flow and the window reopens
     assert len(stream.written) >= 32 * 1024
     assert max(p[TCP].window for p in to_guest(ctx)) > 0
+
+
+def test_a_connection_in_teardown_gives_its_slot_back() -> None:
+    """A closing connection costs a small entry, not one of max_connections (20,000 short
+    connections, 50 at a time, were refused as over_limit before)."""
+    pep, ctx = make(max_connections=1)
+    gseq, pseq = handshake(pep, ctx)
+    stream = ctx.streams[0]
+    stream.end()
+    stream.closed("closed")
+    [fin] = to_guest(ctx)
+    assert fin[TCP].flags.F
+    # the guest acknowledges our FIN: we are in FIN-WAIT-2, with nothing buffered
+    assert pep.process(seg("A", gseq, pseq + 1), UP, 0.03) is CONSUMED
+    rep = pep.report(0.03)
+    assert (rep["connections_active"], rep["connections_closing"]) == (0, 1)
+    assert pep.process(seg("S", sport=40001), UP, 0.04) is CONSUMED
+    assert len(ctx.streams) == 2 and ctx.extra("over_limit") == 0
+    # the first connection still finishes properly: the guest's FIN is acknowledged
+    assert pep.process(seg("FA", gseq, pseq + 1), UP, 0.05) is CONSUMED
+    [ack] = to_guest(ctx)
+    assert ack[TCP].flags == "A" and ack[TCP].ack == gseq + 1
+    assert pep.process(seg("S", sport=40002), UP, 0.06) is CONSUMED  # over the limit
+    assert ctx.extra("over_limit") == 1
+    [rst] = to_guest(ctx)
+    assert rst[TCP].flags == "RA" and rst[TCP].dport == 40002
+
+
+def test_a_destination_the_bridge_prohibits_gets_icmp_admin_prohibited() -> None:
+    pep, ctx = make()
+    pep.process(seg("S"), UP, 0.0)
+    ctx.streams[0].closed("prohibited", "127.0.0.0/8 is loopback")
+    [err] = to_guest(ctx)
+    assert err[ICMP].type == 3 and err[ICMP].code == 13
+    assert ctx.extra("connections_prohibited") == 1
