@@ -12,7 +12,8 @@ to emit toward the VM pile up in :attr:`outbox`, happenings in :attr:`events`.
 
 State is explicit: :class:`~vtl.models.tcp_state.TcpState`, one receive
 handler per state (``_rx_<state>``), and every transition goes through
-:meth:`_enter`. Time comes in as ``now``.
+:meth:`_enter`, which checks it against RFC 9293's table
+(:data:`~vtl.models.tcp_state.LEGAL_TRANSITIONS`). Time comes in as ``now``.
 
 What a modern stack does and this does too: MSS, window scaling, SACK and
 timestamps negotiated from the peer's SYN (each only if the peer offered it);
@@ -63,7 +64,7 @@ from vtl.models.tcp_events import (
 )
 from vtl.models.tcp_segment import FlowAddrs, Segment, SegmentWriter
 from vtl.models.tcp_sender import TcpSender
-from vtl.models.tcp_state import HalfState, TcpState
+from vtl.models.tcp_state import HalfState, TcpState, check_transition
 
 from vtl.errors import PacketError
 from vtl.frame import Frame
@@ -451,7 +452,8 @@ class TcpEndpoint(TcpSender):
     # -- state changes ------------------------------------------------------------------------
 
     def _enter(self, state: TcpState) -> None:
-        """Every transition goes through here."""
+        """Every transition goes through here, checked against RFC 9293's table."""
+        check_transition(self.tcb.state, state)
         self.tcb.state = state
         if state is S.CLOSED:
             self.timer_rexmit = self.timer_persist = self.timer_close = None

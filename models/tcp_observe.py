@@ -16,7 +16,12 @@ last (it stays put when data arrives); ``S.snd_wnd`` is R's window in bytes.
 Transitions (RFC 9293 3.3.2) live in :data:`TRANSITIONS`, fired by
 :class:`Event`\\ s: a segment S -> R is S's events first (its ACK shows what it
 had received, then what it sent), then R's (ACK, data, FIN), the RFC's order.
-Initialisation (a SYN seen, a connection picked up) sets states directly.
+Every transition fired is checked against RFC 9293's table
+(:func:`~vtl.models.tcp_state.check_transition`). Initialisation (a SYN seen, a
+connection picked up) sets states directly, and so does one correction: a FIN
+from S in CLOSE-WAIT whose ACK shows R's FIN had not reached S means S was
+still ESTABLISHED (the observer took R's FIN as delivered too early); S is put
+back there, then sends its FIN (FIN-WAIT-1) and has R's FIN (CLOSING).
 A segment R would not accept changes nothing: RFC 9293 3.10.7.4 as Linux's
 ``tcp_sequence()`` checks it, widened because R's real RCV.NXT is only known to
 lie in ``[S.snd_una, R.rcv_nxt]``; an ACK of data never sent is refused (except
@@ -54,6 +59,7 @@ from vtl.models.tcp_state import (
     MAX_WSCALE,
     HalfState,
     TcpState,
+    check_transition,
 )
 
 from vtl.errors import LocalProtocolError
@@ -93,7 +99,6 @@ TRANSITIONS: dict[tuple[TcpState, Event], TcpState] = {
     (St.ESTABLISHED, Event.SEND_FIN_CROSSED): St.FIN_WAIT_1,
     (St.ESTABLISHED, Event.RECV_FIN): St.CLOSE_WAIT,
     (St.CLOSE_WAIT, Event.SEND_FIN): St.LAST_ACK,
-    (St.CLOSE_WAIT, Event.SEND_FIN_CROSSED): St.CLOSING,  # really FIN-WAIT-1, then CLOSING
     (St.FIN_WAIT_1, Event.RECV_ACK_OF_FIN): St.FIN_WAIT_2,
     (St.FIN_WAIT_1, Event.RECV_FIN): St.CLOSING,
     (St.FIN_WAIT_2, Event.RECV_FIN): St.TIME_WAIT,
@@ -274,6 +279,7 @@ class TcpObserver:
         h = self.half(side)
         new = TRANSITIONS.get((h.state, event))
         if new is not None:
+            check_transition(h.state, new)
             h.state = new
             self.info[side].time_wait_at = now if new is St.TIME_WAIT else None
 
@@ -374,7 +380,12 @@ class TcpObserver:
                 return False
             s.fin_seq = fin_seq
             crossed = r.fin_seq is not None and seq_le(ack, r.fin_seq)
-            self._fire(sender, Event.SEND_FIN_CROSSED if crossed else Event.SEND_FIN, now)
+            if crossed and s.state is St.CLOSE_WAIT:  # the correction of the module doc
+                s.state = St.ESTABLISHED
+                self._fire(sender, Event.SEND_FIN, now)
+                self._fire(sender, Event.RECV_FIN, now)
+            else:
+                self._fire(sender, Event.SEND_FIN_CROSSED if crossed else Event.SEND_FIN, now)
         return s.fin_seq == fin_seq
 
     def _infer_shift(self, receiver: Side, data_end: int) -> None:

@@ -15,6 +15,17 @@ Invariants: sequence fields are in ``0 .. 2**32-1``; ``snd_una <= snd_nxt``
 ``snd_shift`` are 0 unless both SYNs carried the window-scale option
 (RFC 7323 2.2); timestamps are used only if both SYNs carried them.
 
+Transitions. :data:`LEGAL_TRANSITIONS` is RFC 9293's state machine, the one
+table both users check against: each legal ``(from, to)`` pair with what
+causes it (figure 5 of 3.3.2, plus the transitions the event processing of
+3.10 adds: SYN-RECEIVED to CLOSE-WAIT on a FIN, FIN-WAIT-1 straight to
+TIME-WAIT on a FIN that also acknowledges ours, and ABORT, RST or a give-up
+timeout from any state to CLOSED). :data:`NEXT_STATES` is the same per state,
+and :func:`check_transition` raises :class:`IllegalTransition` for a pair not
+in it. An illegal transition is a bug of ours, never something the network can
+cause, so it is an ``AssertionError`` and not a :class:`~vtl.errors.VTLError`
+(which callers and property tests treat as an expected failure).
+
 What it does not do: decide transitions (the endpoint and the observer do,
 each in one place), keep data or timers.
 """
@@ -67,6 +78,49 @@ class TcpState(enum.Enum):
 
 _UNSYNCHRONIZED = frozenset({TcpState.CLOSED, TcpState.LISTEN, TcpState.SYN_SENT,
                              TcpState.SYN_RECEIVED})
+
+_S = TcpState
+_ANY_TO_CLOSED = "CLOSE or ABORT, an acceptable RST, or the peer gone (timeout)"
+
+#: RFC 9293's legal transitions, ``(from, to) -> what causes it``.
+LEGAL_TRANSITIONS: dict[tuple[TcpState, TcpState], str] = {
+    (_S.CLOSED, _S.LISTEN): "passive OPEN",
+    (_S.CLOSED, _S.SYN_SENT): "active OPEN / snd SYN",
+    (_S.LISTEN, _S.SYN_RECEIVED): "rcv SYN / snd SYN,ACK",
+    (_S.LISTEN, _S.SYN_SENT): "SEND / snd SYN",
+    (_S.SYN_SENT, _S.SYN_RECEIVED): "rcv SYN / snd SYN,ACK (simultaneous open)",
+    (_S.SYN_SENT, _S.ESTABLISHED): "rcv SYN,ACK / snd ACK",
+    (_S.SYN_RECEIVED, _S.LISTEN): "rcv RST (after a passive OPEN)",
+    (_S.SYN_RECEIVED, _S.ESTABLISHED): "rcv ACK of SYN",
+    (_S.SYN_RECEIVED, _S.FIN_WAIT_1): "CLOSE / snd FIN",
+    (_S.SYN_RECEIVED, _S.CLOSE_WAIT): "rcv FIN (3.10.7.4, eighth check)",
+    (_S.ESTABLISHED, _S.FIN_WAIT_1): "CLOSE / snd FIN",
+    (_S.ESTABLISHED, _S.CLOSE_WAIT): "rcv FIN / snd ACK",
+    (_S.FIN_WAIT_1, _S.FIN_WAIT_2): "rcv ACK of FIN",
+    (_S.FIN_WAIT_1, _S.CLOSING): "rcv FIN / snd ACK",
+    (_S.FIN_WAIT_1, _S.TIME_WAIT): "rcv FIN that also acknowledges ours / snd ACK",
+    (_S.FIN_WAIT_2, _S.TIME_WAIT): "rcv FIN / snd ACK",
+    (_S.CLOSE_WAIT, _S.LAST_ACK): "CLOSE / snd FIN",
+    (_S.CLOSING, _S.TIME_WAIT): "rcv ACK of FIN",
+    (_S.LAST_ACK, _S.CLOSED): "rcv ACK of FIN",
+    (_S.TIME_WAIT, _S.CLOSED): "timeout (2 MSL, or our bounded TIME-WAIT)",
+    **{(s, _S.CLOSED): _ANY_TO_CLOSED
+       for s in TcpState if s not in (_S.CLOSED, _S.LAST_ACK, _S.TIME_WAIT)},
+}
+
+#: :data:`LEGAL_TRANSITIONS` per state: the states it may enter.
+NEXT_STATES: dict[TcpState, frozenset[TcpState]] = {
+    s: frozenset(b for a, b in LEGAL_TRANSITIONS if a is s) for s in TcpState}
+
+
+class IllegalTransition(AssertionError):
+    """A state change RFC 9293 does not allow: a bug (module doc), not a network error."""
+
+
+def check_transition(old: TcpState, new: TcpState) -> None:
+    """Raise :class:`IllegalTransition` unless ``old -> new`` is in the table."""
+    if new not in NEXT_STATES[old]:
+        raise IllegalTransition(f"TCP state {old.value} cannot become {new.value}")
 
 
 @dataclass(slots=True)
