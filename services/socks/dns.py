@@ -340,8 +340,8 @@ class DnsResolver:
 
     # -- tcp:// ------------------------------------------------------------------------
 
-    def _send_query(self, p: _Pending, stream: Stream) -> None:
-        taken = stream.write(p.out)
+    def _send_query(self, p: _Pending, stream: Stream, now: float) -> None:
+        taken = stream.write(p.out, now)
         p.out = p.out[taken:]
 
     def _on_bytes(self, p: _Pending, data: bytes, now: float) -> None:
@@ -365,7 +365,7 @@ class DnsResolver:
             self.ctx.count("dns_upstream_mismatch")
             self._finish(p, dns.rcode.SERVFAIL, now)
             return
-        self._close(p)
+        self._close(p, now)
         kind = answer_kind(resp.rcode(), bool(resp.answer))
         if len(response) <= p.limit:
             self._count(kind)
@@ -413,10 +413,10 @@ class DnsResolver:
             if self.mode_key == "tor_resolve":
                 self._on_resolved(p, event, now)
             else:
-                self._send_query(p, event.stream)
+                self._send_query(p, event.stream, now)
         elif isinstance(event, StreamWritable):
             if p.out:
-                self._send_query(p, event.stream)
+                self._send_query(p, event.stream, now)
         elif isinstance(event, StreamData):
             if self.mode_key == "tcp":
                 self._on_bytes(p, event.data, now)
@@ -439,21 +439,21 @@ class DnsResolver:
         self._logged[cause] = now
         self.ctx.log.warning("DNS upstream failed, answered SERVFAIL: %s", cause)
 
-    def _close(self, p: _Pending, *, abort: bool = False) -> None:
+    def _close(self, p: _Pending, now: float, *, abort: bool = False) -> None:
         p.done = True
         self._pending.pop(p.seq, None)
         if p.stream is not None:
             if abort:
-                p.stream.abort()
+                p.stream.abort(now)
             else:
-                p.stream.close()
+                p.stream.close(now)
 
     def _finish(self, p: _Pending, rcode: int, now: float,
                 data: tuple[int, str] | None = None, *, abort: bool = False) -> None:
         """Reply to a pending query (answer ``data`` = (rdtype, text) or none) and end it."""
         if p.done:
             return
-        self._close(p, abort=abort or rcode == dns.rcode.SERVFAIL)
+        self._close(p, now, abort=abort or rcode == dns.rcode.SERVFAIL)
         if data is None:
             self._rcode(p.query, rcode, p.limit, now, p.reply)
         else:
@@ -476,12 +476,12 @@ class DnsResolver:
                 self.ctx.log.info("DNS upstream for %s timed out", p.query.question[0].name)
                 self._finish(p, dns.rcode.SERVFAIL, now, abort=True)
 
-    def stop(self) -> None:
+    def stop(self, now: float) -> None:
         """Abort every upstream stream; pending queries get no reply."""
         pending, self._pending = list(self._pending.values()), {}
         self._deadlines = []
         for p in pending:
-            self._close(p, abort=True)
+            self._close(p, now, abort=True)
 
     def report(self) -> dict[str, Any]:
         """Figures for the service's report (keys prefixed, so they merge with others')."""

@@ -268,7 +268,7 @@ class Socks(SplitService):
         self.resolver.on_timer(now)
 
     def stop(self, now: float) -> None:
-        self.resolver.stop()
+        self.resolver.stop(now)
         self.table.stop(now)
 
     def report(self, now: float) -> dict[str, Any]:

@@ -403,7 +403,7 @@ def test_stop_aborts_without_replies():
     resolver, ctx, _ = make("tor-resolve")
     r = ask(resolver, query("a.example", "A"))
     ask(resolver, query("b.example", "AAAA"))
-    resolver.stop()
+    resolver.stop(0.0)
     assert [s.local for s in ctx.streams] == ["abort", "abort"]
     ctx.deliver_local_closes()
     assert r.got == []
