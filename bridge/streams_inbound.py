@@ -15,6 +15,12 @@ transport's accept handshake confirms the opener is still there, then
 tells the opener no. Unanswered after ``offer_timeout_s``: refused with
 ``"timeout"``. Closing a listener refuses its unanswered offers; stopping
 the manager closes every listener.
+
+This module does not import the manager: :class:`Inbound` gets what it
+needs from it as three explicit things at construction -- the transports by
+kind, ``adopt`` (make a stream handle of an accepted offer, lock held) and
+``wake`` (wake the manager's I/O thread, any thread) -- and the manager
+calls :meth:`Inbound.poll`, :meth:`Inbound.halt` and :meth:`Inbound.close`.
 """
 
 from __future__ import annotations
@@ -22,20 +28,29 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from vtl.bridge.transports.base import Handshake, InboundStream, Transport
 
 from vtl.errors import LocalProtocolError
-from vtl.stream import CloseReason, ListenRequest, OfferHandler, StreamRequest
-
-if TYPE_CHECKING:
-    from vtl.bridge.streams import StreamHandle, StreamManager
+from vtl.stream import (
+    CloseReason,
+    ListenRequest,
+    OfferHandler,
+    Stream,
+    StreamHandler,
+    StreamRequest,
+)
 
 ACCEPT_TIMEOUT_S = 10.0
 _REFUSALS = ("refused", "timeout", "unreachable", "error")
 log = logging.getLogger("vtl.streams")
+
+#: ``adopt(request, handler, on_error, transport)``: the manager's handle for an
+#: accepted stream, whose ``transport.connect`` returns the connected socket and
+#: ``transport.handshake`` the accept handshake
+Adopt = Callable[[StreamRequest, StreamHandler, Callable[[float], None] | None, Transport], Stream]
 
 
 class _Adopted(Transport):
@@ -100,7 +115,7 @@ class Offer:
     def __repr__(self) -> str:
         return f"<StreamOffer from {self.peer[0]}:{self.peer[1]} {dict(self.meta)}>"
 
-    def accept(self, handler) -> StreamHandle:
+    def accept(self, handler: StreamHandler) -> Stream:
         if self.answered:
             raise LocalProtocolError("StreamOffer.accept(): the offer was already answered")
         self.answered = True
@@ -109,8 +124,8 @@ class Offer:
         request = StreamRequest(kind=lr.kind, host=a.peer[0], port=a.peer[1],
                                 timeout_s=ACCEPT_TIMEOUT_S, read_chunk=lr.read_chunk,
                                 write_buffer=lr.write_buffer)
-        return self._inbound.mgr._adopt(request, handler, self.listener.on_error,
-                                        _Adopted(lr.kind, a.sock, a.accept()))
+        return self._inbound.adopt(request, handler, self.listener.on_error,
+                                   _Adopted(lr.kind, a.sock, a.accept()))
 
     def refuse(self, reason: CloseReason = "refused", message: str = "") -> None:
         if self.answered:
@@ -132,18 +147,24 @@ class Offer:
 
 
 class Inbound:
-    """The manager's listeners and unanswered offers."""
+    """The manager's listeners and unanswered offers (lock held, but :meth:`listen`'s
+    ``deliver``, which any thread may call)."""
 
-    def __init__(self, mgr: StreamManager):
-        self.mgr = mgr
+    def __init__(self, transports: Mapping[str, Transport], adopt: Adopt,
+                 wake: Callable[[], None]):
+        self.transports = transports
+        self.adopt = adopt
+        self._wake = wake
+        self.halted = False
         self.listeners: set[ListenerHandle] = set()
         self.pending: dict[Offer, None] = {}  # unanswered, in arrival order
         self._arrivals: deque[tuple[ListenerHandle, InboundStream]] = deque()
 
     def listen(self, request: ListenRequest, on_offer: OfferHandler,
                on_error: Callable[[float], None] | None) -> ListenerHandle:
-        mgr = self.mgr
-        transport = mgr.transports.get(request.kind)
+        if self.halted:
+            raise LocalProtocolError("listen_streams(): the bridge is stopping")
+        transport = self.transports.get(request.kind)
         if transport is None:
             raise LocalProtocolError(f"listen_streams(): no stream kind {request.kind!r}")
         if request.read_chunk < 1 or request.write_buffer < 1 or not request.offer_timeout_s > 0:
@@ -153,7 +174,7 @@ class Inbound:
 
         def deliver(arrival: InboundStream) -> None:  # any thread
             self._arrivals.append((lst, arrival))
-            mgr._wake()
+            self._wake()
 
         lst._transport = transport.listen(request, deliver)
         lst.address = lst._transport.address
@@ -163,16 +184,18 @@ class Inbound:
     def next_deadline(self) -> float | None:
         return min((o.deadline for o in self.pending), default=None)
 
-    def poll(self, now: float) -> None:
-        """Deliver arrivals and expire offers (I/O thread, lock held)."""
+    def poll(self, now: float) -> bool:
+        """Deliver arrivals and expire offers (I/O thread, lock held); True when a
+        service's ``on_offer`` ran (so the bridge's after-events work is due)."""
+        called = False
         while self._arrivals:
             lst, arrival = self._arrivals.popleft()
             offer = Offer(self, lst, arrival, now + lst.request.offer_timeout_s)
-            if lst.closed or self.mgr._halted:
+            if lst.closed or self.halted:
                 offer._answer("refused", "not listening any more")
                 continue
             self.pending[offer] = None
-            self.mgr._delivered = True
+            called = True
             try:
                 lst.on_offer(offer, now)
             except Exception:  # noqa: BLE001 - a service bug must not stop the bridge
@@ -184,6 +207,11 @@ class Inbound:
         for offer in [o for o in self.pending if o.deadline <= now]:
             wait = offer.listener.request.offer_timeout_s
             offer._answer("timeout", f"the far service did not answer within {wait:g} s")
+        return called
+
+    def halt(self) -> None:
+        """No more offers to services, no new listeners (the bridge is stopping)."""
+        self.halted = True
 
     def close(self) -> None:
         for lst in list(self.listeners):
