@@ -1,10 +1,9 @@
-"""The sample third-party plugin examples/plugins/protocount.py."""
+"""The sample third-party plugin examples/plugins/protocount.py, loaded from its file as a
+config would load it (see conftest.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,22 +12,16 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6
 from scapy.layers.l2 import ARP, Dot1Q
 
 from vtl import PASS, Direction, Frame, Service
-from vtl.testing import FakeContext
+from vtl.testing import FakeContext, ServiceHarness
 
-PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "plugins" / "protocount.py"
+PLUGINS = Path(__file__).resolve().parents[2] / "examples" / "plugins"
 UP = Direction.TO_UPLINK
 DOWN = Direction.TO_GUEST
 
 
 @pytest.fixture(scope="module")
-def mod():
-    spec = importlib.util.spec_from_file_location("vtl_example_protocount", PLUGIN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def mod(protocount):
+    return protocount
 
 
 E = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
@@ -64,21 +57,22 @@ def test_classify_truncated(mod, data, expected):
 
 
 def test_counts_per_direction_and_passes(mod):
-    ctx = FakeContext("protocount")
-    svc = mod.ProtoCount(mod.ProtoCountOptions(), ctx)
+    h = ServiceHarness(mod.ProtoCount, mod.ProtoCountOptions())
+    svc = h.start(0.0)
     assert isinstance(svc, Service) and svc.name == "protocount"
-    svc.start(0.0)
     for i, (pkt, _) in enumerate(CASES):
-        f = Frame(bytes(pkt))
-        assert svc.process(f, UP, 0.0) is PASS
+        before = bytes(pkt)
+        assert h.send(pkt, UP, 0.0) is PASS
         if i % 2:
-            assert svc.process(Frame(bytes(pkt)), DOWN, 0.0) is PASS
-    rep = svc.report()
+            assert h.send(pkt, DOWN, 0.0) is PASS
+        assert [bytes(o.frame.data) for o in h.take()] == [before] * (1 + i % 2)  # unchanged
+    rep = h.report(0.0)
     assert rep["to_uplink"] == {"arp": 1, "ipv4/icmp": 1, "ipv4/other": 1, "ipv4/tcp": 2,
                                 "ipv4/udp": 2, "ipv6/icmpv6": 1, "ipv6/other": 1,
                                 "ipv6/tcp": 1, "ipv6/udp": 2, "other": 1}
     assert sum(rep["to_guest"].values()) == len(CASES) // 2
-    assert ctx.emitted == []
+    assert h.ctx.emitted == [] and h.emitted() == []
+    assert h.counters.frames_in == h.counters.frames_out == len(CASES) + len(CASES) // 2
 
 
 def test_logs_a_summary_every_interval(mod, caplog):
@@ -101,7 +95,8 @@ def test_logs_a_summary_every_interval(mod, caplog):
 def test_loads_through_the_bridge_like_a_config_would(mod):
     from vtl.bridge.plugins import load_file
 
-    cls = load_file(f"{PLUGIN}:ProtoCount")
+    cls = load_file(f"{PLUGINS / 'protocount.py'}:ProtoCount")
+    assert cls is mod.ProtoCount
     assert cls.name == "protocount"
     with pytest.raises(Exception):  # noqa: B017 - pydantic's ValidationError
         cls.Options(interval_s=0)
