@@ -13,17 +13,37 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.functional_validators import PlainValidator
+from pydantic_core import PydanticCustomError
 from vtl.bridge import plugins
 from vtl.bridge.filter import MatchFilter
 from vtl.bridge.ports import PortConfig
 
+from vtl.addrclass import Prefix, conflicts, parse_prefix
 from vtl.errors import ConfigError
 from vtl.service import FailPolicy, Service, ServiceOptions
 
 COMMON_SERVICE_KEYS = ("use", "name", "match", "fail")
+
+
+def _ip_prefix(value: object) -> Prefix:
+    try:
+        return parse_prefix(value)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise PydanticCustomError("ip_prefix", str(exc)) from None
+
+
+IpPrefix = Annotated[Prefix, PlainValidator(_ip_prefix, json_schema_input_type=str)]
 
 
 class BridgeSection(BaseModel):
@@ -41,6 +61,32 @@ class BridgeSection(BaseModel):
                     "mac_overflow)")
     stats_interval_s: float = Field(
         0.0, ge=0, description="log per-service counters this often (0: only at stop)")
+    deny: tuple[IpPrefix, ...] = Field(
+        (), description="destination prefixes a guest may not reach, beyond the default "
+                        "classes (loopback, unspecified, link-local, multicast, broadcast, "
+                        "the host's own addresses); the longest matching prefix of deny and "
+                        "allow decides")
+    allow: tuple[IpPrefix, ...] = Field(
+        (), description="destination prefixes a guest may reach though a default class or "
+                        "a shorter deny prefix covers them (e.g. \"169.254.169.254\")")
+
+    @field_validator("deny", "allow", mode="before")
+    @classmethod
+    def _prefix_list(cls, value: object) -> object:
+        if not isinstance(value, list | tuple):
+            raise PydanticCustomError("prefix_list",
+                                      'give a list of IP prefixes, e.g. ["10.0.0.0/8"]')
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _not_denied(cls, allow: tuple[Prefix, ...], info: ValidationInfo) -> tuple[Prefix, ...]:
+        both = conflicts(info.data.get("deny", ()), allow)
+        if both:
+            raise PydanticCustomError(
+                "allow_and_deny", "{prefixes} also in bridge.deny: keep one of the two",
+                {"prefixes": ", ".join(str(p) for p in both)})
+        return allow
 
 
 class PortsSection(BaseModel):

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 from vtl.bridge.chain import Chain
 from vtl.bridge.config import BridgeConfig
+from vtl.bridge.egress import EgressPolicy
 from vtl.bridge.ports import Port, make_port
 from vtl.bridge.streams import StreamManager
 
@@ -119,6 +120,7 @@ class Bridge:
         os.set_blocking(self._tick_r, False)
         os.set_blocking(self._tick_w, False)
         self.streams: StreamManager | None = None
+        self.egress: EgressPolicy | None = None
         self._deadline: float | None = None
         self._threads: list[threading.Thread] = []
         self._lanes: dict[Direction, _Lane] = {}
@@ -136,6 +138,9 @@ class Bridge:
                 self._opened.append(port)
             self.streams = StreamManager(self._lock, self._after_stream_events,
                                          self.log.getChild("streams"), self.name)
+            self.egress = EgressPolicy.from_config(self.config.bridge, self.log.getChild("egress"))
+            self.egress.start()  # the host's own addresses, followed while the bridge runs
+            self.streams.policy = self.egress
             self.chain.streams = self.streams
             self.streams.start()
             now = time.monotonic()
@@ -202,6 +207,8 @@ class Bridge:
         if streams is not None:
             streams.stop()
             self.streams = self.chain.streams = None
+        if self.egress is not None:
+            self.egress.stop()
         for port in reversed(self._opened):
             try:
                 port.close()
@@ -403,6 +410,7 @@ class Bridge:
             "ports": {p.role: _port_counters(p) for p in (self.guest, self.uplink)},
             "services": services,
             "streams": streams,
+            "egress": self.egress.snapshot() if self.egress is not None else {},
         }
 
 

@@ -63,6 +63,7 @@ DEFAULT_CLASSES: tuple[tuple[str, str], ...] = (
     ("link-local", "fe80::/10"),
     ("multicast", "ff00::/8"),
 )
+_DEFAULT_NETS = tuple((c, ipaddress.ip_network(p)) for c, p in DEFAULT_CLASSES)
 OWN = "own address"
 PORT_ZERO = "port 0"
 LOCALHOST = "localhost name"
@@ -165,8 +166,8 @@ class AddressPolicy:
         self.allow = tuple(_prefix(p) for p in allow)
         self.own = tuple(sorted({_prefix(p) for p in own}, key=_sort_key))
         entries: list[tuple[Prefix, _Entry]] = []
-        entries += [(ipaddress.ip_network(p), _Entry(False, c, 0)) for c, p in DEFAULT_CLASSES]
-        entries += [(p, _Entry(False, OWN, 1)) for p in self.own]
+        entries += [(net, _Entry(False, c, 0)) for c, net in _DEFAULT_NETS]
+        entries += [(p, _Entry(False, _own_label(p), 1)) for p in self.own]
         entries += [(p, _Entry(False, f"bridge.deny {p}", 2)) for p in self.deny]
         entries += [(p, _Entry(True, f"bridge.allow {p}", 2)) for p in self.allow]
         tables: dict[int, tuple[tuple[int, ...], dict[tuple[int, int], _Entry]]] = {}
@@ -222,6 +223,14 @@ def _prefix(p: Prefix | Address | str) -> Prefix:
     if isinstance(p, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return ipaddress.ip_network(p)
     return parse_prefix(p)
+
+
+def _own_label(p: Prefix) -> str:
+    """An own prefix inside a default class (127.0.0.1/32) is named after the class."""
+    for label, net in _DEFAULT_NETS:
+        if net.version == p.version and p.subnet_of(net):  # type: ignore[arg-type]
+            return label
+    return OWN
 
 
 def _sort_key(p: Prefix) -> tuple[int, int, int]:

@@ -174,6 +174,9 @@ def test_own_addresses_and_an_allow_of_exactly_them() -> None:
     assert p.check("2001:db8::7") == OWN
     opened = AddressPolicy(allow=["192.0.2.7"]).with_own(["192.0.2.7/32"])
     assert opened.check("192.0.2.7") is None
+    # an own address inside a default class keeps the class's name
+    assert AddressPolicy(own=["127.0.0.1", "fe80::1"]).check("127.0.0.1") == "loopback"
+    assert AddressPolicy(own=["127.0.0.1", "fe80::1"]).check("fe80::1") == "link-local"
     anyip = AddressPolicy().with_own([ipaddress.ip_network("198.51.100.0/24")])
     assert anyip.check("198.51.100.99") == OWN
     assert anyip.with_own([]).check("198.51.100.99") is None
