@@ -74,7 +74,7 @@ _MAX_POLL_S = 1.0
 
 #: ``policy(request, transport)``: None lets the stream be opened; ``(reason, message)``
 #: refuses it (reason ``"prohibited"`` for a destination the bridge may not reach)
-EgressPolicy = Callable[[StreamRequest, Transport], tuple[CloseReason, str] | None]
+StreamPolicy = Callable[[StreamRequest, Transport], tuple[CloseReason, str] | None]
 
 
 class StreamManager:
@@ -96,7 +96,7 @@ class StreamManager:
         self.name = name
         self.transports: dict[str, Transport] = dict(
             builtin_transports() if transports is None else transports)
-        self.policy: EgressPolicy | None = None
+        self.policy: StreamPolicy | None = None
         self._io = io = StreamIO(self.log)
         self._connector = connector = Connector(io, lock, name)
         self._inbound = Inbound(self.transports, self._adopt, io.wake)
@@ -289,4 +289,4 @@ class StreamManager:
         elif s._phase is CLOSING:
             self._io.drop(s, rst=True)
 
-__all__ = ["CLOSE_LINGER_S", "EgressPolicy", "StreamHandle", "StreamManager"]
+__all__ = ["CLOSE_LINGER_S", "StreamPolicy", "StreamHandle", "StreamManager"]

@@ -4,6 +4,11 @@ Each test drives a manager without a bridge (a lock and an ``after_events``
 recorder stand in for it), except the last ones, which go through a real
 :class:`Chain` and ``SlotContext.open_stream``. Stream methods are called with
 the lock held, as the bridge does. Every wait is bounded.
+
+Handlers run on the manager's I/O thread, where the manager catches what they
+raise (a service bug must not stop the bridge). So a :class:`Rec` keeps what
+its checks (or the test's ``on`` part) raised, and the test fails with it:
+:func:`wait_for` re-raises it at once, the autouse fixture at the end.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from collections.abc import Callable
 
 import pytest
 from vtl.bridge.chain import Chain
-from vtl.bridge.streams import StreamManager
+from vtl.bridge.streams import CLOSE_LINGER_S, StreamManager
+from vtl.bridge.transports import Handshake, HandshakeStep, TcpTransport, Transport
 
 from vtl import Direction, Frame, LocalProtocolError, Service
 from vtl.stream import (
@@ -32,30 +38,58 @@ from vtl.stream import (
 
 LOG = logging.getLogger("test.streams")
 
+#: what handlers raised on the I/O thread during the current test (see the module)
+HANDLER_FAILURES: list[BaseException] = []
+
+
+@pytest.fixture(autouse=True)
+def handler_failures():
+    HANDLER_FAILURES.clear()
+    yield HANDLER_FAILURES
+    failures, HANDLER_FAILURES[:] = list(HANDLER_FAILURES), []
+    if failures:
+        raise failures[0]
+
 
 def wait_for(pred: Callable[[], object], timeout: float = 5.0) -> None:
     end = time.monotonic() + timeout
-    while not pred():
+    while True:
+        if HANDLER_FAILURES:
+            raise HANDLER_FAILURES.pop(0)
+        if pred():
+            return
         assert time.monotonic() < end, "timed out waiting"
         time.sleep(0.002)
 
 
 class Rec:
-    """A handler recording events; ``on(event, now)`` runs after recording."""
+    """A handler recording events; ``on(event, now)`` runs after recording.
 
-    def __init__(self, on: Callable[[StreamEvent, float], None] | None = None):
+    What it raises is kept for the test to fail with (see the module), except
+    an exception of the type ``raises`` names, which the test provokes.
+    """
+
+    def __init__(self, on: Callable[[StreamEvent, float], None] | None = None,
+                 raises: type[BaseException] | None = None):
         self.events: list[StreamEvent] = []
         self.data = bytearray()
         self.on = on
+        self.raises = raises
 
     def __call__(self, event: StreamEvent, now: float) -> None:
-        assert self.final is None, f"{event!r} after {self.final!r}"
-        assert isinstance(now, float)
-        self.events.append(event)
-        if isinstance(event, StreamData):
-            self.data += event.data
-        if self.on is not None:
-            self.on(event, now)
+        try:
+            assert self.final is None, f"{event!r} after {self.final!r}"
+            assert isinstance(now, float)
+            assert event.stream.id >= 1
+            self.events.append(event)
+            if isinstance(event, StreamData):
+                self.data += event.data
+            if self.on is not None:
+                self.on(event, now)
+        except BaseException as exc:
+            if self.raises is None or not isinstance(exc, self.raises):
+                HANDLER_FAILURES.append(exc)
+            raise
 
     @property
     def final(self) -> StreamClosed | None:
@@ -174,12 +208,15 @@ def test_echo_a_few_megabytes_both_ways(mgr, lock, listener):
     assert snap["bytes_up"] == snap["bytes_down"] == len(payload)
     assert snap["open"] == 0 and snap["opened_total"] == 1 and snap["failed_total"] == 0
     assert mgr.after, "after_events runs after handlers"
-    with lock:  # a dead handle does nothing
+    seen = len(rec.events)
+    with lock:  # a dead handle does nothing, and no event follows StreamClosed
         assert s.write(b"x") == 0 and s.write_room == 0
+        s.shutdown_write()
+        s.pause_reading(True)
         s.close()
         s.abort()
-    time.sleep(0.02)
-    assert len(rec.events) == len(rec.kinds())
+    time.sleep(0.05)
+    assert len(rec.events) == seen and rec.events[-1] is rec.final
 
 
 def test_back_pressure_and_writable(mgr, lock, listener):
@@ -385,7 +422,7 @@ def test_raising_handler_is_counted_and_aborted(mgr, lock, listener):
         if isinstance(event, StreamConnected):
             raise RuntimeError("service bug")
 
-    rec = Rec(boom)
+    rec = Rec(boom, raises=RuntimeError)
     with lock:
         mgr.open(req(listener), rec, errors.append)
     conn = accept(listener)
@@ -442,6 +479,177 @@ def test_many_parallel_streams(mgr, lock, listener):
     bad = [r.final for r in recs if r.final.reason != "closed"]
     assert not bad, bad[:3]
     assert all(bytes(r.data) == p for r, p in zip(recs, payloads, strict=True))
+
+
+def test_a_check_failing_on_the_io_thread_fails_the_test(mgr, lock, listener):
+    def check(event: StreamEvent, now: float) -> None:
+        if isinstance(event, StreamConnected):
+            raise AssertionError("checked on the I/O thread")
+
+    rec = Rec(check)
+    open_(mgr, lock, req(listener), rec)
+    accept(listener).close()
+    with pytest.raises(AssertionError, match="checked on the I/O thread"):
+        wait_for(lambda: False)
+    wait_for(lambda: rec.final is not None)
+    assert rec.final.reason == "error" and "checked on the I/O thread" in rec.final.message
+
+
+class Spy(TcpTransport):
+    """The tcp transport, recording the addresses it is asked about."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def endpoint(self, request: StreamRequest) -> tuple[str, int]:
+        self.calls.append(f"endpoint {request.host}")
+        return super().endpoint(request)
+
+    def connect(self, request: StreamRequest, family: int, sockaddr: tuple) -> socket.socket:
+        self.calls.append(f"connect {sockaddr[0]}")
+        return super().connect(request, family, sockaddr)
+
+
+def test_policy_refuses_before_any_socket_exists(mgr, lock, listener):
+    spy = Spy()
+    mgr.register(spy)
+    refused_port = listener.getsockname()[1]
+    asked: list[tuple[str, int, str]] = []
+
+    def policy(request: StreamRequest, transport: Transport) -> tuple[str, str] | None:
+        asked.append((request.host, request.port, transport.kind))
+        if request.port == refused_port:
+            return "prohibited", "egress policy: not that one"
+        return None
+
+    mgr.policy = policy
+    recs = [Rec(), Rec()]
+    with lock:
+        refused = [mgr.open(req(listener), recs[0]),
+                   mgr.open(req(listener, host="localhost"), recs[1])]  # no resolver either
+        assert all(not r.events for r in recs)  # never from inside open()
+        assert all(s.write_room == 0 and s.write(b"x") == 0 for s in refused)
+    for r, s in zip(recs, refused, strict=True):
+        wait_for(lambda r=r: r.final is not None)
+        assert r.kinds() == ["Closed"] and r.final.stream is s
+        assert r.final.reason == "prohibited" and r.final.message == "egress policy: not that one"
+    assert spy.calls == []
+    listener.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        listener.accept()  # the listener never saw a connection
+    snap = mgr.snapshot()
+    assert snap["refused_by_policy"] == 2 and snap["failed_total"] == 2 and snap["open"] == 0
+    with socket.socket() as other:  # what the policy lets through opens as usual
+        other.bind(("127.0.0.1", 0))
+        other.listen(1)
+        other.settimeout(5.0)
+        echo_server(other)
+        rec = Rec(pump(b"allowed"))
+        open_(mgr, lock, req(other), rec)
+        wait_for(lambda: rec.final is not None)
+    assert rec.data == b"allowed" and rec.final.reason == "closed"
+    assert spy.calls == ["endpoint 127.0.0.1", "connect 127.0.0.1"]
+    assert [a[2] for a in asked] == ["tcp"] * 3 and mgr.snapshot()["refused_by_policy"] == 2
+
+
+class Greeting(Handshake):
+    """Sends ``hello?``, wants ``yes`` back."""
+
+    def start(self) -> HandshakeStep:
+        return HandshakeStep(send=b"hello?", want=3)
+
+    def feed(self, data: bytes) -> HandshakeStep:
+        return HandshakeStep()
+
+
+class GreetTransport(TcpTransport):
+    kind = "greet"
+
+    def handshake(self, request: StreamRequest) -> Handshake:
+        return Greeting()
+
+
+def test_fin_asked_before_connected_waits_for_the_handshake(mgr, lock, listener):
+    mgr.register(GreetTransport())
+    rec = Rec()
+    with lock:
+        s = mgr.open(StreamRequest("greet", "127.0.0.1", listener.getsockname()[1]), rec)
+        s.shutdown_write()
+    conn = accept(listener)
+    got = b""
+    while len(got) < 6:
+        got += conn.recv(6 - len(got))
+    assert got == b"hello?"
+    conn.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        conn.recv(1)  # no FIN in the middle of the handshake
+    conn.settimeout(5.0)
+    conn.sendall(b"yes")
+    assert recv_all(conn) == b""  # the FIN, once connected
+    conn.sendall(b"reply")
+    conn.close()
+    wait_for(lambda: rec.final is not None)
+    assert rec.kinds() == ["Connected", "Data", "Ended", "Closed"]
+    assert rec.data == b"reply" and rec.final.reason == "closed"
+
+
+def paused_and_hung_up(mgr, lock, listener) -> tuple:
+    """A stream that is paused, has sent its FIN, and whose peer sent data and hung up."""
+    rec = Rec()
+    s = open_(mgr, lock, req(listener), rec)
+    conn = accept(listener)
+    wait_for(lambda: rec.has(StreamConnected))
+    with lock:
+        s.pause_reading(True)
+        s.shutdown_write()
+    assert recv_all(conn) == b""
+    conn.sendall(b"late")
+    conn.close()
+    time.sleep(0.1)  # the HUP arrives while nothing reads
+    polls = mgr._io.epoch
+    time.sleep(0.2)
+    assert mgr._io.epoch - polls < 10, "the I/O thread spins on a HUP"
+    assert s._rd.value == "parked" and rec.kinds() == ["Connected"]
+    return s, rec
+
+
+def test_a_parked_stream_resumes(mgr, lock, listener):
+    s, rec = paused_and_hung_up(mgr, lock, listener)
+    with lock:
+        s.pause_reading(False)
+    wait_for(lambda: rec.final is not None)
+    assert rec.kinds() == ["Connected", "Data", "Ended", "Closed"]
+    assert rec.data == b"late" and rec.final.reason == "closed"
+
+
+def test_a_parked_stream_closes(mgr, lock, listener):
+    s, rec = paused_and_hung_up(mgr, lock, listener)
+    with lock:
+        s.close()
+    wait_for(lambda: rec.final is not None and mgr.snapshot()["open"] == 0, 2.0)
+    assert rec.kinds() == ["Connected", "Closed"] and rec.final.reason == "local"
+
+
+def test_handle_methods_take_the_callers_now(mgr, lock, listener):
+    rec = Rec()
+    s = open_(mgr, lock, req(listener), rec)
+    conn = accept(listener)
+    wait_for(lambda: rec.has(StreamConnected))
+    now = time.monotonic()
+    with lock:
+        assert s.write(b"abc", now) == 3
+        s.pause_reading(True, now)
+        s.pause_reading(False, now)
+        s.close(now - CLOSE_LINGER_S)  # the linger deadline is already past
+    assert recv_all(conn) == b"abc"
+    t0 = time.monotonic()
+    wait_for(lambda: mgr.snapshot()["open"] == 0, 2.0)  # the peer never sent its FIN
+    assert time.monotonic() - t0 < 1.5
+    assert rec.kinds() == ["Connected", "Closed"] and rec.final.reason == "local"
+    with lock:
+        s.abort(now)
+        s.shutdown_write(now)
+    conn.close()
 
 
 def test_api_misuse_raises(mgr, lock):
@@ -602,7 +810,8 @@ def test_bridge_runs_streams_and_wakes_for_their_timers(listener):
             pytest.fail("needs root, and CI runs as root")
         pytest.skip("needs root (TAP ports)")
     tag = secrets.token_hex(3)
-    cfg = parse_config({"ports": {"guest": {"kind": "tap", "ifname": f"vts{tag}g"},
+    cfg = parse_config({"bridge": {"allow": ["127.0.0.1"]},  # the egress policy denies loopback
+                        "ports": {"guest": {"kind": "tap", "ifname": f"vts{tag}g"},
                                   "uplink": {"kind": "tap", "ifname": f"vts{tag}u"}}})
     port = listener.getsockname()[1]
     chain = Chain.from_services([lambda ctx: Ticker(ctx, port)], LOG)
