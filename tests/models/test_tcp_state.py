@@ -8,12 +8,17 @@ from hypothesis import strategies as st
 from vtl.models.tcp_state import (
     DEFAULT_MSS_V4,
     DEFAULT_MSS_V6,
+    LEGAL_TRANSITIONS,
+    NEXT_STATES,
     HalfState,
+    IllegalTransition,
     TcpState,
+    check_transition,
     segment_options,
     syn_options,
 )
 
+from vtl.errors import VTLError
 from vtl.packet.tcp import TcpOptions
 
 S = TcpState
@@ -122,3 +127,63 @@ def test_segment_options_sack_blocks(ts: bool, limit: int) -> None:
     assert o.sack_blocks == blocks[:limit]  # RFC 2018 3
     assert (o.timestamps is not None) is ts
     assert len(raw) <= 40 and len(raw) % 4 == 0
+
+
+# -- the transition table -----------------------------------------------------------------------
+
+# RFC 9293 3.3.2 figure 5, arrow by arrow (the CLOSE arrows to CLOSED included)
+FIGURE_5 = {
+    (S.CLOSED, S.LISTEN), (S.CLOSED, S.SYN_SENT), (S.LISTEN, S.SYN_RECEIVED),
+    (S.LISTEN, S.SYN_SENT), (S.LISTEN, S.CLOSED), (S.SYN_SENT, S.SYN_RECEIVED),
+    (S.SYN_SENT, S.ESTABLISHED), (S.SYN_SENT, S.CLOSED), (S.SYN_RECEIVED, S.ESTABLISHED),
+    (S.SYN_RECEIVED, S.FIN_WAIT_1), (S.ESTABLISHED, S.FIN_WAIT_1),
+    (S.ESTABLISHED, S.CLOSE_WAIT), (S.FIN_WAIT_1, S.FIN_WAIT_2), (S.FIN_WAIT_1, S.CLOSING),
+    (S.FIN_WAIT_2, S.TIME_WAIT), (S.CLOSE_WAIT, S.LAST_ACK), (S.CLOSING, S.TIME_WAIT),
+    (S.LAST_ACK, S.CLOSED), (S.TIME_WAIT, S.CLOSED),
+}
+# what the event processing of RFC 9293 3.10 adds to the figure
+SECTION_3_10 = {
+    (S.SYN_RECEIVED, S.LISTEN),  # 3.10.7.4 second check: RST after a passive OPEN
+    (S.SYN_RECEIVED, S.CLOSE_WAIT),  # 3.10.7.4 eighth check: FIN
+    (S.FIN_WAIT_1, S.TIME_WAIT),  # eighth check: FIN whose segment also acks our FIN
+    # ABORT (3.10.5), an acceptable RST (3.10.7.4), a user timeout (3.10.8)
+    *((s, S.CLOSED) for s in (S.SYN_RECEIVED, S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2,
+                              S.CLOSE_WAIT, S.CLOSING)),
+}
+
+
+def test_table_is_figure_5_and_section_3_10() -> None:
+    assert set(LEGAL_TRANSITIONS) == FIGURE_5 | SECTION_3_10
+    assert all(isinstance(why, str) and why for why in LEGAL_TRANSITIONS.values())
+
+
+def test_table_shape() -> None:
+    assert set(NEXT_STATES) == set(TcpState)
+    assert {(a, b) for a, nxt in NEXT_STATES.items() for b in nxt} == set(LEGAL_TRANSITIONS)
+    assert NEXT_STATES[S.CLOSED] == {S.LISTEN, S.SYN_SENT}  # CLOSED only opens
+    assert NEXT_STATES[S.TIME_WAIT] == {S.CLOSED}
+    assert all(a is not b for a, b in LEGAL_TRANSITIONS)  # no self-loops
+    assert {a for a, b in LEGAL_TRANSITIONS if b is S.CLOSED} == set(TcpState) - {S.CLOSED}
+    # every state is reachable from CLOSED
+    seen, todo = {S.CLOSED}, [S.CLOSED]
+    while todo:
+        for b in NEXT_STATES[todo.pop()] - seen:
+            seen.add(b)
+            todo.append(b)
+    assert seen == set(TcpState)
+
+
+@pytest.mark.parametrize("old", list(TcpState))
+@pytest.mark.parametrize("new", list(TcpState))
+def test_check_transition_refuses_exactly_what_is_not_in_the_table(old: TcpState,
+                                                                  new: TcpState) -> None:
+    if (old, new) in LEGAL_TRANSITIONS:
+        check_transition(old, new)
+    else:
+        with pytest.raises(IllegalTransition, match=f"{old.value} cannot become {new.value}"):
+            check_transition(old, new)
+
+
+def test_an_illegal_transition_is_a_bug_not_a_network_error() -> None:
+    assert issubclass(IllegalTransition, AssertionError)
+    assert not issubclass(IllegalTransition, VTLError)  # never swallowed as an expected error
