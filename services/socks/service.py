@@ -24,7 +24,9 @@ What it does to frames
       down, or rejects the credentials gives the guest a RST at once, and a log
       line names the cause ("SOCKS proxy 127.0.0.1:9050 ..."); a destination
       the proxy reports unreachable gives ICMP host unreachable. A segment of
-      no known connection gets a RST.
+      no known connection gets a RST. Destinations the bridge's egress policy
+      refuses by default (loopback, link-local, ...; ``vtl.addrclass``), port 0
+      and ``localhost`` names get ICMP administratively prohibited, unasked.
     - DNS, UDP and TCP port 53 to any address: answered by VTL, never
       forwarded (modes below). UDP answers come from the address the guest
       asked.
@@ -73,6 +75,7 @@ from vtl.services.socks.fakeip import FakeIpPool
 from vtl.services.socks.options import SocksOptions
 
 from vtl import CONSUMED, DROP, Direction, FlowKey, Frame, ServiceContext
+from vtl.addrclass import refusal
 from vtl.errors import PacketError
 from vtl.packet import build
 from vtl.packet.arp import ARP_REQUEST
@@ -243,6 +246,12 @@ class Socks(SplitService):
                 self.table.answer_reset(syn)
                 return CONSUMED
             host = name
+        why = refusal(host, key.dport)  # the bridge's default egress classes, port 0 and
+        if why is not None:  # localhost names are refused before the proxy is asked
+            self.ctx.count("refused_destination")
+            if why not in ("multicast", "broadcast", "reserved"):  # no ICMP error about those
+                self.ctx.emit(Frame(build.unreachable(syn)), TO_GUEST)  # admin prohibited
+            return CONSUMED
         self._vm_mac = vm_mac
         return self._upstream(host, key.dport)
 
