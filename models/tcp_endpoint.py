@@ -84,12 +84,17 @@ class TcpEndpoint(TcpSender):
     half is :class:`~vtl.models.tcp_sender.TcpSender`."""
 
     def __init__(self, addrs: FlowAddrs, config: EndpointConfig, now: float,
-                 iss: int | None = None):
+                 iss: int | None = None, *, ts_offset: int | None = None,
+                 rng: random.Random | None = None):
+        """``iss`` (our initial sequence number) and ``ts_offset`` (added to our
+        millisecond clock for TSval, RFC 7323 5.4) are drawn from ``rng`` (default: the
+        :mod:`random` module) unless given; tests pass them for exact numbers."""
         self.addrs = addrs  # local (the endpoint) -> peer (the VM)
         self.config = config
         self.tcb = HalfState()
-        self.tcb.iss = random.getrandbits(32) if iss is None else iss & MASK
-        self.tcb.ts_offset = random.getrandbits(32)
+        bits = random.getrandbits if rng is None else rng.getrandbits
+        self.tcb.iss = bits(32) if iss is None else iss & MASK
+        self.tcb.ts_offset = bits(32) if ts_offset is None else ts_offset & MASK
         self.writer = SegmentWriter(addrs, offload=config.offload)
         self.outbox: list[Frame] = []
         self.events: list[Event] = []
@@ -112,12 +117,13 @@ class TcpEndpoint(TcpSender):
 
     @classmethod
     def passive(cls, syn: Packet, config: EndpointConfig, now: float,
-                iss: int | None = None) -> TcpEndpoint:
+                iss: int | None = None, *, ts_offset: int | None = None,
+                rng: random.Random | None = None) -> TcpEndpoint:
         """An endpoint for the VM's SYN, waiting in LISTEN for :meth:`accept`."""
         seg = Segment.parse(syn)
         if seg.flags & (SYN | ACK | RST) != SYN:
             raise PacketError("passive open needs a SYN without ACK or RST")
-        ep = cls(FlowAddrs.of(syn).reverse(), config, now, iss)
+        ep = cls(FlowAddrs.of(syn).reverse(), config, now, iss, ts_offset=ts_offset, rng=rng)
         ep.syn = Packet(bytearray(syn.data))  # a private copy for refusals and ICMP quotes
         ep.peer_opts = seg.options
         t = ep.tcb
@@ -129,9 +135,10 @@ class TcpEndpoint(TcpSender):
 
     @classmethod
     def active(cls, addrs: FlowAddrs, config: EndpointConfig, now: float,
-               iss: int | None = None) -> TcpEndpoint:
+               iss: int | None = None, *, ts_offset: int | None = None,
+               rng: random.Random | None = None) -> TcpEndpoint:
         """Open toward the VM as a client (``addrs``: us -> the VM); sends the SYN."""
-        ep = cls(addrs, config, now, iss)
+        ep = cls(addrs, config, now, iss, ts_offset=ts_offset, rng=rng)
         ep._enter(S.SYN_SENT)
         ep._send_syn(now, ack=False)
         return ep

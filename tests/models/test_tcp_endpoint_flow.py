@@ -5,16 +5,19 @@ back-pressure and bounded memory, timestamps and PAWS, checksums."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from models_tcplink import (
     ACK,
+    SYN,
     Peer,
     active_established,
     events,
     kinds,
     passive_established,
 )
-from vtl.models.tcp_endpoint import Aborted, Closed, DataReady, EndpointConfig
+from vtl.models.tcp_endpoint import Aborted, Closed, DataReady, EndpointConfig, TcpEndpoint
 from vtl.models.tcp_state import TcpState
 
 from vtl.frame import VIRTIO_NET_HDR_F_NEEDS_CSUM, VnetHeader
@@ -418,6 +421,42 @@ def test_tsval_monotone_and_tsecr_echoes_the_vm():
         vals.append(a.tsval)
     assert all(seq(b - a) < 1 << 31 for a, b in zip(vals, vals[1:], strict=False))
     assert seq(vals[-1] - vals[0]) == pytest.approx(19 * 13, abs=2)  # a millisecond clock
+
+
+@pytest.mark.parametrize("offset", [0, 123_456, M32 - 50])
+def test_tsval_is_exact_with_an_injected_offset(offset: int):
+    """``ts_offset`` makes every TSval exact: milliseconds of ``now`` plus the offset, mod
+    2**32 (RFC 7323 5.4), in the SYN, the SYN-ACK and every later segment."""
+    peer = Peer()
+    ep = TcpEndpoint.active(peer.ep_addrs, cfg(), 2.5, iss=ISS, ts_offset=offset)
+    [syn] = peer.take(ep)
+    assert syn.options.timestamps == (seq(2500 + offset), 0)
+    peer.ts_ok = True
+    peer.snd_nxt = peer.isn
+    ep.receive(peer.seg(SYN | ACK, options=peer.syn_options(), advance=True), 2.6)
+    [ack] = peer.take(ep)
+    assert ack.options.timestamps == (seq(2600 + offset), peer.tsval)
+    for t in (3.0, 3.0004, 3.0017, 70.25):
+        ep.send(b"x", t)
+        [d] = peer.take(ep)
+        assert d.tsval == seq(int(t * 1000) + offset)
+        ep.receive(peer.ack(), t)
+    passive = TcpEndpoint.passive(Peer().syn(), cfg(), 9.0, ts_offset=offset)
+    passive.accept(9.25)
+    [synack] = Peer().take(passive)
+    assert synack.tsval == seq(9250 + offset)
+
+
+def test_iss_and_ts_offset_come_from_an_injected_rng():
+    peer = Peer()
+    a = TcpEndpoint.active(peer.ep_addrs, cfg(), 1.0, rng=random.Random(42))
+    b = TcpEndpoint.active(peer.ep_addrs, cfg(), 1.0, rng=random.Random(42))
+    r = random.Random(42)
+    assert (a.tcb.iss, a.tcb.ts_offset) == (b.tcb.iss, b.tcb.ts_offset) == \
+        (r.getrandbits(32), r.getrandbits(32))
+    c = TcpEndpoint.active(peer.ep_addrs, cfg(), 1.0, iss=5, rng=random.Random(42))
+    assert (c.tcb.iss, c.tcb.ts_offset) == (5, random.Random(42).getrandbits(32))
+    assert peer.take(a)[0].seq == a.tcb.iss
 
 
 def test_paws_drops_an_old_duplicate():
