@@ -29,6 +29,7 @@ import sys
 import textwrap
 import types
 from collections import abc
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
@@ -263,15 +264,23 @@ def services_markdown(infos: list[plugins.ServiceInfo]) -> str:
         "",
     ]
     sections = []
-    for info in infos:
-        try:
-            cls = plugins.resolve(info.name)
-        except ConfigError as exc:
-            out.append(f"- `{info.name}`: cannot be loaded ({_cell(str(exc))})")
+    for info, cls, problem in _resolved(infos):
+        if cls is None:
+            out.append(f"- `{info.name}`: cannot be loaded ({_cell(problem)})")
             continue
         out.append(f"- [`{info.name}`](#{info.name}): {cls.summary}")
         sections.append(_service_section(info, cls))
     return "\n".join(out) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _resolved(infos: list[plugins.ServiceInfo]
+              ) -> Iterator[tuple[plugins.ServiceInfo, type[Service] | None, str]]:
+    """Each service with its class, or with None and why it cannot be loaded."""
+    for info in infos:
+        try:
+            yield info, plugins.resolve(info.name), ""
+        except ConfigError as exc:
+            yield info, None, str(exc)
 
 
 def _service_section(info: plugins.ServiceInfo, cls: type[Service]) -> str:
@@ -416,11 +425,9 @@ def services(verbose: bool, markdown: bool, built_in: bool) -> None:
     if markdown:
         click.echo(services_markdown(infos), nl=False)
         return
-    for info in infos:
-        try:
-            cls = plugins.resolve(info.name)
-        except ConfigError as exc:
-            click.echo(f"{info.name:12} (cannot load: {exc})")
+    for info, cls, problem in _resolved(infos):
+        if cls is None:
+            click.echo(f"{info.name:12} (cannot load: {problem})")
             continue
         origin = "" if info.origin == "built-in" else f"  [{info.origin}]"
         click.echo(f"{info.name:12} {cls.summary}{origin}")

@@ -159,3 +159,13 @@ def test_markdown_has_a_section_per_service_with_its_options(monkeypatch):
 def test_markdown_documents_the_keys_every_service_takes(table_row):
     out = cli.services_markdown([])
     assert table_row in out
+
+
+def test_a_service_that_cannot_load_is_named_with_the_reason(monkeypatch):
+    broken = plugins.ServiceInfo("broken", "vtl-broken", "vtl_no_such_module:Broken")
+    monkeypatch.setattr(plugins, "available", lambda: [broken])
+    listed = CliRunner().invoke(cli.main, ["services", "-v"])
+    assert listed.exit_code == 0 and listed.output.startswith("broken       (cannot load:")
+    page = cli.services_markdown([broken])
+    assert "- `broken`: cannot be loaded (service 'broken'" in page
+    assert "\n## broken" not in page
