@@ -14,7 +14,7 @@ from vtl.services.capture import Capture, CaptureOptions
 from vtl import PASS, Direction, Frame, VnetHeader
 from vtl.frame import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
 from vtl.packet import Packet
-from vtl.testing import FakeContext, MemorySink, udp_frame
+from vtl.testing import FakeContext, MemorySink, ServiceHarness, udp_frame
 
 UP = Direction.TO_UPLINK
 DOWN = Direction.TO_GUEST
@@ -27,32 +27,35 @@ def make(ctx: FakeContext, **opts: object) -> Capture:
 
 
 def test_writes_every_frame_and_passes_it_unchanged():
-    ctx = FakeContext("capture")
-    svc = make(ctx, path="a.pcap")
+    h = ServiceHarness(Capture, path="a.pcap")
+    h.start(0.0)
     frames = [udp_frame(60 + i, sport=1000 + i) for i in range(5)]
     for i, f in enumerate(frames):
         before = bytes(f.data)
-        assert svc.process(f, UP if i % 2 else DOWN, 10.0 + i) is PASS
-        assert bytes(f.data) == before
-    sink = ctx.sinks["a.pcap"]
+        assert h.send(f, UP if i % 2 else DOWN, 10.0 + i) is PASS
+        [out] = h.take(UP if i % 2 else DOWN)
+        assert out.frame is f and bytes(f.data) == before
+    sink = h.ctx.sinks["a.pcap"]
     assert isinstance(sink, MemorySink)
     assert sink.records == [(bytes(f.data), 10.0 + i) for i, f in enumerate(frames)]
-    assert svc.report(0.0) == {"path": "a.pcap", "direction": "both", "frames_written": 5,
-                            "bytes_written": sum(len(f) for f in frames)}
-    svc.stop(20.0)
+    assert h.report(15.0) == {"path": "a.pcap", "direction": "both", "frames_written": 5,
+                              "bytes_written": sum(len(f) for f in frames)}
+    assert h.emitted() == [] and h.counters.frames_out == 5
+    h.stop(20.0)
     assert sink.closed
+    svc = h.service
     assert svc.process(udp_frame(), UP, 21.0) is PASS  # after stop: passes, writes nothing
     assert len(sink.records) == 5
 
 
 @pytest.mark.parametrize(("direction", "kept"), [("to_uplink", UP), ("to_guest", DOWN)])
 def test_direction_scoping(direction, kept):
-    ctx = FakeContext("capture")
-    svc = make(ctx, path="d.pcap", direction=direction)
+    h = ServiceHarness(Capture, path="d.pcap", direction=direction)
+    h.start(0.0)
     for d in (UP, DOWN, UP, DOWN):
-        assert svc.process(udp_frame(), d, 0.0) is PASS
-    assert len(ctx.sinks["d.pcap"].records) == 2
-    assert svc.report(0.0)["frames_written"] == 2
+        assert h.send(udp_frame(), d, 0.0) is PASS
+    assert len(h.ctx.sinks["d.pcap"].records) == 2
+    assert h.report(0.0)["frames_written"] == 2
 
 
 def test_snaplen_cuts_records_not_frames():

@@ -10,7 +10,7 @@ from vtl.services.netem import Netem, NetemOptions, _wire_bytes
 
 from vtl import CONSUMED, DROP, PASS, Direction, Frame, VnetHeader
 from vtl.frame import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
-from vtl.testing import FakeContext, run_timers, tag_of, tagged_frame, udp_frame
+from vtl.testing import FakeContext, ServiceHarness, tag_of, tagged_frame, udp_frame
 
 UP = Direction.TO_UPLINK
 DOWN = Direction.TO_GUEST
@@ -23,33 +23,21 @@ def make(ctx: FakeContext | None = None, **opts: object) -> tuple[Netem, FakeCon
     return svc, ctx
 
 
-def drive(svc: Netem, ctx: FakeContext, n: int, dt: float, size: int = 100,
+def harness(**opts: object) -> ServiceHarness[Netem]:
+    h = ServiceHarness(Netem, NetemOptions(**opts))
+    h.start(0.0)
+    return h
+
+
+def drive(h: ServiceHarness[Netem], n: int, dt: float, size: int = 100,
           direction: Direction = UP, t0: float = 0.0, flush: float = 10.0):
-    """Offer ``n`` tagged frames ``dt`` apart; return the verdicts and what left the link,
-    in delivery order, as (tag, time, frame)."""
-    out: list[tuple[int, float, Frame]] = []
-    verdicts = []
-    seen = 0
-
-    def collect() -> None:
-        nonlocal seen
-        for (f, d), at in zip(ctx.emitted[seen:], ctx.emitted_at[seen:], strict=True):
-            assert d is direction
-            out.append((tag_of(f), at, f))
-        seen = len(ctx.emitted)
-
-    for i in range(n):
-        t = t0 + i * dt
-        run_timers(svc, ctx, t)
-        collect()
-        f = tagged_frame(i, size)
-        v = svc.process(f, direction, t)
-        verdicts.append(v)
-        if v is PASS:
-            out.append((i, t, f))
-    run_timers(svc, ctx, t0 + n * dt + flush)
-    collect()
-    return verdicts, out
+    """Offer ``n`` tagged frames ``dt`` apart (the harness runs due timers before each);
+    return the verdicts and what left the link, in delivery order, as (tag, time, frame)."""
+    verdicts = [h.send(tagged_frame(i, size), direction, t0 + i * dt) for i in range(n)]
+    h.advance(to=t0 + n * dt + flush)
+    out = h.take()
+    assert all(o.direction is direction for o in out)
+    return verdicts, [(tag_of(o.frame), o.at, o.frame) for o in out]
 
 
 # -- basics -------------------------------------------------------------------------------
@@ -80,8 +68,8 @@ def test_delay_is_exact_and_never_early():
 
 
 def test_delay_keeps_frames_consumed_while_queue_nonempty():
-    svc, ctx = make(delay_ms=10)
-    verdicts, out = drive(svc, ctx, 100, 0.001)
+    h = harness(delay_ms=10)
+    verdicts, out = drive(h, 100, 0.001)
     assert set(verdicts) == {CONSUMED}
     assert [tag for tag, _, _ in out] == list(range(100))
     for tag, at, _ in out:
@@ -132,8 +120,8 @@ def test_to_guest_only():
 
 @pytest.mark.parametrize("dist", ["uniform", "normal"])
 def test_jitter_keeps_fifo_order(dist):
-    svc, ctx = make(delay_ms=20, jitter_ms=15, jitter_dist=dist, seed=3)
-    _, out = drive(svc, ctx, 5000, 0.0002)
+    h = harness(delay_ms=20, jitter_ms=15, jitter_dist=dist, seed=3)
+    _, out = drive(h, 5000, 0.0002)
     tags = [tag for tag, _, _ in out]
     assert tags == list(range(5000))
     times = [at for _, at, _ in out]
@@ -144,8 +132,8 @@ def test_jitter_keeps_fifo_order(dist):
 
 
 def test_jitter_sparse_traffic_varies_around_delay():
-    svc, ctx = make(delay_ms=50, jitter_ms=10, seed=5)
-    _, out = drive(svc, ctx, 2000, 0.1)  # far apart: the FIFO clamp never binds
+    h = harness(delay_ms=50, jitter_ms=10, seed=5)
+    _, out = drive(h, 2000, 0.1)  # far apart: the FIFO clamp never binds
     delays = [at - tag * 0.1 for tag, at, _ in out]
     assert min(delays) >= 0.040 - 1e-9 and max(delays) <= 0.060 + 1e-9
     assert statistics.mean(delays) == pytest.approx(0.050, abs=0.001)
@@ -195,10 +183,10 @@ def test_gilbert_elliott_good_state_loss():
 
 def test_duplicate_rate_and_copies():
     n = 100_000
-    svc, ctx = make(duplicate=0.05, seed=11)
-    verdicts, out = drive(svc, ctx, n, 0.0001)
+    h = harness(duplicate=0.05, seed=11)
+    verdicts, out = drive(h, n, 0.0001)
     assert all(v is PASS for v in verdicts)
-    dups = ctx.extra("duplicated")
+    dups = h.extra("duplicated")
     assert abs(dups - n * 0.05) < 5 * (n * 0.05 * 0.95) ** 0.5
     assert len(out) == n + dups
     assert {tag for tag, _, _ in out} == set(range(n))
@@ -213,9 +201,9 @@ def test_duplicate_rate_and_copies():
 
 def test_reorder_sends_ahead_of_delayed_frames():
     n = 20_000
-    svc, ctx = make(delay_ms=10, reorder=0.1, seed=13)
-    verdicts, out = drive(svc, ctx, n, 0.001)
-    reordered = ctx.extra("reordered")
+    h = harness(delay_ms=10, reorder=0.1, seed=13)
+    verdicts, out = drive(h, n, 0.001)
+    reordered = h.extra("reordered")
     assert abs(reordered - n * 0.1) < 5 * (n * 0.1 * 0.9) ** 0.5
     assert verdicts.count(PASS) == reordered  # sent at once, without delay
     assert sorted(tag for tag, _, _ in out) == list(range(n))
@@ -289,11 +277,11 @@ def test_corrupt_partial_checksum_stays_before_csum_start():
 @pytest.mark.parametrize("overhead", [0, 24])
 def test_rate_limits_throughput(overhead):
     rate, size = 10.0, 1500
-    svc, ctx = make(rate_mbit=rate, overhead_bytes=overhead, queue_packets=100_000)
+    h = harness(rate_mbit=rate, overhead_bytes=overhead, queue_packets=100_000)
     # offer twice the rate for 2 s
     dt = size * 8 / (2 * rate * 1e6)
     n = int(2.0 / dt)
-    verdicts, out = drive(svc, ctx, n, dt, size=size)
+    verdicts, out = drive(h, n, dt, size=size)
     assert DROP not in verdicts
     assert [tag for tag, _, _ in out] == list(range(n))
     times = [at for _, at, _ in out]
@@ -303,25 +291,26 @@ def test_rate_limits_throughput(overhead):
 
 
 def test_rate_with_delay_releases_at_departure_plus_delay():
-    svc, ctx = make(rate_mbit=8, delay_ms=100, overhead_bytes=0)
+    h = harness(rate_mbit=8, delay_ms=100, overhead_bytes=0)
     for i in range(3):
-        svc.process(tagged_frame(i, 1000), UP, 0.0)  # 1 ms each at 8 Mbit/s
-    run_timers(svc, ctx, 1.0)
-    assert ctx.emitted_at == pytest.approx([0.101, 0.102, 0.103])
+        h.send(tagged_frame(i, 1000), UP, 0.0)  # 1 ms each at 8 Mbit/s
+    h.advance(to=1.0)
+    assert [o.at for o in h.take(UP)] == pytest.approx([0.101, 0.102, 0.103])
+    assert h.timers == pytest.approx([0.101, 0.102, 0.103])
 
 
 def test_rate_queue_tail_drop_and_recovery():
-    svc, ctx = make(rate_mbit=1, queue_packets=10, overhead_bytes=0)
-    verdicts = [svc.process(tagged_frame(i, 1250), UP, 0.0) for i in range(50)]  # 10 ms each
+    h = harness(rate_mbit=1, queue_packets=10, overhead_bytes=0)
+    verdicts = [h.send(tagged_frame(i, 1250), UP, 0.0) for i in range(50)]  # 10 ms each
     assert verdicts[:10] == [CONSUMED] * 10 and verdicts[10:] == [DROP] * 40
-    assert ctx.extra("queue_drops") == 40
-    run_timers(svc, ctx, 0.035)  # three frames sent, room for three more
-    assert len(ctx.emitted) == 3
-    verdicts = [svc.process(tagged_frame(100 + i, 1250), UP, 0.035) for i in range(5)]
+    assert h.extra("queue_drops") == 40 and h.counters.dropped == 40
+    h.advance(to=0.035)  # three frames sent, room for three more
+    assert len(h.emitted(UP)) == 3
+    verdicts = [h.send(tagged_frame(100 + i, 1250), UP, 0.035) for i in range(5)]
     assert verdicts == [CONSUMED] * 3 + [DROP] * 2
-    run_timers(svc, ctx, 10.0)
-    assert [tag_of(f) for f, _ in ctx.emitted] == list(range(10)) + [100, 101, 102]
-    assert svc.poll_at() is None
+    h.advance(to=10.0)
+    assert [tag_of(o.frame) for o in h.take(UP)] == list(range(10)) + [100, 101, 102]
+    assert h.poll_at() is None
 
 
 def test_held_limit_bounds_memory():
@@ -349,19 +338,14 @@ IMPAIRED = dict(delay_ms=5, jitter_ms=3, loss=0.05, duplicate=0.05, reorder=0.05
 
 
 def _run(seed, n=3000, other_direction_traffic=False):
-    svc, ctx = make(seed=seed, **IMPAIRED)
+    h = harness(seed=seed, **IMPAIRED)
     if other_direction_traffic:
         for i in range(500):  # their releases are filtered out below
-            svc.process(tagged_frame(i), DOWN, 0.0)
-    verdicts, out = [], []
-    for i in range(n):
-        t = i * 0.0005
-        run_timers(svc, ctx, t)
-        verdicts.append(svc.process(tagged_frame(i, 80), UP, t))
-    run_timers(svc, ctx, 100.0)
-    out = [(bytes(f.data), at) for (f, d), at in zip(ctx.emitted, ctx.emitted_at, strict=True)
-           if d is UP]
-    return verdicts, out, dict(ctx.counters.extra)
+            h.send(tagged_frame(i), DOWN, 0.0)
+    verdicts = [h.send(tagged_frame(i, 80), UP, i * 0.0005) for i in range(n)]
+    h.advance(to=100.0)
+    out = [(bytes(o.frame.data), o.at) for o in h.take(UP) if o.injected]
+    return verdicts, out, dict(h.counters.extra)
 
 
 def test_same_seed_same_decisions():
