@@ -41,7 +41,7 @@ from socksnet import (
 from tcptools import expected_sha256 as expected
 from tcptools import parallel_downloads, upload
 from vtl.bridge.topology import Topology
-from vtlnet import GUEST_IP, GUEST_IP6, GUEST_MAC, PEER_IP, PEER_IP6
+from vtlnet import GUEST_IP, GUEST_IP6, GUEST_MAC, PEER_IP, PEER_IP6, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -335,9 +335,17 @@ def test_guest_duplicate_address_detection_still_succeeds(snet: SocksNet) -> Non
     address must not see it as a duplicate."""
     snet.start()
     snet.guest(["ip", "-6", "addr", "add", "fd00:198::55/64", "dev", snet.tap])
-    time.sleep(3)  # DAD takes about one second (one probe, RetransTimer)
-    out = snet.guest(["ip", "-6", "addr", "show", "dev", snet.tap]).stdout
-    line = next(ln for ln in out.splitlines() if "fd00:198::55/64" in ln)
+
+    def address_line() -> str:
+        out = snet.guest(["ip", "-6", "addr", "show", "dev", snet.tap]).stdout
+        return next(ln for ln in out.splitlines() if "fd00:198::55/64" in ln)
+
+    def settled() -> bool:  # DAD done: no longer tentative (a failed DAD stays tentative)
+        line = address_line()
+        return "tentative" not in line or "dadfailed" in line
+
+    wait_for(settled, 10)  # DAD takes about one second (one probe, RetransTimer)
+    line = address_line()
     assert "dadfailed" not in line and "tentative" not in line, line
     r = tcp(snet, SRV_IP6, get=True)  # and the guest still works over IPv6
     assert r["outcome"] == "data", r

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 from vtl.bridge.topology import parse_ping_rtts
-from vtlnet import GUEST_MAC, PEER_IP
+from vtlnet import GUEST_MAC, PEER_IP, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,9 +38,12 @@ for i in range(3000):
 def test_unicast_to_a_mac_not_behind_the_guest_does_not_reach_it(net):
     vtl = net.start()
     net.guest(["ping", "-c", "1", "-W", "2", PEER_IP], timeout=10)  # the guest is known now
-    cap = net.topo.spawn(net.guest_ns, ["tcpdump", "-i", net.tap, "-p", "-n", "-e", "-c", "5",
-                                        "ether proto 0x88b5"], stdout=-1)
-    time.sleep(1.0)  # let tcpdump attach
+    err = net.tmp / "tcpdump.stderr"
+    with open(err, "wb") as f:
+        cap = net.topo.spawn(net.guest_ns, ["tcpdump", "-i", net.tap, "-p", "-n", "-e", "-c",
+                                            "5", "ether proto 0x88b5"], stdout=-1, stderr=f)
+    started = wait_for(lambda: "listening on" in err.read_text() or cap.poll() is not None, 10)
+    assert started and cap.poll() is None, f"tcpdump did not start: {err.read_text()}"
     net.peer([sys.executable, "-c", SEND, "02:00:00:de:ad:01", GUEST_MAC], timeout=20)
     try:
         out, _ = cap.communicate(timeout=10)
