@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from scapy.layers.inet import IP, TCP, Ether
 from vtl.models.relay import Relay
 from vtl.models.split import SplitTable
@@ -11,54 +9,14 @@ from vtl.models.tcp_endpoint import EndpointConfig, TcpEndpoint
 from vtl.models.tcp_segment import FlowAddrs
 from vtl.models.tcp_state import TcpState
 
-from vtl import Direction, Frame, ServiceCounters
+from vtl import Direction, Frame
 from vtl.packet.packet import Packet
-from vtl.stream import StreamClosed, StreamConnected, StreamData, StreamRequest
+from vtl.stream import StreamRequest
+from vtl.testing import FakeContext, FakeStream
 
 VM_MAC, CL_MAC = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
 VM_IP, CL_IP = bytes([10, 0, 0, 1]), bytes([10, 9, 9, 9])
 KEY = (VM_IP, 80, CL_IP, 40000)  # as the VM sends
-
-
-class Ctx:
-    def __init__(self) -> None:
-        self.name = "t"
-        self.log = logging.getLogger("t")
-        self.counters = ServiceCounters()
-        self.emitted: list[Frame] = []
-
-    def emit(self, frame: Frame, direction: Direction) -> None:
-        assert direction is Direction.TO_GUEST
-        self.emitted.append(frame)
-
-    def count(self, key: str, n: int = 1) -> None:
-        self.counters.extra[key] = self.counters.extra.get(key, 0) + n
-
-
-class Stream:
-    def __init__(self, handler) -> None:
-        self.id, self.request, self.handler = 1, StreamRequest("x", "h", 1), handler
-        self.written, self.connected, self.aborted, self.shut = bytearray(), False, False, False
-
-    @property
-    def write_room(self) -> int:
-        return 1 << 20 if self.connected else 0
-
-    def write(self, data, now: float | None = None) -> int:
-        self.written += data
-        return len(data)
-
-    def shutdown_write(self, now: float | None = None) -> None:
-        self.shut = True
-
-    def pause_reading(self, paused: bool, now: float | None = None) -> None:
-        pass
-
-    def close(self, now: float | None = None) -> None:
-        pass
-
-    def abort(self, now: float | None = None) -> None:
-        self.aborted = True
 
 
 def vm(flags: str, seq: int, ack: int, data: bytes = b"") -> Packet:
@@ -67,15 +25,20 @@ def vm(flags: str, seq: int, ack: int, data: bytes = b"") -> Packet:
                                     window=65535) / data)))
 
 
+def only_to_guest(frame: Frame, direction: Direction) -> None:
+    assert direction is Direction.TO_GUEST
+
+
 def setup(deadline: float | None = 3.0):
-    ctx = Ctx()
+    ctx = FakeContext("t")
+    ctx.on_emit = only_to_guest
     table = SplitTable(ctx, EndpointConfig(), max_connections=4)  # type: ignore[arg-type]
     ep = TcpEndpoint.active(FlowAddrs(CL_MAC, VM_MAC, CL_IP, VM_IP, 40000, 80),
                             EndpointConfig(), 0.0)
     calls: dict = {"accept": [], "refuse": []}
 
     def accept(handler):
-        s = Stream(handler)
+        s = FakeStream(ctx, 1, StreamRequest("x", "h", 1), handler)
         calls["accept"].append(s)
         return s
 
@@ -84,8 +47,12 @@ def setup(deadline: float | None = 3.0):
     return ctx, table, relay, calls
 
 
-def syn_of(ctx: Ctx) -> Ether:
-    [f] = ctx.emitted
+def toward_guest(ctx: FakeContext) -> list[Frame]:
+    return [f for f, _ in ctx.emitted]
+
+
+def syn_of(ctx: FakeContext) -> Ether:
+    [f] = toward_guest(ctx)
     ctx.emitted.clear()
     return Ether(bytes(f.data))
 
@@ -101,12 +68,11 @@ def test_answer_attaches_the_stream_and_bytes_flow() -> None:
     assert relay.stream is stream and relay.established and calls["refuse"] == []
     table.segment(KEY, vm("PA", 501, syn[TCP].seq + 1, b"banner"), 0.2)
     assert stream.written == b""  # not connected yet: held in the endpoint
-    stream.connected = True
-    stream.handler(StreamConnected(stream), 0.3)
+    stream.connect(now=0.3)
     assert stream.written == b"banner"
-    stream.handler(StreamData(stream, b"hi"), 0.4)
-    assert any(bytes(Ether(bytes(f.data))[TCP].payload) == b"hi" for f in ctx.emitted)
-    stream.handler(StreamClosed(stream, "reset"), 0.5)
+    stream.data(b"hi", now=0.4)
+    assert any(bytes(Ether(bytes(f.data))[TCP].payload) == b"hi" for f in toward_guest(ctx))
+    stream.closed("reset", now=0.5)
     assert KEY not in table and ctx.counters.extra["connections_reset"] == 1
 
 
@@ -123,7 +89,7 @@ def test_deadline_refuses_with_timeout_and_late_answers_get_rst() -> None:
     ctx, table, relay, calls = setup(deadline=2.5)
     syn = syn_of(ctx)
     table.on_timer(1.0)  # a SYN retransmission
-    assert [Ether(bytes(f.data))[TCP].flags for f in ctx.emitted] == ["S"]
+    assert [Ether(bytes(f.data))[TCP].flags for f in toward_guest(ctx)] == ["S"]
     ctx.emitted.clear()
     assert table.poll_at() == 2.5
     table.on_timer(2.5)
@@ -131,7 +97,7 @@ def test_deadline_refuses_with_timeout_and_late_answers_get_rst() -> None:
     assert relay.endpoint.state is TcpState.CLOSED and table.poll_at() is None
     assert ctx.counters.extra["connections_failed"] == 1
     assert table.segment(KEY, vm("SA", 500, syn[TCP].seq + 1), 3.0)  # tombstone: RST
-    assert Ether(bytes(ctx.emitted[-1].data))[TCP].flags.R
+    assert Ether(bytes(toward_guest(ctx)[-1].data))[TCP].flags.R
 
 
 def test_over_the_limit_and_stop_refuse() -> None:
