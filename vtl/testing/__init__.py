@@ -32,7 +32,8 @@ Example::
 
     h = ServiceHarness(TtlNorm, min_ttl=64)
     h.start(0.0)
-    assert h.send(Ether() / IP(ttl=3) / UDP(), TO_UPLINK, 1.0) is PASS
+    frame = Ether(dst="02:00:00:00:00:02") / IP(dst="10.0.0.2", ttl=3) / UDP()
+    assert h.send(frame, TO_UPLINK, 1.0) is PASS
     [out] = h.take(TO_UPLINK)
     assert out.packet.ip.ttl == 64 and out.scapy()[IP].ttl == 64
     h.advance(to=120.0)  # idle flows age out
