@@ -9,7 +9,10 @@ edge (``offset = base + seq_diff(seq, seq_of(base))``), so wrap-around at
   acknowledged yet, ``[una, end)``; bounded by ``capacity``.
 - :class:`ReceiveBuffer`: bytes received in order and not yet read, plus a
   bounded out-of-order store of ranges beyond the next expected offset,
-  merged on insert, reported as SACK blocks (most recent first, RFC 2018 4).
+  merged on insert, reported as SACK blocks (most recent first, RFC 2018 4: a
+  segment received again puts its block first too). Nothing at or beyond the
+  ``limit`` given with a segment is kept; a segment whose new bytes would take
+  the store past its bound is dropped whole (the sender retransmits it).
 - :class:`RtoEstimator`: RFC 6298 SRTT/RTTVAR and exponential backoff.
 
 Invariants: ``SendBuffer.una <= SendBuffer.end``, ``len(data) == end - una``;
@@ -113,8 +116,8 @@ class ReceiveBuffer:
         """Store ``data`` at ``offset``, keeping only bytes before ``limit`` (the right
         edge of the advertised window). Returns how many bytes became readable."""
         end = min(offset + len(data), limit)
-        if end <= self.nxt:
-            return 0  # all old (a retransmission we already have)
+        if end <= self.nxt or end <= offset:
+            return 0  # all old (a retransmission we already have), or all beyond the limit
         if offset < self.nxt:
             data = data[self.nxt - offset :]
             offset = self.nxt
@@ -129,17 +132,20 @@ class ReceiveBuffer:
         return self.nxt - before
 
     def _store(self, offset: int, data: bytes) -> None:
-        if self._ooo_bytes + len(data) > self.ooo_limit:
-            return  # bounded: the sender will retransmit it
         end = offset + len(data)
+        i = bisect.bisect_right(self._starts, offset)
+        if i > 0 and self._starts[i - 1] + len(self._chunks[i - 1]) >= end:
+            self._touch(self._starts[i - 1])  # held already; its block goes first (RFC 2018 4)
+            return
+        if self._ooo_bytes + len(data) > self.ooo_limit and \
+                self._ooo_bytes + len(data) - self._overlap(offset, end) > self.ooo_limit:
+            return  # bounded: the sender will retransmit it
         i = bisect.bisect_left(self._starts, offset)
         # merge with the previous range if it touches or overlaps
         if i > 0:
             ps = self._starts[i - 1]
             pc = self._chunks[i - 1]
             if ps + len(pc) >= offset:
-                if ps + len(pc) >= end:
-                    return  # already have all of it
                 data = pc + data[ps + len(pc) - offset :]
                 offset = ps
                 i -= 1
@@ -155,9 +161,23 @@ class ReceiveBuffer:
         self._starts.insert(i, offset)
         self._chunks.insert(i, data)
         self._ooo_bytes += len(data)
-        if offset in self._recent:
-            self._recent.remove(offset)
-        self._recent.insert(0, offset)
+        self._touch(offset)
+
+    def _overlap(self, offset: int, end: int) -> int:
+        """Bytes of ``[offset, end)`` held out of order already."""
+        starts, chunks = self._starts, self._chunks
+        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        n = 0
+        while i < len(starts) and starts[i] < end:
+            n += max(0, min(starts[i] + len(chunks[i]), end) - max(starts[i], offset))
+            i += 1
+        return n
+
+    def _touch(self, start: int) -> None:
+        """The range at ``start`` changed or was received again: it is the most recent."""
+        if start in self._recent:
+            self._recent.remove(start)
+        self._recent.insert(0, start)
 
     def _drop(self, i: int) -> None:
         s = self._starts.pop(i)
