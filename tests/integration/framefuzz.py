@@ -44,18 +44,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
-import select
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-HERE = Path(__file__).resolve()
 K_MAC = 0x9E3779B97F & ((1 << 40) - 1) | 1  # odd: i -> i*K mod 2**40 is a bijection
 MAC_SPACE = 1 << 40
 FLOOD_ETHERTYPE = b"\x88\xb5"
@@ -474,86 +468,6 @@ def send_paced(ifname: str, frames: Iterator[bytes], rate: float, seconds: float
     return {"frames": n, "sent": sent, "refused": refused, "seconds": round(took, 3),
             "rate": round(n / took) if took > 0 else 0}
 
-
-
-# ---------------------------------------------------------------- host side
-
-@dataclass
-class FloodResult:
-    """What :func:`flood` measured around one sender run."""
-
-    sender: dict[str, Any]  # the sender's JSON line (frames, sent, refused, seconds, rate)
-    rss_before: int  # VmRSS of the bridge process before the flood, bytes
-    rss_peak: int  # the largest VmRSS sampled during the flood and after it
-    rss_after: int  # VmRSS a moment after the flood
-    ping_rtts: list[float] = field(default_factory=list)  # replies to the ping during it
-    ping_sent: int = 0
-    ping_inside: bool = False  # the ping ended before the sender did
-
-    @property
-    def rss_growth(self) -> int:
-        return self.rss_peak - self.rss_before
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise ValueError(f"no VmRSS for pid {pid}")
-
-
-def flood(topo: Any, netns: str, pid: int, args: list[str], ping: str | None = None,
-          ping_seconds: float = 0.0, timeout: float = 120.0,
-          settle_s: float = 1.0) -> FloodResult:
-    """Run ``framefuzz.py ARGS`` in ``netns`` (a :class:`vtl.bridge.topology.Topology`'s
-    namespace) while sampling the VmRSS of process ``pid`` (the bridge) every 0.1 s;
-    with ``ping``, ping that address from ``netns`` (5 a second for ``ping_seconds``)
-    once the sender has started. Everything is bounded by ``timeout``."""
-    rss_before = _rss(pid)
-    deadline = time.monotonic() + timeout
-    sender = topo.spawn(netns, [sys.executable, str(HERE), *args], stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE)
-    pinger = None
-    peak = rss_before
-    try:
-        assert sender.stdout is not None
-        ready, _, _ = select.select([sender.stdout], [], [], 30)
-        first = sender.stdout.readline() if ready else b""
-        if first.strip() != b"started":
-            err = sender.stderr.read().decode(errors="replace") if sender.stderr else ""
-            raise AssertionError(f"framefuzz did not start: {first!r} {err[-2000:]}")
-        if ping:
-            count = max(3, int(ping_seconds * 5))
-            pinger = topo.spawn(netns, ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2",
-                                        ping], stdout=subprocess.PIPE)
-        ping_inside = False
-        while sender.poll() is None and time.monotonic() < deadline:
-            peak = max(peak, _rss(pid))
-            if pinger is not None and not ping_inside and pinger.poll() is not None:
-                ping_inside = True
-            time.sleep(0.1)
-        if sender.poll() is None:
-            raise AssertionError(f"framefuzz still running after {timeout:g} s")
-        out, err = sender.communicate(timeout=10)
-        lines = out.decode().strip().splitlines()
-        if sender.returncode or not lines:
-            raise AssertionError(f"framefuzz exited {sender.returncode}: "
-                                 f"{err.decode(errors='replace')[-2000:]}")
-        result = FloodResult(json.loads(lines[-1]), rss_before, peak, rss_before)
-        if pinger is not None:
-            pout, _ = pinger.communicate(timeout=max(5.0, deadline - time.monotonic()))
-            text = pout.decode(errors="replace")
-            result.ping_rtts = [float(m) for m in re.findall(r"time=([0-9.]+) ms", text)]
-            result.ping_sent = count
-            result.ping_inside = ping_inside
-        time.sleep(settle_s)
-        result.rss_after = _rss(pid)
-        result.rss_peak = max(peak, result.rss_after)
-        return result
-    finally:
-        for proc in (sender, pinger):
-            if proc is not None:
-                topo.stop_proc(proc)
 
 
 def _addrs(ns: argparse.Namespace) -> Addrs:

@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 import pytest
-from framefuzz import FloodResult, flood
+from floodrun import FloodResult, flood
 from socksnet import stats
 from vtlnet import PEER_IP, Net
 

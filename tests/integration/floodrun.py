@@ -1,0 +1,208 @@
+"""The host side of the floods: run :mod:`framefuzz` in the guest, watch the bridge.
+
+:func:`flood` starts ``framefuzz.py`` (the sender) in a namespace, waits for its
+"started" line, then pings from that namespace (optional) and samples the bridge
+process's VmRSS every 0.1 s until the sender exits; it returns the sender's counts,
+the memory before, at its peak and after, and the ping replies. Every wait is
+bounded; the sender and the pinger are stopped even when something fails.
+
+:func:`replay` runs the same mutants through one service in-process (the
+:class:`vtl.testing.ServiceHarness`, no bridge, an explicit clock), playing the
+upstream's part for every stream the service opens (connected, refused,
+unreachable, timed out, reset: seeded), and collects every exception with the
+index and description of the frame that raised it; what the integration tests
+see as a service's ``errors`` counter, with the frame and the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import select
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+FRAMEFUZZ = HERE / "framefuzz.py"
+
+
+@dataclass
+class FloodResult:
+    """What :func:`flood` measured around one sender run."""
+
+    sender: dict[str, Any]  # the sender's JSON line (frames, sent, refused, seconds, rate)
+    rss_before: int  # VmRSS of the bridge process before the flood, bytes
+    rss_peak: int  # the largest VmRSS sampled during the flood and after it
+    rss_after: int  # VmRSS a moment after the flood
+    ping_rtts: list[float] = field(default_factory=list)  # replies to the ping during it
+    ping_sent: int = 0
+    ping_inside: bool = False  # the ping ended before the sender did
+
+    @property
+    def rss_growth(self) -> int:
+        return self.rss_peak - self.rss_before
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def flood(topo: Any, netns: str, pid: int, args: list[str], ping: str | None = None,
+          ping_seconds: float = 0.0, timeout: float = 120.0,
+          settle_s: float = 1.0) -> FloodResult:
+    """Run ``framefuzz.py ARGS`` in ``netns`` (a :class:`vtl.bridge.topology.Topology`'s
+    namespace) while sampling the VmRSS of process ``pid`` (the bridge) every 0.1 s;
+    with ``ping``, ping that address from ``netns`` (5 a second for ``ping_seconds``)
+    once the sender has started. Everything is bounded by ``timeout``."""
+    rss_before = _rss(pid)
+    deadline = time.monotonic() + timeout
+    sender = topo.spawn(netns, [sys.executable, str(FRAMEFUZZ), *args], stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE)
+    pinger = None
+    peak = rss_before
+    try:
+        assert sender.stdout is not None
+        ready, _, _ = select.select([sender.stdout], [], [], 30)
+        first = sender.stdout.readline() if ready else b""
+        if first.strip() != b"started":
+            err = sender.stderr.read().decode(errors="replace") if sender.stderr else ""
+            raise AssertionError(f"framefuzz did not start: {first!r} {err[-2000:]}")
+        if ping:
+            count = max(3, int(ping_seconds * 5))
+            pinger = topo.spawn(netns, ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2",
+                                        ping], stdout=subprocess.PIPE)
+        ping_inside = False
+        while sender.poll() is None and time.monotonic() < deadline:
+            peak = max(peak, _rss(pid))
+            if pinger is not None and not ping_inside and pinger.poll() is not None:
+                ping_inside = True
+            time.sleep(0.1)
+        if sender.poll() is None:
+            raise AssertionError(f"framefuzz still running after {timeout:g} s")
+        out, err = sender.communicate(timeout=10)
+        lines = out.decode().strip().splitlines()
+        if sender.returncode or not lines:
+            raise AssertionError(f"framefuzz exited {sender.returncode}: "
+                                 f"{err.decode(errors='replace')[-2000:]}")
+        result = FloodResult(json.loads(lines[-1]), rss_before, peak, rss_before)
+        if pinger is not None:
+            pout, _ = pinger.communicate(timeout=max(5.0, deadline - time.monotonic()))
+            text = pout.decode(errors="replace")
+            result.ping_rtts = [float(m) for m in re.findall(r"time=([0-9.]+) ms", text)]
+            result.ping_sent = count
+            result.ping_inside = ping_inside
+        time.sleep(settle_s)
+        result.rss_after = _rss(pid)
+        result.rss_peak = max(peak, result.rss_after)
+        return result
+    finally:
+        for proc in (sender, pinger):
+            if proc is not None:
+                topo.stop_proc(proc)
+
+
+# ---------------------------------------------------------------- in-process replay
+
+STREAM_FATES = ("connect", "connect", "connect", "refused", "unreachable", "timeout",
+                "reset", "prohibited", "error")
+
+
+@dataclass
+class Failure:
+    """One exception that would have reached a service's failure policy."""
+
+    index: int  # the frame's index in the mutant stream
+    desc: str  # its base and mutations (framefuzz.Mutator explain)
+    frame: str  # hex
+    where: str  # "process", "timer", or "stream <fate>"
+    error: str  # "Type: message"
+    trace: str  # the traceback's last frames
+
+
+@dataclass
+class Replay:
+    """What :func:`replay` saw: errors grouped by type and place, the first few in full."""
+
+    frames: int = 0
+    malformed: int = 0  # remote-error types from process(): counted as malformed
+    errors: Counter[str] = field(default_factory=Counter)
+    first: list[Failure] = field(default_factory=list)
+    streams: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def replay(service_cls: type, options: dict[str, Any], bases: list[Any], seed: int,
+           count: int, rate: float = 100_000.0, keep: int = 3) -> Replay:
+    """Offer ``count`` mutants (seed ``seed``) of ``bases`` to one ``service_cls`` in a
+    :class:`vtl.testing.ServiceHarness`, as frames from the guest ``1/rate`` s apart;
+    every stream it opens gets a seeded fate (connected, or closed with a reason) at
+    once. Exceptions a chain would count as the service's ``errors`` are collected (the
+    first ``keep`` of each kind with their frame); remote-error types from ``process``
+    count as ``malformed``, as the chain counts them."""
+    from framefuzz import Mutator
+
+    from vtl.errors import RemoteProtocolError
+    from vtl.service import Direction
+    from vtl.testing import ServiceHarness
+
+    h = ServiceHarness(service_cls, options)
+    h.start(0.0)
+    fates = random.Random(seed ^ 0x5EED)
+    out = Replay()
+    seen = 0
+
+    def failed(where: str, i: int, desc: str, frame: bytes, exc: Exception) -> None:
+        tb = traceback.extract_tb(exc.__traceback__)
+        place = f"{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else "?"
+        key = f"{where}: {type(exc).__name__} at {place}"
+        out.errors[key] += 1
+        if out.errors[key] <= keep:
+            out.first.append(Failure(i, desc, frame.hex(), where,
+                                     f"{type(exc).__name__}: {exc}",
+                                     "".join(traceback.format_list(tb[-4:]))))
+
+    for i, (frame, desc) in enumerate(Mutator(bases, seed).frames(count, explain=True)):
+        now = i / rate
+        out.frames += 1
+        try:
+            h.send(frame, Direction.TO_UPLINK, now)
+        except RemoteProtocolError:
+            out.malformed += 1
+        except Exception as exc:  # noqa: BLE001 - collected, that is the point
+            failed("process", i, desc, frame, exc)
+        streams = h.ctx.streams
+        while seen < len(streams):
+            stream = streams[seen]
+            seen += 1
+            fate = fates.choice(STREAM_FATES)
+            try:
+                if stream.final is None:
+                    if fate == "connect":
+                        stream.connect(now=now)
+                    else:
+                        stream.closed(fate, "replayed", now=now)
+            except Exception as exc:  # noqa: BLE001
+                failed(f"stream {fate}", i, desc, frame, exc)
+        try:
+            h.ctx.deliver_local_closes()
+        except Exception as exc:  # noqa: BLE001
+            failed("stream local close", i, desc, frame, exc)
+    try:
+        for step in range(1, 11):  # every timer, every table aged out
+            h.advance(count / rate + 60.0 * step)
+            h.ctx.deliver_local_closes()
+    except Exception as exc:  # noqa: BLE001
+        failed("timer", count, "", b"", exc)
+    out.streams = seen
+    out.report = h.report()
+    return out

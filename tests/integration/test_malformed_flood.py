@@ -1,0 +1,170 @@
+"""Malformed flood: seeded mutated frames from the guest never reach a failure policy.
+
+The guest namespace sends mutants of well-formed frames (:class:`framefuzz.Mutator`:
+TCP with options over IPv4 and IPv6, DNS over UDP and TCP, ARP, neighbour
+discovery, ICMP and ICMPv6 errors, IPv4 options and fragments, IPv6 extension
+headers, VLAN tags; bit flips, truncations, insertions, deletions, special
+addresses and ports; half of them with repaired checksums) through ``vtl run`` with
+``pep`` (host path to the peer, as in ``test_pep_end_to_end``) and with ``socks``
+and a real dante (the topology of :mod:`socksnet`). Afterwards:
+
+- the bridge still forwards: a seeded download through pep, a ping of the peer; for
+  socks, curl through the proxy to the servers by address and by name;
+- memory stayed flat: the bridge's VmRSS grew by less than :data:`RSS_BOUND` during
+  and after the flood;
+- no exception reached the service's failure policy: its ``errors`` counter in the
+  bridge's final counters is 0 (a frame the service finds malformed is counted as
+  ``malformed``, which is fine).
+
+The mutants are addressed like the guest's own traffic: from its MAC and addresses,
+to the peer (pep) or to socks' gateway and the servers (socks). Mutated ARP and
+neighbour advertisements may poison the peer's neighbour cache, so it is flushed
+before the checks (the bridge is under test, not the peer's cache).
+
+Suite size: ``VTL_FUZZ_FRAMES`` (default 200,000) at ``VTL_FUZZ_RATE`` frames a second
+(default 20,000, about what a bridge with pep reads on a 2-core machine; frames the
+bridge cannot read in time are dropped by the TAP, and the counters say how many the
+service saw). ``benchmarks/flood.py`` sends 1,000,000.
+When a test fails on ``errors``, the bridge's log (printed) has the traceback, and
+``floodrun.replay`` finds the frames that raise in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from floodrun import FloodResult, flood
+from socksnet import (
+    GATEWAY_MAC,
+    GW_IP,
+    GW_IP6,
+    HTTP_PORT,
+    SRV_IP,
+    SRV_IP6,
+    WEB_NAME,
+    SocksNet,
+    stats,
+)
+from tcptools import download
+from tcptools import expected_sha256 as expected
+from vtl.bridge.topology import Topology
+from vtlnet import GUEST_IP, GUEST_IP6, GUEST_MAC, PEER_IP, PEER_IP6, Net, VtlProcess
+
+pytestmark = pytest.mark.integration
+
+MB = 1 << 20
+FRAMES = int(os.environ.get("VTL_FUZZ_FRAMES", "200000"))
+RATE = float(os.environ.get("VTL_FUZZ_RATE", "20000"))
+RSS_BOUND = 30 * MB
+PEP: dict[str, Any] = {"use": "pep", "connect_timeout_s": 2.0}
+
+
+@pytest.fixture
+def snet(root: None, tmp_path: Path) -> Iterator[SocksNet]:
+    tag = "vmf" + secrets.token_hex(3)
+    topo = Topology(tag)
+    s: SocksNet | None = None
+    try:
+        s = SocksNet(topo, tag, tmp_path)
+        yield s
+    finally:
+        if s is not None:
+            s.close()
+            if s.vtl is not None:
+                print("--- vtl stderr (tail)\n" + "".join(
+                    ln for ln in s.vtl.lines[-80:] if "stats {" not in ln))
+        topo.close()
+
+
+def fuzz_args(ifname: str, frames: int, rate: float, seed: int, dst_mac: str, dst_ip: str,
+              dst_ip6: str, dns_ip: str, dns_ip6: str, timeout: float) -> list[str]:
+    """framefuzz.py's command line for mutants from the guest."""
+    return ["fuzz", ifname, "--count", str(frames), "--rate", str(rate),
+            "--seconds", str(timeout - 15), "--seed", str(seed), "--src-mac", GUEST_MAC,
+            "--dst-mac", dst_mac, "--src-ip", GUEST_IP, "--dst-ip", dst_ip,
+            "--src-ip6", GUEST_IP6, "--dst-ip6", dst_ip6, "--dns-ip", dns_ip,
+            "--dns-ip6", dns_ip6]
+
+
+def summary(res: FloodResult, final: dict[str, Any], service: str) -> dict[str, Any]:
+    """The numbers a reader of a failure wants, as one dict."""
+    svc = final.get("services", {}).get(service, {})
+    keep = ("frames_in", "dropped", "consumed", "injected", "errors", "malformed",
+            "connections_active", "tombstones")
+    return {"sender": res.sender, "rss_before_mb": round(res.rss_before / MB, 1),
+            "rss_peak_mb": round(res.rss_peak / MB, 1),
+            "rss_growth_mb": round(res.rss_growth / MB, 1),
+            "ping_during": f"{len(res.ping_rtts)}/{res.ping_sent}",
+            "bridge": final.get("bridge"),
+            "guest_rx": final.get("ports", {}).get("guest", {}).get("rx_frames"),
+            service: {k: svc[k] for k in keep if k in svc}}
+
+
+def check(vtl: VtlProcess, res: FloodResult, service: str) -> dict[str, Any]:
+    """Stop the bridge and assert on its final counters and on memory; the summary."""
+    assert vtl.stop() == 0, vtl.stderr[-3000:]
+    final = stats(vtl)
+    info = summary(res, final, service)
+    text = json.dumps(info)
+    print(text)
+    assert res.sender["frames"] == FRAMES, text  # not cut short by the time bound
+    c = final["services"][service]
+    assert c["frames_in"] > FRAMES // 10, text  # the flood reached the service
+    assert c["errors"] == 0, text + "\n" + errors_in_log(vtl)
+    assert res.rss_growth < RSS_BOUND, text
+    return info
+
+
+def errors_in_log(vtl: VtlProcess, keep: int = 6) -> str:
+    """The first ``keep`` service failures the bridge logged, with their tracebacks."""
+    out: list[str] = []
+    taking = False
+    for ln in vtl.lines:
+        if " failed in " in ln:
+            keep -= 1
+            if keep < 0:
+                break
+            taking = True
+        elif " vtl " in ln[:40]:  # the next log record
+            taking = False
+        if taking:
+            out.append(ln)
+    return "".join(out)
+
+
+def test_mutated_frames_through_pep(net: Net) -> None:
+    net.host_path()
+    vtl = net.start([PEP])
+    net.guest(["ping", "-n", "-c", "1", "-W", "2", PEER_IP], timeout=10)
+    peer_mac = net.peer(["cat", "/sys/class/net/eth0/address"]).stdout.strip()
+    timeout = FRAMES / RATE * 3 + 30
+    res = flood(net.topo, net.guest_ns, vtl.pid,
+                fuzz_args(net.tap, FRAMES, RATE, 21, peer_mac, PEER_IP, PEER_IP6, PEER_IP,
+                          PEER_IP6, timeout),
+                ping=PEER_IP, ping_seconds=FRAMES / RATE - 1, timeout=timeout)
+    net.peer(["ip", "neigh", "flush", "dev", "eth0"])
+    size = 20 * MB
+    assert download(net, size, seed=51, timeout=60) == expected(size, 51)
+    out = net.guest(["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", PEER_IP],
+                    timeout=20, check=False).stdout
+    assert out.count("time=") == 3, out
+    check(vtl, res, "pep")
+
+
+def test_mutated_frames_through_socks(snet: SocksNet) -> None:
+    vtl = snet.start(snet.socks(dns="fake-ip"))
+    timeout = FRAMES / RATE * 3 + 30
+    res = flood(snet.topo, snet.guest_ns, vtl.pid,
+                fuzz_args(snet.tap, FRAMES, RATE, 22, GATEWAY_MAC, SRV_IP, SRV_IP6, GW_IP,
+                          GW_IP6, timeout), timeout=timeout)
+    size = 5 * MB
+    for host, seed in ((SRV_IP, 61), (f"[{SRV_IP6}]", 62), (WEB_NAME, 63)):
+        url = f"http://{host}:{HTTP_PORT}/bytes/{size}?seed={seed}"
+        assert snet.curl_sha256(url, timeout=60) == expected(size, seed), url
+    check(vtl, res, "socks")
