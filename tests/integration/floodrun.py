@@ -11,7 +11,10 @@ bounded; the sender and the pinger are stopped even when something fails.
 upstream's part for every stream the service opens (connected, refused,
 unreachable, timed out, reset: seeded), and collects every exception with the
 index and description of the frame that raised it; what the integration tests
-see as a service's ``errors`` counter, with the frame and the traceback.
+see as a service's ``errors`` counter, with the frame and the traceback::
+
+    python tests/integration/floodrun.py replay vtl.services.pep:Pep --count 100000 \
+        --options '{"connect_timeout_s": 2}'
 """
 
 from __future__ import annotations
@@ -206,3 +209,43 @@ def replay(service_cls: type, options: dict[str, Any], bases: list[Any], seed: i
     out.streams = seen
     out.report = h.report()
     return out
+
+
+def main(argv: list[str]) -> None:
+    """``floodrun.py replay MODULE:CLASS [--options JSON] [--count N] [--seed S]
+    [framefuzz address options]``: :func:`replay`, printed (counts, then the first
+    frames of each kind with their tracebacks)."""
+    import argparse
+    import importlib
+    import logging
+
+    from framefuzz import Addrs, base_frames
+
+    p = argparse.ArgumentParser(description="replay mutants through one service in-process")
+    p.add_argument("cmd", choices=["replay"])
+    p.add_argument("service", help="module:Class, e.g. vtl.services.pep:Pep")
+    p.add_argument("--options", default="{}", help="the service's options, as JSON")
+    p.add_argument("--count", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--addrs", default="02:00:00:c6:00:01,02:00:00:c6:00:02,10.198.0.1,"
+                   "10.198.0.2,fd00:198::1,fd00:198::2,10.198.0.2,fd00:198::2",
+                   help="src_mac,dst_mac,src_ip,dst_ip,src_ip6,dst_ip6,dns_ip,dns_ip6")
+    ns = p.parse_args(argv)
+    logging.disable(logging.CRITICAL)
+    module, _, name = ns.service.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    t = time.monotonic()
+    r = replay(cls, json.loads(ns.options), base_frames(Addrs(*ns.addrs.split(","))),
+               ns.seed, ns.count)
+    print(f"{r.frames} frames in {time.monotonic() - t:.1f} s: malformed {r.malformed}, "
+          f"streams {r.streams}, errors {sum(r.errors.values())}")
+    for key, n in r.errors.most_common():
+        print(f"{n:8d}  {key}")
+    for f in r.first:
+        print(f"--- frame {f.index} [{f.where}] {f.error}\n    {f.desc}\n    {f.frame}\n"
+              f"{f.trace}")
+    print("report:", json.dumps(r.report, default=str))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
