@@ -27,15 +27,15 @@ import json
 import secrets
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from udtnet import NsVtl
 from vtl.bridge.topology import Topology, ip
-from vtlnet import VtlProcess, to_toml, wait_for
+from vtlnet import to_toml, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -132,19 +132,6 @@ socks pass {{
   log: connect error
 }}
 """
-
-
-class NsVtl(VtlProcess):
-    """`vtl run CONFIG` inside network namespace ``ns``."""
-
-    def __init__(self, ns: str, config_path: Path):
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "vtl.bridge.cli", "run",
-             str(config_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
 
 class HostNet:
@@ -250,13 +237,6 @@ def hnet(root: None, tmp_path: Path) -> Iterator[HostNet]:
         topo.close()
 
 
-def final_stats(vtl: NsVtl) -> dict[str, Any]:
-    for line in reversed(vtl.lines):
-        if "stopped; " in line:
-            return json.loads(line.split("stopped; ", 1)[1])
-    raise AssertionError("no final stats:\n" + vtl.stderr[-3000:])
-
-
 def assert_refused_everywhere(got: dict[str, list[str]]) -> None:
     for target in TARGETS:
         answers = got[target]
@@ -274,7 +254,7 @@ def test_pep_keeps_a_hostile_guest_out_of_the_host(hnet: HostNet) -> None:
     assert hnet.accepted() == [], "a guest's SYN reached a listener on the host"
     for t in ("127.0.0.1", HOST_IP, METADATA):
         assert got[t] == ["icmp 3/13"], (t, got[t])  # administratively prohibited
-    snap = final_stats(vtl)
+    snap = vtl.stats()
     assert snap["egress"]["refused"] == len(TARGETS), snap["egress"]
     assert snap["egress"]["refused_by_class"] == {"loopback": 2, "own address": 2,
                                                   "link-local": 1}, snap["egress"]
@@ -290,7 +270,7 @@ def test_control_the_same_syns_reach_the_host_when_the_operator_allows_them(
     assert wait_for(lambda: len(hnet.accepted()) >= len(TARGETS), 10), hnet.accepted()
     vtl.stop()
     assert sorted(hnet.accepted()) == sorted(TARGETS)
-    assert final_stats(vtl)["egress"]["refused"] == 0
+    assert vtl.stats()["egress"]["refused"] == 0
 
 
 def test_socks_keeps_a_hostile_guest_out_of_the_host(hnet: HostNet) -> None:
@@ -305,7 +285,7 @@ def test_socks_keeps_a_hostile_guest_out_of_the_host(hnet: HostNet) -> None:
     vtl.stop()
     assert_refused_everywhere(got)
     assert hnet.accepted() == ["127.0.0.1"], "a guest's SYN reached a listener on the host"
-    snap = final_stats(vtl)
+    snap = vtl.stats()
     socks = snap["services"]["socks"]
     # loopback and link-local: socks itself, the proxy never asked
     assert socks.get("refused_destination") == 3, socks
