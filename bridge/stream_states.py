@@ -7,9 +7,9 @@ holds a socket. Every change of phase, and of the two half-states below,
 goes through :func:`move` against the tables here, so an illegal move is a
 loud :class:`IllegalTransition`, never a silently confused stream::
 
-    RESOLVING ──► CONNECTING ──► HANDSHAKE ──► OPEN ──► CLOSING ──► DONE
-        │              │   └──────────────────► │          close()      ▲
-        └──────────────┴─────────── failure, abort(), policy ───────────┘
+    RESOLVING ──► CONNECTING ──► HANDSHAKE ──► OPEN ──close()──► CLOSING ──► DONE
+                      └───── no handshake ─────►┘
+    any phase ──► DONE: failure or timeout, abort(), the egress policy, the orderly end
 
 - RESOLVING: the endpoint's addresses are looked up (a worker thread for a
   name; an address literal moves on at once). No socket.
