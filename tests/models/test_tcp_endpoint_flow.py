@@ -244,8 +244,6 @@ def test_no_window_scaling_without_the_peer_option():
 
 def test_syn_window_never_scaled_and_small_buffer_advertised_as_is():
     peer = Peer()
-    from vtl.models.tcp_endpoint import TcpEndpoint
-
     ep = TcpEndpoint.passive(peer.syn(), cfg(recv_buffer=20_000), NOW)
     ep.accept(NOW)
     [sa] = peer.take(ep)
