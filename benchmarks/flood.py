@@ -12,7 +12,10 @@ the bridge's VmRSS), at the sizes the issue names:
 - ``pep``: 1,000,000 mutated frames through ``pep`` (host path to the peer); then
   a 20 MB download through pep and a ping;
 - ``socks``: 1,000,000 mutated frames through ``socks`` and a real dante; then
-  curl through the proxy by IPv4, IPv6 and name.
+  curl through the proxy by IPv4, IPv6 and name;
+- ``socks-dns``: DNS queries (A and AAAA in turn) for ``--dns-names`` distinct names
+  (default 300,000: more than both fake-ip pools hold) through ``socks``; then curl
+  by address. It measures what the fake-ip pools cost when a guest fills them.
 
 Mutated frames are sent at ``--fuzz-rate`` (default 20,000 a second, about what one
 bridge with pep reads on a 2-core machine; faster, the TAP drops what the bridge
@@ -29,7 +32,7 @@ Every namespace, link and process is removed at the end, also on failure or
 Ctrl-C. Needs root, dante-server, dnsmasq, curl.
 
     .venv/bin/python benchmarks/flood.py [--frames 1000000] [--rate 100000]
-        [--fuzz-rate 20000] [--only mac-empty,mac-netem,pep,socks] [--json]
+        [--fuzz-rate 20000] [--dns-names 300000] [--only mac-empty,...] [--json]
 """
 
 from __future__ import annotations
@@ -65,10 +68,10 @@ from tcptools import download, expected_sha256  # noqa: E402
 from test_mac_flood import CHAINS, mac_flood  # noqa: E402
 from test_malformed_flood import PEP, fuzz_args  # noqa: E402
 from vtl.bridge.topology import Topology, require_root  # noqa: E402
-from vtlnet import PEER_IP, PEER_IP6, Net, VtlProcess  # noqa: E402
+from vtlnet import GUEST_IP, GUEST_MAC, PEER_IP, PEER_IP6, Net, VtlProcess  # noqa: E402
 
 MB = 1 << 20
-SCENARIOS = ("mac-empty", "mac-netem", "pep", "socks")
+SCENARIOS = ("mac-empty", "mac-netem", "pep", "socks", "socks-dns")
 
 
 @dataclass
@@ -185,8 +188,34 @@ def run_socks(name: str, args: argparse.Namespace, tmp: Path) -> Row:
             snet.close()
 
 
+def run_socks_dns(name: str, args: argparse.Namespace, tmp: Path) -> Row:
+    with Topology("vfb" + secrets.token_hex(3)) as topo:
+        snet = SocksNet(topo, topo.prefix, tmp)
+        try:
+            vtl = snet.start(snet.socks(dns="fake-ip"))
+            timeout = args.dns_names / args.fuzz_rate * 3 + 60
+            res = flood(topo, snet.guest_ns, vtl.pid,
+                        ["dnsflood", snet.tap, "--count", str(args.dns_names),
+                         "--rate", str(args.fuzz_rate), "--seconds", str(timeout - 15),
+                         "--src-mac", GUEST_MAC, "--dst-mac", GATEWAY_MAC,
+                         "--src-ip", GUEST_IP, "--dns-ip", GW_IP], timeout=timeout)
+            size = 5 * MB
+            url = f"http://{SRV_IP}:{HTTP_PORT}/bytes/{size}?seed=64"
+            ok = snet.curl_sha256(url, timeout=60) == expected_sha256(size, 64)
+            final = stopped(vtl)
+            row = fill(Row(name), res, final, "socks")
+            pools = final["services"]["socks"].get("dns_fake_ip_pool", {})
+            row.note = "fake-ip names held: " + ", ".join(
+                f"v{v[1]} {p.get('in_use')}/{p.get('capacity')}" for v, p in pools.items())
+            row.after_ok = ok
+            return row
+        finally:
+            snet.close()
+
+
 RUNNERS: dict[str, Callable[[str, argparse.Namespace, Path], Row]] = {
-    "mac-empty": run_mac, "mac-netem": run_mac, "pep": run_pep, "socks": run_socks}
+    "mac-empty": run_mac, "mac-netem": run_mac, "pep": run_pep, "socks": run_socks,
+    "socks-dns": run_socks_dns}
 
 
 def fmt(v: Any) -> str:
@@ -220,6 +249,7 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=100_000, help="MAC flood, frames a second")
     p.add_argument("--fuzz-rate", type=float, default=20_000,
                    help="mutated frames a second")
+    p.add_argument("--dns-names", type=int, default=300_000)
     p.add_argument("--only", default=",".join(SCENARIOS))
     p.add_argument("--json", action="store_true")
     args = p.parse_args()

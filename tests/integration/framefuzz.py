@@ -19,6 +19,8 @@ Python process:
   up to the end of the L4 header). Half the mutants then get their IPv4 header and
   L4 checksums recomputed, so that they pass checksum checks and reach the logic
   behind them; the others keep whatever checksum the mutation left.
+- :func:`dns_flood`: DNS queries (A, AAAA) for distinct names, which a fake-ip
+  resolver has to remember (its memory bound is the point).
 
 Frame ``i`` of a stream depends only on the seed and ``i``'s position in the
 stream: :meth:`Mutator.frames` replays it (``python framefuzz.py dump`` prints one
@@ -29,6 +31,7 @@ Command line (run inside a network namespace; prints one JSON line)::
     framefuzz.py macflood IFNAME --count N --rate R --seconds S --seed K
     framefuzz.py fuzz IFNAME --count N --rate R --seconds S --seed K --src-mac M \
         --dst-mac M --src-ip A --dst-ip A --src-ip6 A --dst-ip6 A --dns-ip A --dns-ip6 A
+    framefuzz.py dnsflood IFNAME --count N --rate R --seconds S --seed K [addresses]
     framefuzz.py dump --index I --seed K [same address options]
 
 Sending is paced in bursts to ``rate`` frames a second and stops after ``count``
@@ -431,6 +434,34 @@ class Mutator:
             yield bytes(buf), desc
 
 
+# ---------------------------------------------------------------- DNS name flood
+
+def dns_flood(a: Addrs, seed: int, count: int) -> Iterator[bytes]:
+    """``count`` DNS queries over UDP/IPv4 from the guest to ``a.dns_ip``, each for a
+    distinct name (``q<i>-<random>.flood.test``, about 40 bytes), A and AAAA in turn:
+    the names a fake-ip resolver must remember. UDP checksum 0 (none, IPv4)."""
+    import ipaddress
+    rng = random.Random(seed)
+    eth = mac_bytes(a.dst_mac) + mac_bytes(a.src_mac) + b"\x08\x00"
+    src, dst = ipaddress.IPv4Address(a.src_ip).packed, ipaddress.IPv4Address(a.dns_ip).packed
+    tail = b"\x05flood\x04test\x00"
+    for i in range(count):
+        label = f"q{i}-{rng.getrandbits(64):016x}".encode()
+        qname = bytes([len(label)]) + label + tail
+        dns = (i & 0xFFFF).to_bytes(2, "big") + b"\x01\x00\x00\x01" + bytes(6) + qname + \
+            (b"\x00\x01" if i & 1 == 0 else b"\x00\x1c") + b"\x00\x01"
+        udp = (40000 + (i & 0x3FFF)).to_bytes(2, "big") + b"\x00\x35" + \
+            (8 + len(dns)).to_bytes(2, "big") + b"\x00\x00" + dns
+        ip = bytearray(b"\x45\x00" + (20 + len(udp)).to_bytes(2, "big") + b"\x00\x00\x40\x00"
+                       b"\x40\x11\x00\x00" + src + dst)
+        ip[10:12] = (~_sum(ip) & 0xFFFF).to_bytes(2, "big")
+        yield eth + bytes(ip) + udp
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
 # ---------------------------------------------------------------- sending
 
 def send_paced(ifname: str, frames: Iterator[bytes], rate: float, seconds: float,
@@ -477,7 +508,7 @@ def _addrs(ns: argparse.Namespace) -> Addrs:
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("cmd", choices=["macflood", "fuzz", "dump"])
+    p.add_argument("cmd", choices=["macflood", "fuzz", "dnsflood", "dump"])
     p.add_argument("ifname", nargs="?", default="")
     p.add_argument("--count", type=int, default=100_000)
     p.add_argument("--rate", type=float, default=100_000)
@@ -495,6 +526,9 @@ def main(argv: list[str]) -> None:
     ns = p.parse_args(argv)
     if ns.cmd == "macflood":
         out = send_paced(ns.ifname, mac_flood(ns.seed, ns.count), ns.rate, ns.seconds)
+    elif ns.cmd == "dnsflood":
+        out = send_paced(ns.ifname, dns_flood(_addrs(ns), ns.seed, ns.count), ns.rate,
+                         ns.seconds)
     elif ns.cmd == "fuzz":
         mut = Mutator(base_frames(_addrs(ns)), ns.seed)
         out = send_paced(ns.ifname, (f for f, _ in mut.frames(ns.count)), ns.rate,
