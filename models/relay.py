@@ -43,7 +43,7 @@ from vtl.models.tcp_endpoint import Aborted, Closed, Connected, TcpEndpoint
 from vtl.models.tcp_state import TcpState
 
 from vtl.frame import Frame
-from vtl.packet.icmp import ICMP_ADMIN_PROHIBITED
+from vtl.packet.icmp import ICMP6_ADMIN_PROHIBITED, ICMP_ADMIN_PROHIBITED
 from vtl.packet.packet import Packet
 from vtl.stream import (
     Stream,
@@ -233,7 +233,8 @@ class Relay:
         if not self.connected:
             self.stats.outcome = reason
             if ep.state is TcpState.LISTEN and reason == "prohibited":
-                ep.unreachable(now, ICMP_ADMIN_PROHIBITED)  # the bridge's egress policy
+                # the bridge's egress policy: administratively prohibited, either family
+                ep.unreachable(now, ICMP_ADMIN_PROHIBITED, ICMP6_ADMIN_PROHIBITED)
             elif ep.state is TcpState.LISTEN and reason in self.icmp_reasons:
                 ep.unreachable(now)
             else:

@@ -158,12 +158,12 @@ class TcpEndpoint(TcpSender):
             self.outbox.append(Frame(build.tcp_reset(self.syn)))
         self._abort_events("local")
 
-    def unreachable(self, now: float, code: int = 1) -> None:
-        """Answer the held SYN with ICMP destination unreachable (code 1: host); a SYN no
-        ICMP error may be about (to a multicast or broadcast address, RFC 1122 3.2.2,
-        RFC 4443 2.4) goes unanswered."""
+    def unreachable(self, now: float, code: int = 1, code6: int = 3) -> None:
+        """Answer the held SYN with ICMP destination unreachable (``code`` for IPv4, 1:
+        host; ``code6`` for ICMPv6, 3: address); a SYN no ICMP error may be about (to a
+        multicast or broadcast address, RFC 1122 3.2.2, RFC 4443 2.4) goes unanswered."""
         if self.tcb.state is S.LISTEN and self.syn is not None:
-            c = code if not self.v6 else 3  # ICMPv6 3: address unreachable
+            c = code if not self.v6 else code6
             try:
                 self.outbox.append(Frame(build.unreachable(self.syn, c)))
             except PacketError:

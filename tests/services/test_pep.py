@@ -192,3 +192,15 @@ def test_a_destination_the_bridge_prohibits_gets_icmp_admin_prohibited() -> None
     [err] = to_guest(ctx)
     assert err[ICMP].type == 3 and err[ICMP].code == 13
     assert ctx.extra("connections_prohibited") == 1
+
+
+def test_a_prohibited_ipv6_destination_gets_icmpv6_admin_prohibited() -> None:
+    from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
+
+    pep, ctx = make()
+    syn = Frame(bytes(Ether(src=G_MAC, dst=R_MAC) / IPv6(src="fd00::1", dst="::1") /
+                      TCP(sport=40000, dport=80, flags="S", seq=1000)))
+    pep.process(syn, UP, 0.0)
+    ctx.streams[0].closed("prohibited")
+    [err] = to_guest(ctx)
+    assert err[ICMPv6DestUnreach].code == 1 and err[IPv6].dst == "fd00::1"
