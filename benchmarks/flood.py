@@ -92,6 +92,7 @@ class Row:
     ping_during: str = "-"
     after_ok: bool = False
     seconds: float = 0.0
+    rss_series_mb: str = ""  # VmRSS every 5 s during the flood
     note: str = ""
 
 
@@ -102,6 +103,7 @@ def fill(row: Row, res: FloodResult, final: dict[str, Any], service: str | None)
     row.rss_before_mb = round(res.rss_before / MB, 1)
     row.rss_peak_mb = round(res.rss_peak / MB, 1)
     row.rss_after_mb = round(res.rss_after / MB, 1)
+    row.rss_series_mb = " ".join(f"{rss / MB:.0f}" for _, rss in res.rss_series[::5])
     if res.ping_sent:
         row.ping_during = f"{len(res.ping_rtts)}/{res.ping_sent}"
     bridge = final["bridge"]
@@ -239,7 +241,9 @@ def table(rows: list[Row]) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                        enumerate(zip(row, widths, strict=True))) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    notes = [f"{r.scenario}: {r.note}" for r in rows if r.note]
+    notes = [f"{r.scenario}: RSS MB every 5 s: {r.rss_series_mb}" for r in rows
+             if r.rss_series_mb]
+    notes += [f"{r.scenario}: {r.note}" for r in rows if r.note]
     return "\n".join(lines + notes)
 
 

@@ -47,6 +47,7 @@ class FloodResult:
     ping_rtts: list[float] = field(default_factory=list)  # replies to the ping during it
     ping_sent: int = 0
     ping_inside: bool = False  # the ping ended before the sender did
+    rss_series: list[tuple[float, int]] = field(default_factory=list)  # (s, VmRSS) each second
 
     @property
     def rss_growth(self) -> int:
@@ -85,8 +86,13 @@ def flood(topo: Any, netns: str, pid: int, args: list[str], ping: str | None = N
             pinger = topo.spawn(netns, ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2",
                                         ping], stdout=subprocess.PIPE)
         ping_inside = False
+        t0 = time.monotonic()
+        series: list[tuple[float, int]] = []
         while sender.poll() is None and time.monotonic() < deadline:
-            peak = max(peak, _rss(pid))
+            rss = _rss(pid)
+            peak = max(peak, rss)
+            if not series or time.monotonic() - t0 >= series[-1][0] + 1.0:
+                series.append((round(time.monotonic() - t0, 1), rss))
             if pinger is not None and not ping_inside and pinger.poll() is not None:
                 ping_inside = True
             time.sleep(0.1)
@@ -97,7 +103,8 @@ def flood(topo: Any, netns: str, pid: int, args: list[str], ping: str | None = N
         if sender.returncode or not lines:
             raise AssertionError(f"framefuzz exited {sender.returncode}: "
                                  f"{err.decode(errors='replace')[-2000:]}")
-        result = FloodResult(json.loads(lines[-1]), rss_before, peak, rss_before)
+        result = FloodResult(json.loads(lines[-1]), rss_before, peak, rss_before,
+                             rss_series=series)
         if pinger is not None:
             pout, _ = pinger.communicate(timeout=max(5.0, deadline - time.monotonic()))
             text = pout.decode(errors="replace")
@@ -116,7 +123,7 @@ def flood(topo: Any, netns: str, pid: int, args: list[str], ping: str | None = N
 
 # ---------------------------------------------------------------- in-process replay
 
-STREAM_FATES = ("connect", "connect", "connect", "refused", "unreachable", "timeout",
+STREAM_FATES = ("connect", "connect", "answer", "refused", "unreachable", "timeout",
                 "reset", "prohibited", "error")
 
 
@@ -144,14 +151,38 @@ class Replay:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def _answer(rng: random.Random, stream: Any, now: float) -> None:
+    """Play an upstream that answers: what the service wrote, with DNS's QR bit set
+    after the 2-byte length prefix of DNS over TCP (so a resolver's query comes back
+    as a plausible response), often mutated; or random bytes. Delivered in one to
+    three pieces, then the end of the stream."""
+    data = bytearray(stream.written)
+    if len(data) > 4 and rng.random() < 0.7:
+        data[4] |= 0x80
+        for _ in range(rng.randint(0, 3)):
+            p = rng.randrange(len(data))
+            data[p] ^= 1 << rng.randrange(8)
+        if rng.random() < 0.2:
+            del data[rng.randrange(len(data)):]
+    else:
+        data = bytearray(rng.randbytes(rng.randint(0, 64)))
+    cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randint(0, 2)))
+    for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        if b > a and stream.final is None and not stream.paused:
+            stream.data(bytes(data[a:b]), now=now)
+    if stream.final is None:
+        stream.end(now=now)
+
+
 def replay(service_cls: type, options: dict[str, Any], bases: list[Any], seed: int,
            count: int, rate: float = 100_000.0, keep: int = 3) -> Replay:
     """Offer ``count`` mutants (seed ``seed``) of ``bases`` to one ``service_cls`` in a
     :class:`vtl.testing.ServiceHarness`, as frames from the guest ``1/rate`` s apart;
-    every stream it opens gets a seeded fate (connected, or closed with a reason) at
-    once. Exceptions a chain would count as the service's ``errors`` are collected (the
-    first ``keep`` of each kind with their frame); remote-error types from ``process``
-    count as ``malformed``, as the chain counts them."""
+    every stream it opens gets a seeded fate (connected; connected and answered, see
+    :func:`_answer`; or closed with a reason) at once. Exceptions a chain would count as
+    the service's ``errors`` are collected (the first ``keep`` of each kind with their
+    frame); remote-error types from ``process`` count as ``malformed``, as the chain
+    counts them."""
     from framefuzz import Mutator
 
     from vtl.errors import RemoteProtocolError
@@ -192,6 +223,9 @@ def replay(service_cls: type, options: dict[str, Any], bases: list[Any], seed: i
                 if stream.final is None:
                     if fate == "connect":
                         stream.connect(now=now)
+                    elif fate == "answer":
+                        stream.connect(now=now)
+                        _answer(fates, stream, now)
                     else:
                         stream.closed(fate, "replayed", now=now)
             except Exception as exc:  # noqa: BLE001
