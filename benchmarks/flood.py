@@ -52,23 +52,20 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "integration")]
 
-from floodrun import FloodResult, flood  # noqa: E402
+from floodrun import FloodResult, Outcome, flood  # noqa: E402
 from socksnet import (  # noqa: E402
     GATEWAY_MAC,
     GW_IP,
-    GW_IP6,
     HTTP_PORT,
     SRV_IP,
-    SRV_IP6,
-    WEB_NAME,
     SocksNet,
     stats,
 )
-from tcptools import download, expected_sha256  # noqa: E402
-from test_mac_flood import CHAINS, mac_flood  # noqa: E402
-from test_malformed_flood import PEP, fuzz_args  # noqa: E402
+from tcptools import expected_sha256  # noqa: E402
+from test_mac_flood import mac_scenario  # noqa: E402
+from test_malformed_flood import pep_scenario, socks_scenario  # noqa: E402
 from vtl.bridge.topology import Topology, require_root  # noqa: E402
-from vtlnet import GUEST_IP, GUEST_MAC, PEER_IP, PEER_IP6, Net, VtlProcess  # noqa: E402
+from vtlnet import GUEST_IP, GUEST_MAC, Net, VtlProcess  # noqa: E402
 
 MB = 1 << 20
 SCENARIOS = ("mac-empty", "mac-netem", "pep", "socks", "socks-dns")
@@ -116,108 +113,72 @@ def fill(row: Row, res: FloodResult, final: dict[str, Any], service: str | None)
     return row
 
 
-def ping_ok(run: Callable[..., Any], host: str) -> bool:
-    out = run(["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", host], timeout=20,
-              check=False).stdout
-    return out.count("time=") == 3
-
-
 def stopped(vtl: VtlProcess) -> dict[str, Any]:
     if vtl.stop() != 0:
         raise RuntimeError("vtl run exited non-zero:\n" + vtl.stderr[-2000:])
     return stats(vtl)
 
 
-def run_mac(name: str, args: argparse.Namespace, tmp: Path) -> Row:
+def row_of(name: str, out: Outcome, service: str | None) -> Row:
+    row = fill(Row(name), out.flood, stopped(out.vtl), service)
+    row.after_ok = all(out.after.values())
+    if not row.after_ok:
+        row.note = f"after the flood: {out.after}"
+    return row
+
+
+def mac_row(name: str, net: Net, args: argparse.Namespace) -> Row:
     chain = name.split("-", 1)[1]
+    out = mac_scenario(net, chain, args.frames, args.rate)
+    return row_of(name, out, chain if chain != "empty" else None)
+
+
+def pep_row(name: str, net: Net, args: argparse.Namespace) -> Row:
+    return row_of(name, pep_scenario(net, args.frames, args.fuzz_rate), "pep")
+
+
+def socks_row(name: str, snet: SocksNet, args: argparse.Namespace) -> Row:
+    return row_of(name, socks_scenario(snet, args.frames, args.fuzz_rate), "socks")
+
+
+def socks_dns_row(name: str, snet: SocksNet, args: argparse.Namespace) -> Row:
+    vtl = snet.start(snet.socks(dns="fake-ip"))
+    timeout = args.dns_names / args.fuzz_rate * 3 + 60
+    res = flood(snet.topo, snet.guest_ns, vtl.pid,
+                ["dnsflood", snet.tap, "--count", str(args.dns_names),
+                 "--rate", str(args.fuzz_rate), "--seconds", str(timeout - 15),
+                 "--src-mac", GUEST_MAC, "--dst-mac", GATEWAY_MAC,
+                 "--src-ip", GUEST_IP, "--dns-ip", GW_IP], timeout=timeout)
+    size = 5 * MB
+    url = f"http://{SRV_IP}:{HTTP_PORT}/bytes/{size}?seed=64"
+    ok = snet.curl_sha256(url, timeout=60) == expected_sha256(size, 64)
+    final = stopped(vtl)
+    row = fill(Row(name), res, final, "socks")
+    pools = final["services"]["socks"].get("dns_fake_ip_pool", {})
+    row.note = "fake-ip names held: " + ", ".join(
+        f"{v} {p.get('in_use')}/{p.get('capacity')}" for v, p in pools.items())
+    row.after_ok = ok
+    return row
+
+
+#: scenario -> (needs the socks topology, what to run in it)
+RUNNERS: dict[str, tuple[bool, Callable[[str, Any, argparse.Namespace], Row]]] = {
+    "mac-empty": (False, mac_row), "mac-netem": (False, mac_row), "pep": (False, pep_row),
+    "socks": (True, socks_row), "socks-dns": (True, socks_dns_row)}
+
+
+def run(name: str, args: argparse.Namespace, tmp: Path) -> Row:
+    """One scenario in a topology of its own (unique prefix), always removed."""
+    socks, body = RUNNERS[name]
     with Topology("vfb" + secrets.token_hex(3)) as topo:
-        net = Net(topo, topo.prefix, tmp)
+        net = SocksNet(topo, topo.prefix, tmp) if socks else Net(topo, topo.prefix, tmp)
         try:
-            vtl = net.start(CHAINS[chain])
-            net.guest(["ping", "-n", "-c", "1", "-W", "2", PEER_IP], timeout=10)
-            res = mac_flood(net, vtl.pid, args.frames, args.rate,
-                            timeout=args.frames / args.rate * 3 + 30)
-            ok = ping_ok(net.guest, PEER_IP)
-            row = fill(Row(name), res, stopped(vtl), chain if chain != "empty" else None)
-            row.after_ok = ok
-            return row
+            return body(name, net, args)
         finally:
-            net.stop_all()
-
-
-def run_pep(name: str, args: argparse.Namespace, tmp: Path) -> Row:
-    with Topology("vfb" + secrets.token_hex(3)) as topo:
-        net = Net(topo, topo.prefix, tmp)
-        try:
-            net.host_path()
-            vtl = net.start([PEP])
-            net.guest(["ping", "-n", "-c", "1", "-W", "2", PEER_IP], timeout=10)
-            peer_mac = net.peer(["cat", "/sys/class/net/eth0/address"]).stdout.strip()
-            timeout = args.frames / args.fuzz_rate * 3 + 60
-            res = flood(topo, net.guest_ns, vtl.pid,
-                        fuzz_args(net.tap, args.frames, args.fuzz_rate, 21, peer_mac, PEER_IP,
-                                  PEER_IP6, PEER_IP, PEER_IP6, timeout),
-                        ping=PEER_IP, ping_seconds=args.frames / args.fuzz_rate - 1,
-                        timeout=timeout)
-            net.peer(["ip", "neigh", "flush", "dev", "eth0"])
-            size = 20 * MB
-            ok = download(net, size, seed=51, timeout=60) == expected_sha256(size, 51)
-            ok = ping_ok(net.guest, PEER_IP) and ok
-            row = fill(Row(name), res, stopped(vtl), "pep")
-            row.after_ok = ok
-            return row
-        finally:
-            net.stop_all()
-
-
-def run_socks(name: str, args: argparse.Namespace, tmp: Path) -> Row:
-    with Topology("vfb" + secrets.token_hex(3)) as topo:
-        snet = SocksNet(topo, topo.prefix, tmp)
-        try:
-            vtl = snet.start(snet.socks(dns="fake-ip"))
-            timeout = args.frames / args.fuzz_rate * 3 + 60
-            res = flood(topo, snet.guest_ns, vtl.pid,
-                        fuzz_args(snet.tap, args.frames, args.fuzz_rate, 22, GATEWAY_MAC,
-                                  SRV_IP, SRV_IP6, GW_IP, GW_IP6, timeout), timeout=timeout)
-            size, ok = 5 * MB, True
-            for host, seed in ((SRV_IP, 61), (f"[{SRV_IP6}]", 62), (WEB_NAME, 63)):
-                url = f"http://{host}:{HTTP_PORT}/bytes/{size}?seed={seed}"
-                ok = snet.curl_sha256(url, timeout=60) == expected_sha256(size, seed) and ok
-            row = fill(Row(name), res, stopped(vtl), "socks")
-            row.after_ok = ok
-            return row
-        finally:
-            snet.close()
-
-
-def run_socks_dns(name: str, args: argparse.Namespace, tmp: Path) -> Row:
-    with Topology("vfb" + secrets.token_hex(3)) as topo:
-        snet = SocksNet(topo, topo.prefix, tmp)
-        try:
-            vtl = snet.start(snet.socks(dns="fake-ip"))
-            timeout = args.dns_names / args.fuzz_rate * 3 + 60
-            res = flood(topo, snet.guest_ns, vtl.pid,
-                        ["dnsflood", snet.tap, "--count", str(args.dns_names),
-                         "--rate", str(args.fuzz_rate), "--seconds", str(timeout - 15),
-                         "--src-mac", GUEST_MAC, "--dst-mac", GATEWAY_MAC,
-                         "--src-ip", GUEST_IP, "--dns-ip", GW_IP], timeout=timeout)
-            size = 5 * MB
-            url = f"http://{SRV_IP}:{HTTP_PORT}/bytes/{size}?seed=64"
-            ok = snet.curl_sha256(url, timeout=60) == expected_sha256(size, 64)
-            final = stopped(vtl)
-            row = fill(Row(name), res, final, "socks")
-            pools = final["services"]["socks"].get("dns_fake_ip_pool", {})
-            row.note = "fake-ip names held: " + ", ".join(
-                f"v{v[1]} {p.get('in_use')}/{p.get('capacity')}" for v, p in pools.items())
-            row.after_ok = ok
-            return row
-        finally:
-            snet.close()
-
-
-RUNNERS: dict[str, Callable[[str, argparse.Namespace, Path], Row]] = {
-    "mac-empty": run_mac, "mac-netem": run_mac, "pep": run_pep, "socks": run_socks,
-    "socks-dns": run_socks_dns}
+            if isinstance(net, SocksNet):
+                net.close()
+            else:
+                net.stop_all()
 
 
 def fmt(v: Any) -> str:
@@ -266,7 +227,7 @@ def main() -> int:
             t = time.monotonic()
             with tempfile.TemporaryDirectory(prefix="vtl-flood-") as tmp:
                 try:
-                    row = RUNNERS[name](name, args, Path(tmp))
+                    row = run(name, args, Path(tmp))
                 except Exception as exc:  # noqa: BLE001 - one scenario's failure is a row
                     row = Row(name, note=f"failed: {type(exc).__name__}: {exc}"[:500])
                     traceback.print_exc()

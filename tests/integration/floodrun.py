@@ -54,6 +54,41 @@ class FloodResult:
         return self.rss_peak - self.rss_before
 
 
+@dataclass
+class Outcome:
+    """One scenario run: the bridge (still running), the flood, the checks after it."""
+
+    vtl: Any  # vtlnet.VtlProcess
+    flood: FloodResult
+    after: dict[str, bool]  # each check made after the flood (real traffic) and its result
+
+
+def ping_ok(run: Any, host: str) -> bool:
+    """Three pings of ``host`` with ``run`` (a namespace's command runner) all answered."""
+    out = run(["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", host], timeout=20,
+              check=False).stdout
+    return out.count("time=") == 3
+
+
+def summary(res: FloodResult, final: dict[str, Any], service: str | None = None,
+            ) -> dict[str, Any]:
+    """The numbers a reader of a failure wants (the bridge's final counters ``final``
+    and, with ``service``, that service's main ones), as one dict."""
+    mb = 1 << 20
+    out = {"sender": res.sender, "rss_before_mb": round(res.rss_before / mb, 1),
+           "rss_peak_mb": round(res.rss_peak / mb, 1),
+           "rss_growth_mb": round(res.rss_growth / mb, 1),
+           "ping_during": f"{len(res.ping_rtts)}/{res.ping_sent}",
+           "ping_inside": res.ping_inside, "bridge": final.get("bridge"),
+           "guest_rx": final.get("ports", {}).get("guest", {}).get("rx_frames")}
+    if service is not None:
+        svc = final.get("services", {}).get(service, {})
+        keep = ("frames_in", "dropped", "consumed", "injected", "errors", "malformed",
+                "connections_active", "tombstones")
+        out[service] = {k: svc[k] for k in keep if k in svc}
+    return out
+
+
 def _rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from floodrun import FloodResult, flood
+from floodrun import FloodResult, Outcome, flood, ping_ok, summary
 from socksnet import (
     GATEWAY_MAC,
     GW_IP,
@@ -92,20 +92,6 @@ def fuzz_args(ifname: str, frames: int, rate: float, seed: int, dst_mac: str, ds
             "--dns-ip6", dns_ip6]
 
 
-def summary(res: FloodResult, final: dict[str, Any], service: str) -> dict[str, Any]:
-    """The numbers a reader of a failure wants, as one dict."""
-    svc = final.get("services", {}).get(service, {})
-    keep = ("frames_in", "dropped", "consumed", "injected", "errors", "malformed",
-            "connections_active", "tombstones")
-    return {"sender": res.sender, "rss_before_mb": round(res.rss_before / MB, 1),
-            "rss_peak_mb": round(res.rss_peak / MB, 1),
-            "rss_growth_mb": round(res.rss_growth / MB, 1),
-            "ping_during": f"{len(res.ping_rtts)}/{res.ping_sent}",
-            "bridge": final.get("bridge"),
-            "guest_rx": final.get("ports", {}).get("guest", {}).get("rx_frames"),
-            service: {k: svc[k] for k in keep if k in svc}}
-
-
 def check(vtl: VtlProcess, res: FloodResult, service: str) -> dict[str, Any]:
     """Stop the bridge and assert on its final counters and on memory; the summary."""
     assert vtl.stop() == 0, vtl.stderr[-3000:]
@@ -138,33 +124,47 @@ def errors_in_log(vtl: VtlProcess, keep: int = 6) -> str:
     return "".join(out)
 
 
-def test_mutated_frames_through_pep(net: Net) -> None:
+def pep_scenario(net: Net, frames: int, rate: float) -> Outcome:
+    """A bridge with pep (host path to the peer), the mutants (addressed to the peer),
+    then a download through pep and a ping."""
     net.host_path()
     vtl = net.start([PEP])
     net.guest(["ping", "-n", "-c", "1", "-W", "2", PEER_IP], timeout=10)
     peer_mac = net.peer(["cat", "/sys/class/net/eth0/address"]).stdout.strip()
-    timeout = FRAMES / RATE * 3 + 30
+    timeout = frames / rate * 3 + 30
     res = flood(net.topo, net.guest_ns, vtl.pid,
-                fuzz_args(net.tap, FRAMES, RATE, 21, peer_mac, PEER_IP, PEER_IP6, PEER_IP,
+                fuzz_args(net.tap, frames, rate, 21, peer_mac, PEER_IP, PEER_IP6, PEER_IP,
                           PEER_IP6, timeout),
-                ping=PEER_IP, ping_seconds=FRAMES / RATE - 1, timeout=timeout)
+                ping=PEER_IP, ping_seconds=frames / rate - 1, timeout=timeout)
     net.peer(["ip", "neigh", "flush", "dev", "eth0"])
     size = 20 * MB
-    assert download(net, size, seed=51, timeout=60) == expected(size, 51)
-    out = net.guest(["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", PEER_IP],
-                    timeout=20, check=False).stdout
-    assert out.count("time=") == 3, out
-    check(vtl, res, "pep")
+    return Outcome(vtl, res, {
+        "download": download(net, size, seed=51, timeout=60) == expected(size, 51),
+        "ping after": ping_ok(net.guest, PEER_IP)})
+
+
+def socks_scenario(snet: SocksNet, frames: int, rate: float) -> Outcome:
+    """A bridge with socks (fake-ip DNS) and dante, the mutants (addressed to socks'
+    gateway and the servers), then curl through the proxy by IPv4, IPv6 and name."""
+    vtl = snet.start(snet.socks(dns="fake-ip"))
+    timeout = frames / rate * 3 + 30
+    res = flood(snet.topo, snet.guest_ns, vtl.pid,
+                fuzz_args(snet.tap, frames, rate, 22, GATEWAY_MAC, SRV_IP, SRV_IP6, GW_IP,
+                          GW_IP6, timeout), timeout=timeout)
+    size, after = 5 * MB, {}
+    for host, seed in ((SRV_IP, 61), (f"[{SRV_IP6}]", 62), (WEB_NAME, 63)):
+        url = f"http://{host}:{HTTP_PORT}/bytes/{size}?seed={seed}"
+        after[f"curl {host}"] = snet.curl_sha256(url, timeout=60) == expected(size, seed)
+    return Outcome(vtl, res, after)
+
+
+def test_mutated_frames_through_pep(net: Net) -> None:
+    out = pep_scenario(net, FRAMES, RATE)
+    assert all(out.after.values()), out.after
+    check(out.vtl, out.flood, "pep")
 
 
 def test_mutated_frames_through_socks(snet: SocksNet) -> None:
-    vtl = snet.start(snet.socks(dns="fake-ip"))
-    timeout = FRAMES / RATE * 3 + 30
-    res = flood(snet.topo, snet.guest_ns, vtl.pid,
-                fuzz_args(snet.tap, FRAMES, RATE, 22, GATEWAY_MAC, SRV_IP, SRV_IP6, GW_IP,
-                          GW_IP6, timeout), timeout=timeout)
-    size = 5 * MB
-    for host, seed in ((SRV_IP, 61), (f"[{SRV_IP6}]", 62), (WEB_NAME, 63)):
-        url = f"http://{host}:{HTTP_PORT}/bytes/{size}?seed={seed}"
-        assert snet.curl_sha256(url, timeout=60) == expected(size, seed), url
-    check(vtl, res, "socks")
+    out = socks_scenario(snet, FRAMES, RATE)
+    assert all(out.after.values()), out.after
+    check(out.vtl, out.flood, "socks")
