@@ -125,7 +125,7 @@ class SlotContext:
 
 class Slot:
     __slots__ = ("service", "ctx", "match", "fail", "counters", "log", "_last_log", "_quiet",
-                 "_report_takes_now")
+                 "_report_takes_now", "_last_malformed", "_quiet_malformed")
 
     def __init__(self, service: Service, ctx: SlotContext, match: MatchFilter | None,
                  fail: FailPolicy):
@@ -138,6 +138,8 @@ class Slot:
         self._last_log = -1e9
         self._quiet = 0
         self._report_takes_now: bool | None = None
+        self._last_malformed = -1e9  # malformed frames have their own log budget, so a
+        self._quiet_malformed = 0  # flood of them never hides a real failure's line
 
     def failed(self, what: str, now: float) -> None:
         """Count and log (rate-limited) an exception raised by the service."""
@@ -167,14 +169,15 @@ class Slot:
     def malformed(self, exc: Exception, now: float) -> None:
         """Count and log (rate-limited, no traceback) a frame the service found malformed."""
         self.counters.malformed += 1
-        if now - self._last_log >= 1.0:
-            extra = f" ({self._quiet} more suppressed)" if self._quiet else ""
+        if now - self._last_malformed >= 1.0:
+            q = self._quiet_malformed
+            extra = f" ({q} more suppressed)" if q else ""
             self.log.info("%s: malformed frame: %s; failure policy %r%s", self.ctx.name, exc,
                           self.fail, extra)
-            self._last_log = now
-            self._quiet = 0
+            self._last_malformed = now
+            self._quiet_malformed = 0
         else:
-            self._quiet += 1
+            self._quiet_malformed += 1
 
 
 class Chain:

@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from vtl.bridge.transports import Transport
 
 LOG_EVERY_S = 10.0
-LOG_MEMORY = 1024  # destinations remembered for rate-limited logging
+LOG_MEMORY = 256  # classes of destination remembered for rate-limited logging
 
 NETLINK_ROUTE = 0
 RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
@@ -255,19 +255,23 @@ class EgressPolicy:
                              f"refused ({why})"
 
     def _log_refusal(self, host: str, request: StreamRequest, port: int, why: str) -> None:
+        # one line per class of destination (loopback, link-local, own address, an
+        # operator's prefix...) every LOG_EVERY_S: a guest opening to a thousand distinct
+        # addresses is counted, and logged a few lines at a time
         now = self._clock()
-        last = self._logged.get(host)
+        last = self._logged.get(why)
         if last is not None and now - last[0] < LOG_EVERY_S:
-            self._logged[host] = (last[0], last[1] + 1)
+            self._logged[why] = (last[0], last[1] + 1)
             return
         if last is None and len(self._logged) >= LOG_MEMORY:
-            self._logged = {h: v for h, v in self._logged.items() if now - v[0] < LOG_EVERY_S}
+            self._logged = {w: v for w, v in self._logged.items() if now - v[0] < LOG_EVERY_S}
             if len(self._logged) >= LOG_MEMORY:
-                return  # a flood of distinct destinations: counted, not each logged
-        since = f" ({last[1]} more since the last line)" if last is not None and last[1] else ""
+                return
+        since = f" ({last[1]} more like it since the last line)" if last is not None and last[1] \
+            else ""
         self.log.warning("refused a %s stream to %s port %d: %s%s", request.kind, host,
                          port, why, since)
-        self._logged[host] = (now, 0)
+        self._logged[why] = (now, 0)
 
     def snapshot(self) -> dict[str, Any]:
         return {"refused": self.refused, "refused_by_class": dict(self.by_class),

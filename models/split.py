@@ -59,7 +59,8 @@ TOMBSTONE_S = 5.0  # how long stray segments of a closed connection get RST answ
 LOG_EVERY_S = 10.0  # one log line per distinct failure cause per this long
 TO_GUEST = Direction.TO_GUEST
 DEFAULT_ICMP = frozenset({"timeout", "unreachable"})
-NOT_FAILED = frozenset({"closed", "", "refused", "passthrough"})
+NOT_FAILED = frozenset({"closed", "", "refused", "passthrough", "prohibited"})
+NOT_LOGGED = frozenset({"closed", "", "passthrough", "prohibited"})  # (the egress policy logs)
 # TCP teardown left to do once the upstream is finished and nothing is buffered: such a
 # relay costs a small entry in ``closing``, not one of ``max_connections``
 LINGERING = frozenset({TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.LAST_ACK,
@@ -340,23 +341,22 @@ class SplitTable:
         self.ctx.count(f"connections_{s.outcome or 'closed'}")
         if s.outcome not in NOT_FAILED:
             self.ctx.count("connections_failed")  # timeout, unreachable, reset, error
-        if s.outcome not in ("closed", "", "passthrough"):
+        if s.outcome not in NOT_LOGGED:
             self._log_failure(key, s.outcome, s.message, now)
         if tombstone:
             self.tombstones.put(key, True, now)
 
     def _log_failure(self, key: FlowKey, outcome: str, message: str, now: float) -> None:
-        """One line per cause every LOG_EVERY_S: a dead proxy must not flood the log."""
+        """One line per outcome every LOG_EVERY_S (naming the latest cause): a dead proxy,
+        or a guest opening to a thousand dead addresses, must not flood the log."""
         cause = f"{outcome}: {message}" if message else outcome
-        last = self._logged.get(cause)
+        last = self._logged.get(outcome)
         if last is not None and now - last[0] < LOG_EVERY_S:
-            self._logged[cause] = (last[0], last[1] + 1)
+            self._logged[outcome] = (last[0], last[1] + 1)
             return
-        more = f" ({last[1]} more like it since the last line)" if last and last[1] else ""
-        self._logged[cause] = (now, 0)
-        if len(self._logged) > 256:
-            self._logged = {c: v for c, v in self._logged.items()
-                            if now - v[0] < LOG_EVERY_S}
+        more = (f" ({last[1]} more connections ended {outcome} since the last line)"
+                if last and last[1] else "")
+        self._logged[outcome] = (now, 0)  # keyed by outcome: a handful of keys at most
         self.ctx.log.warning("connection %s ended: %s%s", describe(key), cause, more)
 
     # -- timers ------------------------------------------------------------------------------

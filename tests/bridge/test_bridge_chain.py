@@ -125,6 +125,24 @@ def test_a_malformed_frame_is_counted_as_malformed_not_as_a_bug(fail, passed, ca
     assert all(r.exc_info is None for r in caplog.records)
 
 
+def test_a_flood_of_malformed_frames_never_hides_a_real_failure(caplog):
+    class Both(Picky):
+        def process(self, f, direction, now):
+            if len(f.data) > 20:
+                raise RuntimeError("bug")
+            return super().process(f, direction, now)
+
+    chain = Chain.from_services([lambda ctx: Both(None, ctx)], LOG)
+    short = Frame(bytes(Ether(type=0x0800) / b"\x45\x00"))
+    with caplog.at_level(logging.INFO):
+        for _ in range(100):
+            chain.process(short, UP, 0.5)
+        chain.process(frame(), UP, 0.5)
+    ours = [r for r in caplog.records if r.name.startswith(LOG.name)]
+    assert [r.levelname for r in ours] == ["INFO", "WARNING"], caplog.text
+    assert "failed in process" in ours[1].getMessage()
+
+
 def test_match_scopes_a_service():
     chain, seen = make(("arp-only",))
     chain.slots[0].match = MatchFilter("arp")
