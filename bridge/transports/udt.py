@@ -11,11 +11,12 @@ manager stop); the manager gets the local end of a loopback TCP pair and runs
 stream is connected only once the far service accepted, and closes with the
 far side's reason (``refused``, ``timeout``, ...) when it refused.
 
+The guest's connection travels as ``StreamRequest.flow`` (required: a
+:class:`~vtl.stream.StreamFlow` of a TCP key, MACs optional); the far service
+gets it as ``offer.flow``.
+
 Options (``StreamRequest.options`` and, for the listener, ``ListenRequest.options``):
 
-- ``flow`` (required for streams): ``{"src": ip, "sport": int, "dst": ip,
-  "dport": int, "src_mac": 6 bytes (optional), "dst_mac": 6 bytes (optional)}``,
-  given to the far service as ``offer.meta["flow"]``;
 - ``mss``: UDT packet size (``UDT_MSS``), default 1500;
 - ``window``: bytes; UDT send/receive buffers and flight window, and the
   per-stream credit window of the framing; default 8 MiB;
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import NamedTuple
 
 from vtl.bridge.transports.base import (
     Handshake,
@@ -45,7 +45,8 @@ from vtl.bridge.transports.base import (
     TransportError,
     TransportListener,
 )
-from vtl.bridge.transports.udtwire import MAX_WINDOW, REASONS, Flow
+from vtl.bridge.transports.udtstate import FAIL, MAGIC, OK, RECORD, UP, Tuning
+from vtl.bridge.transports.udtwire import MAX_WINDOW, REASONS, check_flow
 
 from vtl.errors import LocalProtocolError
 from vtl.stream import CloseReason, ListenRequest, StreamRequest
@@ -72,11 +73,9 @@ class RecordHandshake(Handshake):
         self._fail: CloseReason | None = None
 
     def start(self) -> HandshakeStep:
-        from vtl.bridge.transports.udthub import RECORD
         return HandshakeStep(want=RECORD.size)
 
     def feed(self, data: bytes) -> HandshakeStep:
-        from vtl.bridge.transports.udthub import FAIL, MAGIC, OK, RECORD, UP
         if self._fail is not None:
             raise TransportError(self._fail, data.decode("utf-8", "replace"))
         magic, code, idx, length = RECORD.unpack(data)
@@ -114,20 +113,11 @@ class _UdtListener:
         self._hub.unlisten(self._rec)
 
 
-class Tuning(NamedTuple):
-    """What a UDT socket is set up with (the transport's ``mss``, ``window``, ``max_bw``)."""
-
-    mss: int
-    window: int
-    max_bw: int = 0  # bytes per second a connection may send; 0: no cap (UDT_MAXBW -1)
-
-
-
 class UdtTransport(Transport):
     """Streams to and from peer bridges over UDT (see the module docstring)."""
 
     kind = "udt"
-    options = frozenset({"flow", "mss", "window", "max_bw", "mux"})
+    options = frozenset({"mss", "window", "max_bw", "mux"})
 
     def __init__(self) -> None:
         self._hub = None
@@ -146,9 +136,9 @@ class UdtTransport(Transport):
     def check(self, request: StreamRequest) -> None:
         super().check(request)
         opts = request.options
-        if "flow" not in opts:
-            raise LocalProtocolError("udt stream: option 'flow' is required")
-        Flow.from_dict(opts["flow"])
+        if request.flow is None:
+            raise LocalProtocolError("udt stream: StreamRequest.flow is required")
+        check_flow(request.flow)
         self._settings(opts)
         if not isinstance(opts.get("mux", False), bool):
             raise LocalProtocolError(f"udt option mux={opts['mux']!r}: give a bool")
@@ -157,8 +147,9 @@ class UdtTransport(Transport):
         if family != socket.AF_INET:
             raise OSError(errno.EAFNOSUPPORT, "UDT (udt4py) supports IPv4 peers only")
         opts = request.options
-        return self.hub().open((sockaddr[0], sockaddr[1]), Flow.from_dict(opts["flow"]),
-                               self._settings(opts), bool(opts.get("mux", False)))
+        assert request.flow is not None  # check() said so
+        return self.hub().open((sockaddr[0], sockaddr[1]), request.flow, self._settings(opts),
+                               bool(opts.get("mux", False)))
 
     def connect_failed(self, request: StreamRequest, reason: CloseReason,
                        message: str) -> tuple[CloseReason, str]:
@@ -183,7 +174,8 @@ class UdtTransport(Transport):
                 return RecordHandshake(label, 10.0)
 
             deliver(InboundStream(a.sock, a.peer, a.meta, accept,
-                                  lambda reason, message: hub.refuse(a.pipe, reason, message)))
+                                  lambda reason, message: hub.refuse(a.pipe, reason, message),
+                                  flow=a.flow))
 
         return _UdtListener(hub, hub.listen(request.host.strip("[]"), request.port, tuning,
                                             arrive))

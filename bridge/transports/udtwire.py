@@ -12,8 +12,9 @@ other side, so the framing says FIN and RST itself). Every message is::
 connection; the other side never opens streams on it). Types and payloads:
 
 - OPEN: FAMILY(1: 4|6) SRC DST (4 or 16 bytes each) SPORT(2) DPORT(2)
-  FLAGS(1: bit 0 src MAC follows, bit 1 dst MAC follows) [SRC_MAC(6)]
-  [DST_MAC(6)] WINDOW(4) -- the original flow and the opener's receive window;
+  FLAGS(1: bit 0 client MAC follows, bit 1 server MAC follows) [CLIENT_MAC(6)]
+  [SERVER_MAC(6)] WINDOW(4) -- the original TCP connection as its client sent it
+  (a :class:`vtl.stream.StreamFlow`) and the opener's receive window;
 - OPEN_OK: WINDOW(4) -- the acceptor's receive window;
 - REFUSE: REASON(1) MESSAGE(UTF-8, <= 1024 bytes);
 - DATA: 1..MAX_DATA bytes of the stream;
@@ -37,18 +38,20 @@ what when (that is the hub's business).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 from vtl.errors import LocalProtocolError, RemoteProtocolError
+from vtl.flow import FlowKey
+from vtl.stream import StreamFlow
 
 VERSION = 1
 HEADER = struct.Struct(">BBII")
 MAX_DATA = 256 * 1024
 MAX_MESSAGE = 1024
 MAX_WINDOW = 1 << 30
+TCP = 6  # the only protocol a flow here has (OPEN carries no protocol number)
 _U32 = struct.Struct(">I")
 
 
@@ -71,52 +74,24 @@ REASONS = ("refused", "timeout", "unreachable", "error", "reset")
 _REASON_CODE = {r: i + 1 for i, r in enumerate(REASONS)}
 
 
-@dataclass(frozen=True, slots=True)
-class Flow:
-    """The original TCP flow a stream carries (addresses as strings)."""
-
-    src: str
-    sport: int
-    dst: str
-    dport: int
-    src_mac: bytes | None = None
-    dst_mac: bytes | None = None
-
-    @classmethod
-    def from_dict(cls, d: Any) -> Flow:
-        """From the ``flow`` option of a StreamRequest; LocalProtocolError when wrong."""
-        if not isinstance(d, dict):
-            raise LocalProtocolError(f"udt flow must be a dict, not {type(d).__name__}")
-        try:
-            src, dst = ipaddress.ip_address(d["src"]), ipaddress.ip_address(d["dst"])
-            sport, dport = d["sport"], d["dport"]
-        except (KeyError, ValueError, TypeError) as exc:
-            raise LocalProtocolError(f"udt flow {d!r}: needs src, sport, dst, dport "
-                                     f"({exc})") from None
-        if src.version != dst.version:
-            raise LocalProtocolError(f"udt flow {d!r}: src and dst of different families")
-        for port in (sport, dport):
-            if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
-                raise LocalProtocolError(f"udt flow {d!r}: ports must be 0..65535")
-        macs = []
-        for key in ("src_mac", "dst_mac"):
-            mac = d.get(key)
-            if mac is not None and not (isinstance(mac, bytes | bytearray) and len(mac) == 6):
-                raise LocalProtocolError(f"udt flow {key}={mac!r}: give 6 bytes")
-            macs.append(bytes(mac) if mac is not None else None)
-        unknown = set(d) - {"src", "sport", "dst", "dport", "src_mac", "dst_mac"}
-        if unknown:
-            raise LocalProtocolError(f"udt flow: unknown key(s) {sorted(unknown)}")
-        return cls(str(src), sport, str(dst), dport, macs[0], macs[1])
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"src": self.src, "sport": self.sport, "dst": self.dst,
-                             "dport": self.dport}
-        if self.src_mac is not None:
-            d["src_mac"] = self.src_mac
-        if self.dst_mac is not None:
-            d["dst_mac"] = self.dst_mac
-        return d
+def check_flow(flow: Any) -> StreamFlow:
+    """``flow`` if it is a StreamFlow this framing can carry (a TCP key of 4- or 16-byte
+    addresses, MACs empty or 6 bytes); LocalProtocolError when not."""
+    if not isinstance(flow, StreamFlow):
+        raise LocalProtocolError(f"udt flow must be a StreamFlow, not {type(flow).__name__}")
+    k = flow.key
+    alen = {4: 4, 6: 16}.get(k.version)
+    if alen is None or len(k.src) != alen or len(k.dst) != alen:
+        raise LocalProtocolError(f"udt flow {k!r}: addresses do not match IPv{k.version}")
+    if k.proto != TCP:
+        raise LocalProtocolError(f"udt flow {k}: udt carries TCP only")
+    for port in (k.sport, k.dport):
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
+            raise LocalProtocolError(f"udt flow {k!r}: ports must be 0..65535")
+    for name, mac in (("client_mac", flow.client_mac), ("server_mac", flow.server_mac)):
+        if len(mac) not in (0, 6):
+            raise LocalProtocolError(f"udt flow {name}={mac!r}: give 6 bytes (or none)")
+    return flow
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +102,7 @@ class Message:
     type: Type
     sid: int
     data: bytes = b""
-    flow: Flow | None = None
+    flow: StreamFlow | None = None
     window: int = 0
     reason: str = ""
     text: str = ""
@@ -139,12 +114,11 @@ def _header(t: Type, sid: int, length: int) -> bytes:
     return HEADER.pack(VERSION, t, sid, length)
 
 
-def encode_open(sid: int, flow: Flow, window: int) -> bytes:
-    src, dst = ipaddress.ip_address(flow.src), ipaddress.ip_address(flow.dst)
-    flags = (1 if flow.src_mac else 0) | (2 if flow.dst_mac else 0)
-    body = (bytes([src.version]) + src.packed + dst.packed
-            + struct.pack(">HHB", flow.sport, flow.dport, flags)
-            + (flow.src_mac or b"") + (flow.dst_mac or b"") + _U32.pack(window))
+def encode_open(sid: int, flow: StreamFlow, window: int) -> bytes:
+    k = flow.key
+    flags = (1 if flow.client_mac else 0) | (2 if flow.server_mac else 0)
+    body = (bytes([k.version]) + k.src + k.dst + struct.pack(">HHB", k.sport, k.dport, flags)
+            + flow.client_mac + flow.server_mac + _U32.pack(window))
     return _header(Type.OPEN, sid, len(body)) + body
 
 
@@ -200,15 +174,14 @@ def _parse_open(sid: int, p: bytes) -> Message:
     want = fixed + (6 if flags & 1 else 0) + (6 if flags & 2 else 0) + 4
     if len(p) != want:
         raise UdtWireError(f"OPEN: {len(p)} bytes, expected {want}")
-    src = ipaddress.ip_address(p[1:1 + alen])
-    dst = ipaddress.ip_address(p[1 + alen:1 + 2 * alen])
+    key = FlowKey(p[0], TCP, p[1:1 + alen], sport, p[1 + alen:1 + 2 * alen], dport)
     off = fixed
-    src_mac = dst_mac = None
+    client_mac = server_mac = b""
     if flags & 1:
-        src_mac, off = p[off:off + 6], off + 6
+        client_mac, off = p[off:off + 6], off + 6
     if flags & 2:
-        dst_mac, off = p[off:off + 6], off + 6
-    flow = Flow(str(src), sport, str(dst), dport, src_mac, dst_mac)
+        server_mac, off = p[off:off + 6], off + 6
+    flow = StreamFlow(key, client_mac, server_mac)
     return Message(Type.OPEN, sid, flow=flow, window=_window(p[off:], "OPEN"))
 
 
@@ -284,7 +257,7 @@ class Decoder:
 
 
 __all__ = [
-    "Decoder", "Flow", "MAX_DATA", "Message", "REASONS", "Type", "UdtWireError", "VERSION",
-    "encode_data", "encode_data_header", "encode_fin", "encode_open", "encode_open_ok",
-    "encode_refuse", "encode_rst", "encode_window", "parse",
+    "Decoder", "MAX_DATA", "Message", "REASONS", "Type", "UdtWireError", "VERSION",
+    "check_flow", "encode_data", "encode_data_header", "encode_fin", "encode_open",
+    "encode_open_ok", "encode_refuse", "encode_rst", "encode_window", "parse",
 ]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pytest
 from vtl.bridge.streams import StreamManager
 
+from vtl.flow import FlowKey
 from vtl.stream import (
     ListenRequest,
     StreamClosed,
@@ -25,13 +26,14 @@ from vtl.stream import (
     StreamData,
     StreamEnded,
     StreamEvent,
+    StreamFlow,
     StreamRequest,
     StreamWritable,
 )
 
 LOG = logging.getLogger("test.udt")
-FLOW = {"src": "10.191.0.1", "sport": 40000, "dst": "10.191.2.1", "dport": 80,
-        "src_mac": b"\x02\x00\x00\x00\x00\x01"}
+FLOW = StreamFlow(FlowKey.tcp("10.191.0.1", 40000, "10.191.2.1", 80),
+                  client_mac=b"\x02\x00\x00\x00\x00\x01")
 
 
 def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
@@ -96,7 +98,7 @@ class Far:
             self.recs.append(rec)
             offer.accept(rec)
         elif self.mode == "refuse":
-            offer.refuse("refused", f"{offer.meta['flow']['dst']}:80 refused the connection")
+            offer.refuse("refused", f"{offer.flow.key.dst_ip}:80 refused the connection")
 
 
 @pytest.fixture
@@ -120,10 +122,10 @@ def listen(b: Side, far: Far, **kw) -> tuple[str, int]:
 
 
 def open_(a: Side, addr, rec: Rec, mux: bool, timeout_s: float = 5.0, **opts):
-    options = {"flow": FLOW, "mux": mux, **opts}
+    options = {"mux": mux, **opts}
     with a.lock:
         return a.mgr.open(StreamRequest("udt", addr[0], addr[1], timeout_s=timeout_s,
-                                        options=options), rec)
+                                        options=options, flow=FLOW), rec)
 
 
 def call(side: Side, fn, *args):
@@ -141,7 +143,7 @@ def test_connect_accept_data_fin_both_ways(sides, mux):
     assert isinstance(rec.events[0], StreamConnected)
     assert rec.events[0].remote == addr
     offer = far.offers[0]
-    assert offer.meta["flow"] == FLOW and offer.peer[0] == "127.0.0.1"
+    assert offer.flow == FLOW and offer.peer[0] == "127.0.0.1"
     brec = far.recs[0]
     assert isinstance(brec.events[0], StreamConnected)
     assert call(a, rec.stream.write, b"ping") == 4
@@ -201,7 +203,8 @@ def test_opener_gone_before_answer_is_reset(sides, mux):
     s = open_(a, addr, rec, mux)
     wait_for(lambda: far.offers, what="offer")
     call(a, s.abort)
-    time.sleep(0.3)
+    hub = b.mgr.transports["udt"]._hub  # B's hub has seen the opener's RST: the pipe is gone
+    wait_for(lambda: not hub.session.pipes, what="the opener's reset at B")
     brec = Rec()
     call(b, far.offers[0].accept, brec)
     wait_for(lambda: brec.final, what="reset")

@@ -8,19 +8,22 @@ from hypothesis import strategies as st
 from vtl.bridge.transports import udtwire as w
 
 from vtl.errors import LocalProtocolError, RemoteProtocolError
+from vtl.flow import FlowKey
+from vtl.stream import StreamFlow
 
-V4 = st.ip_addresses(v=4).map(str)
-V6 = st.ip_addresses(v=6).map(str)
+V4 = st.ip_addresses(v=4).map(lambda a: a.packed)
+V6 = st.ip_addresses(v=6).map(lambda a: a.packed)
 PORT = st.integers(0, 65535)
-MAC = st.none() | st.binary(min_size=6, max_size=6)
+MAC = st.just(b"") | st.binary(min_size=6, max_size=6)
 SID = st.integers(1, 2**32 - 1)
 WIN = st.integers(1, w.MAX_WINDOW)
 
 
 @st.composite
-def flows(draw) -> w.Flow:
-    fam = draw(st.sampled_from([V4, V6]))
-    return w.Flow(draw(fam), draw(PORT), draw(fam), draw(PORT), draw(MAC), draw(MAC))
+def flows(draw) -> StreamFlow:
+    version, fam = draw(st.sampled_from([(4, V4), (6, V6)]))
+    key = FlowKey(version, 6, draw(fam), draw(PORT), draw(fam), draw(PORT))
+    return StreamFlow(key, draw(MAC), draw(MAC))
 
 
 @st.composite
@@ -98,21 +101,28 @@ def test_strict_errors(raw, what):
 
 
 def test_open_with_macs_and_v6_round_trip():
-    flow = w.Flow("fd00::1", 40000, "fd00::2", 443, b"\x02" * 6, b"\x04" * 6)
+    flow = StreamFlow(FlowKey.tcp("fd00::1", 40000, "fd00::2", 443), b"\x02" * 6, b"\x04" * 6)
     (m,) = w.Decoder().feed(w.encode_open(7, flow, 1 << 20))
     assert m.flow == flow and m.window == 1 << 20 and m.sid == 7
-    assert w.Flow.from_dict(flow.to_dict()) == flow
+    assert w.check_flow(flow) is flow
+    v4 = StreamFlow(FlowKey.tcp("10.0.0.1", 1, "10.0.0.2", 2))  # no MACs: none on the wire
+    (m,) = w.Decoder().feed(w.encode_open(1, v4, 1))
+    assert m.flow == v4
+
+
+_V4 = FlowKey.tcp("10.0.0.1", 1, "10.0.0.2", 2)
 
 
 @pytest.mark.parametrize("bad", [
-    {"src": "10.0.0.1", "sport": 1, "dst": "10.0.0.2"},
-    {"src": "10.0.0.1", "sport": 1, "dst": "fd00::1", "dport": 2},
-    {"src": "10.0.0.1", "sport": 70000, "dst": "10.0.0.2", "dport": 2},
-    {"src": "10.0.0.1", "sport": 1, "dst": "10.0.0.2", "dport": 2, "src_mac": b"12345"},
-    {"src": "x", "sport": 1, "dst": "10.0.0.2", "dport": 2},
-    {"src": "10.0.0.1", "sport": 1, "dst": "10.0.0.2", "dport": 2, "extra": 1},
-    "10.0.0.1:1",
+    {"src": "10.0.0.1", "sport": 1, "dst": "10.0.0.2", "dport": 2},  # the old dict
+    _V4,  # a key, not a StreamFlow
+    StreamFlow(FlowKey(4, 6, _V4.src, 1, bytes(16), 2)),  # mixed address lengths
+    StreamFlow(FlowKey(6, 6, _V4.src, 1, _V4.dst, 2)),  # IPv6 with 4-byte addresses
+    StreamFlow(_V4._replace(proto=17)),  # UDP: udt carries TCP only
+    StreamFlow(_V4._replace(sport=70000)),
+    StreamFlow(_V4, client_mac=b"12345"),
+    StreamFlow(_V4, server_mac=b"1234567"),
 ])
 def test_flow_validation(bad):
     with pytest.raises(LocalProtocolError):
-        w.Flow.from_dict(bad)
+        w.check_flow(bad)
