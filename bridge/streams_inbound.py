@@ -106,6 +106,7 @@ class Offer:
                  deadline: float):
         self.peer = arrival.peer
         self.meta = arrival.meta
+        self.flow = arrival.flow
         self.listener = listener
         self.deadline = deadline
         self.answered = False

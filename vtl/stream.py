@@ -188,11 +188,14 @@ class ListenRequest:
 class StreamOffer(Protocol):
     """An inbound stream whose opener waits for an answer; answer it once.
 
-    ``peer`` is the remote (host, port) that opened it; ``meta`` is what the
-    opener sent with it (for ``udt``: ``{"flow": {...}}``, the original 4-tuple).
+    ``peer`` is the remote (host, port) that opened it; ``flow`` is the guest
+    connection the opener carries (for ``udt``: the original TCP connection as its
+    client sent it), None for transports that carry none; ``meta`` is anything
+    else the transport has to say about it.
     """
 
     peer: tuple[str, int]
+    flow: StreamFlow | None
     meta: Mapping[str, Any]
 
     def accept(self, handler: StreamHandler) -> Stream:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from vtl.errors import LocalProtocolError
-from vtl.stream import CloseReason, ListenRequest, StreamRequest
+from vtl.stream import CloseReason, ListenRequest, StreamFlow, StreamRequest
 
 
 class TransportError(Exception):
@@ -94,7 +94,8 @@ class InboundStream:
     the opener yes and returns the handshake the manager runs on ``sock``
     before ``StreamConnected`` (it fails with ``"reset"`` when the opener left);
     ``refuse(reason, message)`` tells the opener no (the manager closes ``sock``).
-    Both are safe from any thread; exactly one is called.
+    Both are safe from any thread; exactly one is called. ``flow``: the guest
+    connection the opener carries, for transports that carry one (``udt``).
     """
 
     sock: socket.socket
@@ -102,6 +103,7 @@ class InboundStream:
     meta: Mapping[str, Any]
     accept: Callable[[], Handshake]
     refuse: Callable[[CloseReason, str], None]
+    flow: StreamFlow | None = None
 
 
 class TransportListener(Protocol):

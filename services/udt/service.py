@@ -82,7 +82,6 @@ See also
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from typing import Any
 
 from vtl.models.split import Route, SplitService
@@ -233,12 +232,9 @@ class Udt(SplitService):
         o = self.options
         d = syn.data
         src_mac, dst_mac = bytes(d[6:12]), bytes(d[0:6])
-        flow = {"src": key.src_ip, "sport": key.sport, "dst": key.dst_ip, "dport": key.dport,
-                "src_mac": src_mac, "dst_mac": dst_mac}
         request = self.budget.request(
             "udt", peer.host, peer.port, timeout_s=o.connect_timeout_s,
-            options={"flow": flow, "mss": o.mss, "window": o.window, "max_bw": o.max_bw,
-                     "mux": o.mux},
+            options={"mss": o.mss, "window": o.window, "max_bw": o.max_bw, "mux": o.mux},
             flow=StreamFlow(key, src_mac, dst_mac))
         where = (peer.host, peer.port)
 
@@ -289,9 +285,9 @@ class Udt(SplitService):
     def _on_offer(self, offer: StreamOffer, now: float) -> None:
         self.ctx.count("inbound_offers")
         try:
-            client, sport, server, dport, client_mac, server_mac = _flow_of(offer.meta)
-        except (KeyError, TypeError, ValueError) as exc:
-            self._refuse(offer, "error", f"bad flow metadata: {exc}")
+            client, sport, server, dport, client_mac, server_mac = _flow_of(offer.flow)
+        except ValueError as exc:
+            self._refuse(offer, "error", f"bad flow: {exc}")
             return
         key = FlowKey(4 if len(server) == 4 else 6, 6, server, dport, client, sport)
         if key in self.table or self.passthrough.get(key, now) is not None:
@@ -322,26 +318,22 @@ class Udt(SplitService):
         offer.refuse(reason, message)
 
 
-def _flow_of(meta: Mapping[str, Any]
+def _flow_of(flow: StreamFlow | None
              ) -> tuple[bytes, int, bytes, int, bytes | None, bytes | None]:
     """The original client and server of an offered stream, checked (MACs are optional)."""
-    flow = meta["flow"]
-    client = ipaddress.ip_address(flow["src"])
-    server = ipaddress.ip_address(flow["dst"])
-    if client.version != server.version:
-        raise ValueError("src and dst are of different families")
-    sport, dport = int(flow["sport"]), int(flow["dport"])
-    if not (0 < sport < 65536 and 0 < dport < 65536):
+    if flow is None:
+        raise ValueError("the offer carries no flow")
+    k = flow.key
+    if k.proto != 6 or len(k.src) != len(k.dst) or len(k.src) not in (4, 16):
+        raise ValueError(f"{k!r} is not a TCP connection within one address family")
+    if not (0 < k.sport < 65536 and 0 < k.dport < 65536):
         raise ValueError("ports must be 1 to 65535")
     macs = []
-    for k in ("src_mac", "dst_mac"):
-        mac = flow.get(k)
-        if mac is not None:
-            mac = bytes(mac)
-            if len(mac) != 6:
-                raise ValueError(f"{k} must be 6 bytes")
-        macs.append(mac)
-    return client.packed, sport, server.packed, dport, macs[0], macs[1]
+    for name, mac in (("client_mac", flow.client_mac), ("server_mac", flow.server_mac)):
+        if mac and len(mac) != 6:
+            raise ValueError(f"{name} must be 6 bytes")
+        macs.append(bytes(mac) if mac else None)
+    return k.src, k.sport, k.dst, k.dport, macs[0], macs[1]
 
 
 __all__ = ["Udt", "UdtOptions", "parse_hostport"]

@@ -15,10 +15,11 @@ from vtl.models.tcp_state import TcpState
 from vtl.services.udt import Udt, UdtOptions
 from vtl.services.udt.service import FAR_SILENT
 
-from vtl import CONSUMED, DROP, PASS, Direction, Frame
+from vtl import CONSUMED, DROP, PASS, Direction, FlowKey, Frame
 from vtl.packet.addr import ip_bytes, mac_bytes
 from vtl.packet.offload import complete_offloads
 from vtl.packet.packet import Packet
+from vtl.stream import StreamFlow
 from vtl.testing import FakeContext, run_timers
 
 UP, DOWN = Direction.TO_UPLINK, Direction.TO_GUEST
@@ -70,8 +71,9 @@ def test_syn_to_a_peer_prefix_asks_for_a_udt_stream_with_the_flow() -> None:
     [stream] = ctx.streams
     r = stream.request
     assert (r.kind, r.host, r.port, r.timeout_s) == ("udt", "10.190.0.2", 9000, 2)
-    assert r.options["flow"] == {"src": A_IP, "sport": 40000, "dst": B_IP, "dport": 80,
-                                 "src_mac": mac_bytes(A_MAC), "dst_mac": mac_bytes(GW_A)}
+    assert r.flow == StreamFlow(FlowKey.tcp(A_IP, 40000, B_IP, 80), mac_bytes(A_MAC),
+                                mac_bytes(GW_A))
+    assert "flow" not in r.options
     assert (r.options["mss"], r.options["window"], r.options["mux"]) == (1400, 1 << 20, True)
     assert ctx.extra("connections_opened") == 1
 
@@ -217,7 +219,7 @@ def test_ipv6_outbound() -> None:
     assert udt.process(seg("S", src=A_IP6, dst=B_IP6), UP, 0.0) is CONSUMED
     [stream] = ctx.streams
     assert (stream.request.host, stream.request.port) == ("10.190.0.3", 9000)
-    assert stream.request.options["flow"]["dst"] == B_IP6
+    assert stream.request.flow.key.dst_ip == B_IP6
     stream.connect()
     [synack] = wire(ctx)
     assert synack[IPv6].src == B_IP6 and synack[TCP].flags == "SA"
@@ -226,9 +228,8 @@ def test_ipv6_outbound() -> None:
 # -- inbound ----------------------------------------------------------------------------
 
 
-def flow(src: str = A_IP, dst: str = B_IP, sport: int = 40000, dport: int = 80) -> dict:
-    return {"flow": {"src": src, "sport": sport, "dst": dst, "dport": dport,
-                     "src_mac": mac_bytes(A_MAC), "dst_mac": mac_bytes(GW_A)}}
+def flow(src: str = A_IP, dst: str = B_IP, sport: int = 40000, dport: int = 80) -> StreamFlow:
+    return StreamFlow(FlowKey.tcp(src, sport, dst, dport), mac_bytes(A_MAC), mac_bytes(GW_A))
 
 
 def make_b(**options: object) -> tuple[Udt, FakeContext]:
@@ -265,7 +266,7 @@ def learn_guest(udt: Udt) -> None:
 def test_offer_opens_toward_the_guest_as_the_original_client() -> None:
     udt, ctx = make_b()
     learn_guest(udt)
-    offer = ctx.listeners[0].offer(flow())
+    offer = ctx.listeners[0].offer(flow=flow())
     assert offer.answer is None
     [syn] = wire(ctx)
     assert syn[TCP].flags == "S"
@@ -276,18 +277,18 @@ def test_offer_opens_toward_the_guest_as_the_original_client() -> None:
 
 def test_offer_before_the_guest_spoke_uses_the_meta_macs() -> None:
     udt, ctx = make_b()
-    ctx.listeners[0].offer(flow())
+    ctx.listeners[0].offer(flow=flow())
     [syn] = wire(ctx)
     assert (syn[Ether].src, syn[Ether].dst) == (A_MAC, GW_A)
 
 
 def test_offer_without_macs_uses_what_was_learnt_or_refuses() -> None:
     udt, ctx = make_b()
-    meta = {"flow": {"src": A_IP, "sport": 40000, "dst": B_IP, "dport": 80}}
-    unknown = ctx.listeners[0].offer(meta)
+    no_macs = StreamFlow(FlowKey.tcp(A_IP, 40000, B_IP, 80))
+    unknown = ctx.listeners[0].offer(flow=no_macs)
     assert unknown.answer is not None and unknown.answer[0] == "error"
     learn_guest(udt)
-    known = ctx.listeners[0].offer(meta)
+    known = ctx.listeners[0].offer(flow=no_macs)
     assert known.answer is None
     [syn] = wire(ctx)
     assert (syn[Ether].src, syn[Ether].dst) == (GW_B, B_MAC)
@@ -301,7 +302,7 @@ def guest_synack(syn: Ether, seq: int = 7000) -> Frame:
 def test_guest_answer_accepts_the_offer_and_bytes_flow_both_ways() -> None:
     udt, ctx = make_b()
     learn_guest(udt)
-    offer = ctx.listeners[0].offer(flow())
+    offer = ctx.listeners[0].offer(flow=flow())
     [syn] = wire(ctx)
     assert udt.process(guest_synack(syn), UP, 0.01) is CONSUMED
     assert offer.answer == "accept" and ctx.extra("inbound_accepted") == 1
@@ -330,7 +331,7 @@ def test_guest_answer_accepts_the_offer_and_bytes_flow_both_ways() -> None:
 
 def test_guest_reset_refuses_the_offer() -> None:
     udt, ctx = make_b()
-    offer = ctx.listeners[0].offer(flow())
+    offer = ctx.listeners[0].offer(flow=flow())
     [syn] = wire(ctx)
     rst = seg("RA", 0, syn[TCP].seq + 1, sport=80, dport=40000, src=B_IP, dst=A_IP,
               smac=B_MAC, dmac=GW_B)
@@ -342,7 +343,7 @@ def test_guest_reset_refuses_the_offer() -> None:
 
 def test_silent_guest_refuses_the_offer_with_timeout() -> None:
     udt, ctx = make_b(connect_timeout_s=3)
-    offer = ctx.listeners[0].offer(flow())
+    offer = ctx.listeners[0].offer(flow=flow())
     wire(ctx)
     run_timers(udt, ctx, 2.9)
     assert offer.answer is None
@@ -356,20 +357,21 @@ def test_silent_guest_refuses_the_offer_with_timeout() -> None:
 
 def test_offer_for_a_live_flow_and_bad_meta_are_errors() -> None:
     udt, ctx = make_b()
-    first = ctx.listeners[0].offer(flow())
-    again = ctx.listeners[0].offer(flow())
+    first = ctx.listeners[0].offer(flow=flow())
+    again = ctx.listeners[0].offer(flow=flow())
     assert first.answer is None and again.answer is not None and again.answer[0] == "error"
-    bad = ctx.listeners[0].offer({"flow": {"src": "nonsense"}})
+    bad = ctx.listeners[0].offer(flow=StreamFlow(flow().key._replace(sport=0)))
     assert bad.answer is not None and bad.answer[0] == "error"
-    mixed = ctx.listeners[0].offer(flow(dst=B_IP6))
+    v6 = flow(src=A_IP6, dst=B_IP6).key
+    mixed = ctx.listeners[0].offer(flow=StreamFlow(flow().key._replace(dst=v6.dst)))
     assert mixed.answer is not None and mixed.answer[0] == "error"
     assert ctx.extra("inbound_refused") == 3
 
 
 def test_stop_resets_and_refuses_what_is_pending() -> None:
     udt, ctx = make_b()
-    pending = ctx.listeners[0].offer(flow())
-    live = ctx.listeners[0].offer(flow(sport=40001))
+    pending = ctx.listeners[0].offer(flow=flow())
+    live = ctx.listeners[0].offer(flow=flow(sport=40001))
     syns = wire(ctx)
     udt.process(seg("SA", 7000, syns[1][TCP].seq + 1, sport=80, dport=40001, src=B_IP,
                     dst=A_IP, smac=B_MAC, dmac=GW_B), UP, 0.01)
@@ -385,7 +387,7 @@ def test_stop_resets_and_refuses_what_is_pending() -> None:
 
 def test_ipv6_offer() -> None:
     udt, ctx = make_b()
-    offer = ctx.listeners[0].offer(flow(src=A_IP6, dst=B_IP6))
+    offer = ctx.listeners[0].offer(flow=flow(src=A_IP6, dst=B_IP6))
     [syn] = wire(ctx)
     assert (syn[IPv6].src, syn[IPv6].dst, syn[TCP].sport) == (A_IP6, B_IP6, 40000)
     udt.process(seg("SA", 9, syn[TCP].seq + 1, sport=80, dport=40000, src=B_IP6, dst=A_IP6,
@@ -446,7 +448,7 @@ class Joined:
         moved |= self._to_guest(self.bctx, self._server_rx)
         # the transport: A's new streams become offers at B; answers go back
         for s in self.actx.streams[len(self.pairs):]:
-            offer = self.bctx.listeners[0].offer(dict(s.request.options))
+            offer = self.bctx.listeners[0].offer(flow=s.request.flow)
             self.pairs.append([s, offer, 0, 0, False, False, False])
             moved = True
         for p in self.pairs:

@@ -34,6 +34,7 @@ from vtl.stream import (
     StreamData,
     StreamEnded,
     StreamEvent,
+    StreamFlow,
     StreamHandler,
     StreamRequest,
     StreamWritable,
@@ -206,13 +207,14 @@ class FakeListener:
             if offer.answer is None:
                 offer.answer = ("refused", "listener closed")
 
-    def offer(self, meta: dict, peer: tuple[str, int] = ("10.190.0.1", 50000),
-              now: float | None = None) -> FakeOffer:
-        """Play an inbound stream: the service's ``on_offer`` is called with it."""
+    def offer(self, meta: dict | None = None, peer: tuple[str, int] = ("10.190.0.1", 50000),
+              now: float | None = None, flow: StreamFlow | None = None) -> FakeOffer:
+        """Play an inbound stream (carrying ``flow``, for ``udt``): the service's
+        ``on_offer`` is called with it."""
         assert not self.closed, "offer on a closed listener"
         if now is not None:
             self.ctx.now = now
-        offer = FakeOffer(self, peer, meta)
+        offer = FakeOffer(self, peer, meta or {}, flow)
         self.offers.append(offer)
         self.on_offer(offer, self.ctx.now)
         return offer
@@ -224,10 +226,12 @@ class FakeOffer:
     ``accept`` gave (not yet connected: the test calls ``stream.connect()``, as the
     bridge would deliver StreamConnected after the call)."""
 
-    def __init__(self, listener: FakeListener, peer: tuple[str, int], meta: dict):
+    def __init__(self, listener: FakeListener, peer: tuple[str, int], meta: dict,
+                 flow: StreamFlow | None = None):
         self.listener = listener
         self.peer = peer
         self.meta = meta
+        self.flow = flow
         self.answer: str | tuple[str, str] | None = None
         self.stream: FakeStream | None = None
 
