@@ -406,6 +406,7 @@ class Hub:
             except UDTException:
                 alive = False
             if not alive:
+                self._conn_read(obj)  # what arrived before the peer left is still readable
                 self.session.conn_broken(obj, "UDT connection broken")
         self.session.tick(now)
 

@@ -32,8 +32,10 @@ Invariants: DATA leaves only within the peer's credit (``pipe.credit``), so what
 is buffered toward a pipe (``pipe.out`` minus records) never exceeds the window
 granted (``pipe.window``); a pipe's records (:data:`RECORD`: UP, then OK or FAIL)
 precede its data; every pipe ends exactly once (one :class:`ClosePipe`); a conn
-that breaks resets every pipe on it; per-connection conns close when their pipe
-is done, mux conns after :data:`MUX_IDLE_S` without pipes.
+that breaks resets every pipe on it, except a stream whose FINs both crossed (its
+peer closes the conn once it has ours): what it has for its pipe is still written;
+per-connection conns close when their pipe is done, mux conns after
+:data:`MUX_IDLE_S` without pipes.
 """
 
 from __future__ import annotations
@@ -256,9 +258,10 @@ class Session:
             return
         was_open = c.state in LIVE
         sids = list(c.pipes)
+        flushed = not c.sendq  # every FIN we queued has left
         self._conn_move(c, ConnState.DEAD)
         c.sendq.clear()
-        self._fail_conn(c, "reset" if was_open else "unreachable", why)
+        self._fail_conn(c, "reset" if was_open else "unreachable", why, flushed)
         last = b""
         if send_rst and was_open and sids:
             last = b"".join(wire.encode_rst(sid) for sid in sids)
@@ -393,9 +396,14 @@ class Session:
             self._conn_move(c, ConnState.DEAD)
             self.commands.append(CloseConn(c))
 
-    def _fail_conn(self, c: Conn, reason: str, why: str) -> None:
+    def _fail_conn(self, c: Conn, reason: str, why: str, flushed: bool = False) -> None:
         for p in list(c.pipes.values()):
-            if p.state is PipeState.OPEN:
+            if p.state is PipeState.OPEN and p.fin_in and p.eof and flushed:
+                # both FINs crossed: the stream needs nothing more from the conn (a peer
+                # closes its conn right after); what is queued toward the pipe still goes
+                self._forget(p)
+                self.to_write[p] = None
+            elif p.state is PipeState.OPEN:
                 self._drop(p, rst=True, tell_peer=False)
             else:
                 self._fail(p, "reset" if p.state is PipeState.OFFERED else reason, why)

@@ -454,3 +454,48 @@ def test_each_rule_names_what_was_broken(raw: bytes, what: str) -> None:
     assert d.closes[d.offers[0]] == [True]  # the open stream is reset
     [close] = d.closed_conns
     assert close is c
+
+
+def test_a_conn_that_breaks_after_both_fins_still_delivers_what_it_got() -> None:
+    """The peer closes its UDT connection once its stream is done; our end may not have
+    written everything to the manager yet: that is flushed and the pipe ends orderly."""
+    d = Driver("b")
+    c = d.s.accepted(("127.0.0.1", 50000), Listening(window=4096))
+    d.s.received(c, wire.encode_open(1, FLOW, 4096))
+    d.pump()
+    [p] = d.offers
+    d.s.answer(p, None)
+    d.pump()
+    m = d.mgr[p]
+    m.read += m.kernel  # the OK record
+    m.kernel.clear()
+    d.s.pipe_readable(p)
+    d.s.pipe_eof(p)  # our manager is done: our FIN leaves
+    d.pump()
+    d.s.received(c, wire.encode_data(1, b"y" * 4000) + wire.encode_fin(1))
+    d.pump()  # 3000 bytes fit the kernel buffer, 1000 wait in the session
+    d.s.conn_broken(c, "UDT connection broken")  # the peer closed after our FIN
+    d.pump()
+    assert not d.closes[p] and p.state is PipeState.OPEN
+    m.read += m.kernel
+    m.kernel.clear()
+    d.write_pipe(p)
+    d.pump()
+    m.read += m.kernel
+    assert strip_records(bytes(m.read))[1] == b"y" * 4000
+    assert d.closes[p] == [False] and p.state is PipeState.DONE
+
+
+def test_a_conn_that_breaks_before_our_fin_left_resets() -> None:
+    d = Driver("b")
+    c = d.s.accepted(("127.0.0.1", 50000), Listening(window=4096))
+    d.s.received(c, wire.encode_open(1, FLOW, 4096))
+    d.pump()
+    [p] = d.offers
+    d.s.answer(p, None)
+    d.s.received(c, wire.encode_fin(1))
+    d.s.pipe_readable(p)
+    d.s.pipe_eof(p)  # FIN queued, but the conn breaks before it is sent
+    d.s.conn_broken(c, "UDT connection broken")
+    d.pump()
+    assert d.closes[p] == [True]
