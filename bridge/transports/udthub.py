@@ -1,7 +1,7 @@
 """The UDT hub: one thread that owns every UDT socket of a stream manager.
 
 Theory of operation. The stream manager only knows kernel sockets, so each
-UDT-carried stream is a *pipe*: a loopback TCP pair (:func:`tcp_pair`) whose
+UDT-carried stream is a *pipe*: a loopback TCP pair (:func:`~.udtsock.tcp_pair`) whose
 manager end the manager handles like any stream and whose hub end the hub
 pumps to and from the stream's UDT connection (a *conn*), framed by
 :mod:`.udtwire`. A TCP pair rather than ``socketpair()``: closing it with
@@ -40,6 +40,7 @@ from typing import Any
 import vtl.bridge.transports.udtstate as ust
 from udt4py import UDTEpoll, UDTException, UDTSocket
 from vtl.bridge.transports.udtsession import Session
+from vtl.bridge.transports.udtsock import nonblocking, set_opts, tcp_pair, uclose
 from vtl.bridge.transports.udtstate import LIVE, Conn, Pipe, PipeState, Tuning
 
 from vtl.stream import StreamFlow
@@ -48,43 +49,9 @@ log = logging.getLogger("vtl.streams.udt")
 
 UIN, UOUT = UDTEpoll.UDT_EPOLL_IN, UDTEpoll.UDT_EPOLL_OUT
 _EASYNCSND, _EASYNCRCV, _ETIMEOUT = 6001, 6002, 6003
-PAIR_BUFFER = 1 << 20  # each side of a pipe: kernel buffers (100+ Mbit/s at 10 ms)
 _TICK_S = 0.25
 _LINGER_RST = struct.pack("ii", 1, 0)
 _ALIVE = (UDTSocket.Status.CONNECTED,)
-
-_pair_lock = threading.Lock()
-_pair_listener: socket.socket | None = None
-
-
-def tcp_pair(buffer: int = PAIR_BUFFER) -> tuple[socket.socket, socket.socket]:
-    """A connected loopback TCP pair (hub end, manager end), both non-blocking."""
-    global _pair_listener
-    with _pair_lock:
-        if _pair_listener is None:
-            lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            lst.bind(("127.0.0.1", 0))
-            lst.listen(512)
-            _pair_listener = lst
-        lst = _pair_listener
-        a = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):
-            try:
-                a.setsockopt(socket.SOL_SOCKET, force, buffer)  # SO_*BUFFORCE (root)
-            except OSError:
-                a.setsockopt(socket.SOL_SOCKET, opt, buffer)
-        a.connect(lst.getsockname())
-        want = a.getsockname()
-        while True:
-            b, peer = lst.accept()
-            if peer == want:
-                break
-            b.close()  # someone else's connection to our private listener
-    for s in (a, b):
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return b, a
-
 
 @dataclass(frozen=True)
 class Arrival:
@@ -105,31 +72,6 @@ class Listen:
     window: int
     deliver: Callable[[Arrival], None]
     closed: bool = False
-
-
-def _set_opts(sock: UDTSocket, tuning: Tuning) -> None:
-    mss, window = tuning.mss, tuning.window
-    sock.UDT_MSS = mss
-    sock.UDT_SNDBUF = window
-    sock.UDT_RCVBUF = window
-    sock.UDT_FC = max(25600, window // max(mss - 44, 1) + 1)
-    if tuning.max_bw > 0:
-        # UDT's own rate control overshoots a rate-limited WAN by far (tail drops of
-        # 30-40 % at 0 % loss, measured with benchmarks/udt.py); a cap at the link rate
-        # keeps its pacing under the bottleneck
-        sock.UDT_MAXBW = tuning.max_bw
-
-
-def _uclose(sock: UDTSocket) -> None:
-    try:
-        sock.close()
-    except UDTException:
-        pass  # libudt already dropped it (broken and collected)
-
-
-def _nonblocking(sock: UDTSocket) -> None:
-    sock.UDT_SNDSYN = False
-    sock.UDT_RCVSYN = False
 
 
 class Hub:
@@ -154,7 +96,7 @@ class Hub:
         self._bell_tx.connect(lst.address)
         self._bell_rx, _ = lst.accept()
         lst.close()
-        _nonblocking(self._bell_rx)
+        nonblocking(self._bell_rx)
         self._bell_tx.UDT_SNDSYN = False
         self._ep.add(self._bell_rx, UIN)
         self._udt[self._bell_rx.socket] = None
@@ -198,10 +140,10 @@ class Hub:
         (called on the hub thread: it must only queue)."""
         sock = UDTSocket()
         try:
-            _set_opts(sock, tuning)
+            set_opts(sock, tuning)
             sock.bind((host, port))
             sock.listen(128)
-            _nonblocking(sock)
+            nonblocking(sock)
             address = sock.address
         except UDTException as exc:
             sock.close()
@@ -229,7 +171,7 @@ class Hub:
         self._pump()
         for obj in list(self._udt.values()):
             if isinstance(obj, Listen):
-                _uclose(obj.sock)
+                uclose(obj.sock)
         self._bell_tx.close()
         self._bell_rx.close()
         self._wep.close()
@@ -245,15 +187,15 @@ class Hub:
         """On a helper thread: a blocking UDT connect (libudt reports failure there)."""
         sock = UDTSocket()
         try:
-            _set_opts(sock, tuning)
+            set_opts(sock, tuning)
             sock.connect(conn.peer)
-            _nonblocking(sock)
+            nonblocking(sock)
             result: UDTSocket | str = sock
         except UDTException as exc:
-            _uclose(sock)
+            uclose(sock)
             result = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported to the streams, not lost
-            _uclose(sock)
+            uclose(sock)
             result = f"{type(exc).__name__}: {exc}"
         self.call(self._connected, conn, result)
 
@@ -261,14 +203,14 @@ class Hub:
         if isinstance(result, str):
             self.session.connect_failed(conn, result)
         elif self._stopping or not self.session.connected(conn):
-            _uclose(result)
+            uclose(result)
         else:
             conn.sock = result
             self._udt[result.socket] = conn
 
     def _listen(self, rec: Listen) -> None:
         if self._stopping:
-            _uclose(rec.sock)
+            uclose(rec.sock)
             return
         self._udt[rec.sock.socket] = rec
         self._ep.add(rec.sock, UIN)
@@ -282,7 +224,7 @@ class Hub:
             self._ep.remove(rec.sock)
         except UDTException:
             pass
-        _uclose(rec.sock)
+        uclose(rec.sock)
 
     def _answer(self, p: Pipe, reason: str | None, message: str) -> None:
         self.session.answer(p, reason, message)
@@ -418,7 +360,7 @@ class Hub:
                 sock, peer = rec.sock.accept()
             except UDTException:
                 return
-            _nonblocking(sock)
+            nonblocking(sock)
             conn = self.session.accepted((peer[0], peer[1]), rec)
             conn.sock = sock
             self._udt[sock.socket] = conn
@@ -472,7 +414,7 @@ class Hub:
                 self._ep.remove(c.sock)
             except UDTException:
                 pass
-        _uclose(c.sock)
+        uclose(c.sock)
         c.mask = 0
 
     # -- pipe side ---------------------------------------------------------------------
@@ -576,4 +518,4 @@ class Hub:
             obj.mask = mask
 
 
-__all__ = ["Arrival", "Hub", "Listen", "tcp_pair"]
+__all__ = ["Arrival", "Hub", "Listen"]
