@@ -405,19 +405,23 @@ MESSAGES = st.builds(_message, st.integers(1, 4), st.sampled_from(list(wire.Type
                      st.binary(min_size=1, max_size=5000), st.integers(1, 10000))
 
 
+def accepted_stream(d: Driver, port: int = 50000, answer: bool = True) -> tuple[Conn, Pipe]:
+    """A peer connects and opens stream 1 on ``d``; the service accepts it (``answer``)."""
+    c = d.s.accepted(("127.0.0.1", port), Listening(window=4096))
+    assert d.s.received(c, wire.encode_open(1, FLOW, 4096)) is None
+    d.pump()
+    p = d.offers[-1]
+    if answer:
+        d.s.answer(p, None)
+        d.pump()
+    return c, p
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(MESSAGES, min_size=1, max_size=12), st.booleans())
 def test_a_bad_peer_resets_only_its_conn(msgs: list[bytes], garbage: bool) -> None:
     d = Driver("b")
-    listener = Listening(window=4096)
-    conns = [d.s.accepted(("127.0.0.1", 50000 + i), listener) for i in range(2)]
-    for c in conns:  # each peer opens stream 1, and the service accepts it
-        assert d.s.received(c, wire.encode_open(1, FLOW, 4096)) is None
-        d.pump()
-    for p in list(d.offers):
-        d.s.answer(p, None)
-    d.pump()
-    victim, bystander = conns
+    (victim, _), (bystander, _) = accepted_stream(d), accepted_stream(d, 50001)
     keep = dict(bystander.pipes)
     stream = b"".join(msgs) + (b"\xff" * 12 if garbage else b"")
     err = d.s.received(victim, stream)
@@ -443,11 +447,7 @@ def test_a_bad_peer_resets_only_its_conn(msgs: list[bytes], garbage: bool) -> No
 ])
 def test_each_rule_names_what_was_broken(raw: bytes, what: str) -> None:
     d = Driver("b")
-    c = d.s.accepted(("127.0.0.1", 50000), Listening(window=4096))
-    d.s.received(c, wire.encode_open(1, FLOW, 4096))
-    d.pump()
-    d.s.answer(d.offers[0], None)
-    d.pump()
+    c, _ = accepted_stream(d)
     err = d.s.received(c, raw)
     assert err is not None and what in str(err)
     d.pump()
@@ -460,12 +460,7 @@ def test_a_conn_that_breaks_after_both_fins_still_delivers_what_it_got() -> None
     """The peer closes its UDT connection once its stream is done; our end may not have
     written everything to the manager yet: that is flushed and the pipe ends orderly."""
     d = Driver("b")
-    c = d.s.accepted(("127.0.0.1", 50000), Listening(window=4096))
-    d.s.received(c, wire.encode_open(1, FLOW, 4096))
-    d.pump()
-    [p] = d.offers
-    d.s.answer(p, None)
-    d.pump()
+    c, p = accepted_stream(d)
     m = d.mgr[p]
     m.read += m.kernel  # the OK record
     m.kernel.clear()
@@ -488,11 +483,8 @@ def test_a_conn_that_breaks_after_both_fins_still_delivers_what_it_got() -> None
 
 def test_a_conn_that_breaks_before_our_fin_left_resets() -> None:
     d = Driver("b")
-    c = d.s.accepted(("127.0.0.1", 50000), Listening(window=4096))
-    d.s.received(c, wire.encode_open(1, FLOW, 4096))
-    d.pump()
-    [p] = d.offers
-    d.s.answer(p, None)
+    c, p = accepted_stream(d, answer=False)
+    d.s.answer(p, None)  # OPEN_OK queued, not sent
     d.s.received(c, wire.encode_fin(1))
     d.s.pipe_readable(p)
     d.s.pipe_eof(p)  # FIN queued, but the conn breaks before it is sent
