@@ -247,14 +247,14 @@ class Hub:
                     raise
                 r = w = sr = sw = ()
             self._rung = False
+            ready = [self._udt.get(u.socket, False) if u is not None else False for u in r]
+            if None in ready:  # the doorbell: drain it *before* running the commands, so a
+                self._drain_bell()  # command queued meanwhile is run now, not a tick later
             while self._cmds:
                 self._cmds.popleft()()
                 self._pump()
-            for u in r:
-                obj = self._udt.get(u.socket, False) if u is not None else False
-                if obj is None:
-                    self._drain_bell()
-                elif isinstance(obj, Listen):
+            for obj in ready:
+                if isinstance(obj, Listen):
                     self._accept(obj)
                 elif isinstance(obj, Conn):
                     self._conn_read(obj)
