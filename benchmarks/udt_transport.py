@@ -17,16 +17,18 @@ import time
 
 from vtl.bridge.streams import StreamManager
 
+from vtl.flow import FlowKey
 from vtl.stream import (
     ListenRequest,
     StreamClosed,
     StreamConnected,
     StreamData,
+    StreamFlow,
     StreamRequest,
     StreamWritable,
 )
 
-FLOW = {"src": "10.0.0.1", "sport": 1, "dst": "10.0.0.2", "dport": 2}
+FLOW = StreamFlow(FlowKey.tcp("10.0.0.1", 1, "10.0.0.2", 2))
 CHUNK = b"\0" * (256 << 10)
 
 
@@ -53,12 +55,13 @@ def run(mux: bool, mb: int, window: int) -> dict[str, float]:
     with b.lock:
         lst = b.mgr.listen(ListenRequest("udt", "127.0.0.1", 0, read_chunk=256 << 10,
                                          options={"window": window}), on_offer)
-    opts = {"flow": FLOW, "mux": mux, "window": window}
+    opts = {"mux": mux, "window": window}
 
     def open_stream(handler):
         with a.lock:
             return a.mgr.open(StreamRequest("udt", "127.0.0.1", lst.address[1], timeout_s=10,
-                                            write_buffer=1 << 20, options=opts), handler)
+                                            write_buffer=1 << 20, options=opts, flow=FLOW),
+                              handler)
 
     # setup time, sequential
     setups = []
