@@ -327,6 +327,7 @@ class TwoBridges(RuleBasedStateMachine):
                         m.read += m.kernel
                         m.kernel.clear()
                         d.write_pipe(p)
+            self.settle()  # what the reads let go (WINDOW) reaches the link
             self.network(None, 1 << 20, True, "hold")
             if not moved:
                 break
