@@ -35,8 +35,8 @@ from vtl.errors import SetupError
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pep import BenchError, Bridge, bridge_toml  # noqa: E402
 
-G, P = "10.197.0.1", "10.197.0.2"
-HOST, HOST_PEER = "10.197.1.1", "10.197.1.2"
+G, P = "10.193.0.1", "10.193.0.2"
+HOST, HOST_PEER = "10.193.1.1", "10.193.1.2"
 PORT = 5302
 
 SERVER = """
