@@ -53,6 +53,7 @@ from vtl.packet.tcp import ACK, RST, SYN
 from vtl.service import Direction, Service, ServiceContext, ServiceOptions, Verdict
 from vtl.stream import Stream, StreamEvent, StreamFlow, StreamHandler, StreamRequest
 
+_tuple_new = tuple.__new__
 Connector = Callable[[StreamHandler], Stream]
 Refuser = Callable[[str, str], None]  # (outcome, message) of an active open that failed
 TOMBSTONE_S = 5.0  # how long stray segments of a closed connection get RST answers
@@ -138,17 +139,17 @@ class SplitTable:
 
     def get(self, key: FlowKey) -> Relay | None:
         """The connection of ``key``, live or closing."""
-        relay = self.relays.get(key)
-        return relay if relay is not None else self.closing.get(key)
+        relay = self.relays.lookup(key)
+        return relay if relay is not None else self.closing.lookup(key)
 
     # -- frames from the guest -------------------------------------------------------
 
     def segment(self, key: FlowKey, pkt: Packet, now: float) -> bool:
         """Feed a segment from the guest to its connection, or answer it for a recently
         closed one. False when no connection owns it (a SYN then may :meth:`open` one)."""
-        relay = self.relays.get(key)
+        relay = self.relays.lookup(key)
         if relay is None:
-            relay = self.closing.get(key)
+            relay = self.closing.lookup(key)
         if relay is not None:
             self._busy += 1
             try:
@@ -477,7 +478,11 @@ class SplitService(Service):
         t = pkt.tcp
         if t is None:
             return self.other(pkt, direction, now)
-        key = guest_key(pkt)
+        ip = pkt.ip
+        src, dst = ip.addrs  # type: ignore[union-attr]
+        sport, dport = t.ports
+        # FlowKey.of(pkt), inlined: this runs for every segment of every split connection
+        key = _tuple_new(FlowKey, (ip.version_number, 6, src, sport, dst, dport))  # type: ignore[union-attr]
         if direction is TO_GUEST:
             key = key.reversed()
             return Verdict.DROP if key in self.table else self.from_uplink(key, pkt, now)

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Literal, NamedTuple, TypeVar
 
 from vtl.errors import LocalProtocolError
+from vtl.packet.tcp import TCP
+from vtl.packet.udp import UDP
 
 if TYPE_CHECKING:
     from vtl.packet.packet import Packet
@@ -61,6 +63,7 @@ MAX_BUCKETS = 64  # distinct (rank, timeout) pairs in one table
 _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6", 132: "sctp"}
 _PORTED = frozenset({6, 17, 132, 136})  # TCP, UDP, SCTP, UDP-Lite
 _ECHO = {1: (8, 0), 58: (128, 129)}  # ICMP echo request/reply types per protocol
+_tuple_new = tuple.__new__
 
 
 class FlowKey(NamedTuple):
@@ -81,9 +84,17 @@ class FlowKey(NamedTuple):
         ip = pkt.ip
         if ip is None:
             return None
+        l4 = pkt.l4
+        kind = type(l4)
+        if kind is TCP or kind is UDP:  # the hot path: one tuple, no Python __new__ frame
+            src, dst = ip.addrs
+            sport, dport = l4.ports  # type: ignore[union-attr]
+            return _tuple_new(cls, (ip.version_number, 6 if kind is TCP else 17, src, sport,
+                                    dst, dport))
         src, dst = ip.addrs
         proto = ip.l4_proto
-        l4 = pkt.l4 if proto in _PORTED or proto in _ECHO else None
+        if proto not in _ECHO:
+            l4 = None
         if l4 is None:
             return cls(ip.version_number, proto, src, 0, dst, 0)
         if proto in _ECHO:
@@ -164,7 +175,7 @@ class FlowTable(Generic[K, V]):
     is called for entries removed by expiry or eviction (not for :meth:`pop`)."""
 
     __slots__ = ("max_entries", "timeout", "evict", "on_evict", "counters", "_values",
-                 "_where", "_buckets")
+                 "lookup", "_where", "_buckets")
 
     def __init__(self, max_entries: int, *, timeout: float | None = None,
                  evict: EvictPolicy = "lru",
@@ -179,6 +190,8 @@ class FlowTable(Generic[K, V]):
         self.on_evict = on_evict
         self.counters = TableCounters()
         self._values: dict[K, V] = {}
+        #: ``lookup(key)``: the value or None, at the speed of a dict (no expiry check)
+        self.lookup: Callable[[K], V | None] = self._values.get
         self._where: dict[K, _Bucket] = {}
         self._buckets: dict[tuple[int, float | None], _Bucket] = {}
 
