@@ -61,6 +61,8 @@ class RelayStats:
 
     bytes_up: int = 0  # VM -> upstream
     bytes_down: int = 0  # upstream -> VM
+    counted_up: int = 0  # how much of bytes_up the owner's counters already include
+    counted_down: int = 0
     outcome: str = ""  # "", "closed", "refused", "timeout", "unreachable", "reset", "error"
     message: str = ""  # what the stream said when it failed
 

@@ -24,9 +24,10 @@ is that bookkeeping, shared so each service only says *where* a connection goes:
   :meth:`SplitTable.post` for in-process streams (queued and delivered after
   the current call returns, never re-entrantly);
 - one heap of timers drives every endpoint (:meth:`poll_at`, :meth:`on_timer`);
-- a finished relay is retired with counters ``connections_<outcome>``,
-  ``bytes_up`` and ``bytes_down``, and a log line (rate-limited per cause)
-  when it did not end cleanly.
+- ``bytes_up`` and ``bytes_down`` are live: brought up to date after every
+  call that moved bytes (and at stop for connections still open);
+- a finished relay is retired with counter ``connections_<outcome>`` and a log
+  line (rate-limited per outcome) when it did not end cleanly.
 
 Frames the relays produce are emitted toward the guest through the service's
 context. The table does no I/O and reads no clock: ``now`` is passed in.
@@ -289,9 +290,22 @@ class SplitTable:
         for f in frames:
             self.ctx.emit(f, TO_GUEST)
 
+    def _count_bytes(self, relay: Relay) -> None:
+        """Bring ``bytes_up``/``bytes_down`` up to what ``relay`` has moved: the counters
+        are live, not added when a connection ends."""
+        s = relay.stats
+        up, down = s.bytes_up - s.counted_up, s.bytes_down - s.counted_down
+        if up:
+            self.ctx.count("bytes_up", up)
+            s.counted_up = s.bytes_up
+        if down:
+            self.ctx.count("bytes_down", down)
+            s.counted_down = s.bytes_down
+
     def _after(self, key: FlowKey, relay: Relay, now: float) -> None:
         """Emit what the relay produced, retire it when done, reschedule its timer."""
         self._emit(relay.take_frames())
+        self._count_bytes(relay)
         if relay.wants_stream and key in self._accepting:
             accept, _ = self._accepting.pop(key)
 
@@ -337,8 +351,7 @@ class SplitTable:
         opener = self._accepting.pop(key, None)
         if opener is not None:  # an active open that never got its stream
             opener[1](s.outcome or "error", s.message or "the connection ended")
-        self.ctx.count("bytes_up", s.bytes_up)
-        self.ctx.count("bytes_down", s.bytes_down)
+        self._count_bytes(relay)
         self.ctx.count(f"connections_{s.outcome or 'closed'}")
         if s.outcome not in NOT_FAILED:
             self.ctx.count("connections_failed")  # timeout, unreachable, reset, error
@@ -391,6 +404,7 @@ class SplitTable:
     def stop(self, now: float) -> None:
         """Reset every connection both ways (the service is stopping)."""
         for key, relay in self.relays.items() + self.closing.items():
+            self._count_bytes(relay)  # connections still open count what they moved
             relay.abort(now)
             self._emit(relay.take_frames())
             opener = self._accepting.pop(key, None)

@@ -204,3 +204,20 @@ def test_a_prohibited_ipv6_destination_gets_icmpv6_admin_prohibited() -> None:
     ctx.streams[0].closed("prohibited")
     [err] = to_guest(ctx)
     assert err[ICMPv6DestUnreach].code == 1 and err[IPv6].dst == "fd00::1"
+
+
+def test_byte_counters_are_live_and_count_connections_open_at_stop() -> None:
+    """An hour-long transfer must not show zero bytes for an hour, and a bridge stopping
+    with the connection open must count what it moved."""
+    pep, ctx = make()
+    gseq, pseq = handshake(pep, ctx)
+    stream = ctx.streams[0]
+    pep.process(seg("PA", gseq, pseq, b"x" * 1000), UP, 0.02)
+    assert ctx.extra("bytes_up") == 1000  # before the connection ends
+    stream.data(b"y" * 3000)
+    assert ctx.extra("bytes_down") == 3000
+    pep.process(seg("PA", gseq + 1000, pseq, b"z" * 500), UP, 0.03)
+    assert ctx.extra("bytes_up") == 1500
+    pep.stop(0.04)  # still open: nothing more, nothing twice
+    assert (ctx.extra("bytes_up"), ctx.extra("bytes_down")) == (1500, 3000)
+    assert bytes(stream.written) == b"x" * 1000 + b"z" * 500
