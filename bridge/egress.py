@@ -41,8 +41,10 @@ The set in use is one immutable ``AddressPolicy``, swapped whole: readers
 (the stream layer, under the bridge's lock) never see a half-built table.
 
 Refusals are counted (:meth:`EgressPolicy.snapshot`: total and per class) and
-logged at most once per destination address per :data:`LOG_EVERY_S` seconds,
-with the number of refusals to it since the last line.
+logged at most once per class of destination (loopback, link-local, own
+address, an operator's prefix...) per :data:`LOG_EVERY_S` seconds, with the
+number of refusals like it since the last line: a guest opening to thousands
+of distinct addresses cannot fill a disk.
 """
 
 from __future__ import annotations
