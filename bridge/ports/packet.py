@@ -12,9 +12,12 @@ interface slips in between. Options, all at level ``SOL_PACKET`` (263):
   partial checksums pass through unchanged (the fast path of ``FAST-PATH.md``);
 - ``PACKET_IGNORE_OUTGOING`` (23) = 1: the socket does not see frames leaving
   the interface, neither the host's own nor the ones we inject;
-- ``PACKET_QDISC_BYPASS`` (20) = 1: injected frames go straight to the driver
-  (they skip the qdisc and are not seen by other packet sockets' taps), until
-  a GSO frame is refused (see below);
+- ``PACKET_QDISC_BYPASS`` (20) = 1 when ``qdisc_bypass`` (the default):
+  injected frames go straight to the driver (they skip the qdisc and are not
+  seen by other packet sockets' taps, so a ``tcpdump`` on the interface does
+  not show them), until a GSO frame is refused (see below). With
+  ``qdisc_bypass = false`` the option is never set: frames take the qdisc path,
+  which costs a little CPU per frame and lets a capture on the interface see them;
 - ``PACKET_ADD_MEMBERSHIP`` with ``PACKET_MR_PROMISC`` when ``promisc``: the
   interface is promiscuous for as long as the socket lives (no state left behind);
 - ``SO_RCVBUFFORCE`` (33) / ``SO_SNDBUFFORCE`` (32), which Python does not name,
@@ -109,6 +112,11 @@ class PacketPortConfig(BaseModel):
     promisc: bool = Field(
         default=True, description="Put the interface in promiscuous mode while attached."
     )
+    qdisc_bypass: bool = Field(
+        default=True,
+        description="Send frames straight to the driver (PACKET_QDISC_BYPASS): faster, but "
+        "a tcpdump on the interface does not see what VTL sends; false goes through the qdisc.",
+    )
     rcvbuf: int = Field(
         default=4 * 1024 * 1024, ge=0, description="Socket receive buffer in bytes (0: default)."
     )
@@ -157,7 +165,8 @@ class PacketPort(Port):
             if cfg.vnet_hdr:
                 sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-            sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+            if cfg.qdisc_bypass:
+                sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
             _set_buf(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, cfg.rcvbuf)
             _set_buf(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, cfg.sndbuf)
             sock.bind((cfg.ifname, ETH_P_ALL))  # NOT htons(ETH_P_ALL): bind converts it
@@ -173,7 +182,7 @@ class PacketPort(Port):
                 ) from None
             raise SetupError(f"cannot {what}: {describe_oserror(exc, 'CAP_NET_RAW')}") from None
         self._sock = sock
-        self.qdisc_bypass = True
+        self.qdisc_bypass = cfg.qdisc_bypass
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
