@@ -27,6 +27,7 @@ from pydantic.functional_validators import PlainValidator
 from pydantic_core import PydanticCustomError
 from vtl.bridge import plugins
 from vtl.bridge.filter import MatchFilter
+from vtl.bridge.metrics import parse_address
 from vtl.bridge.ports import PortConfig
 
 from vtl.addrclass import Prefix, conflicts, parse_prefix
@@ -69,6 +70,20 @@ class BridgeSection(BaseModel):
     allow: tuple[IpPrefix, ...] = Field(
         (), description="destination prefixes a guest may reach though a default class or "
                         "a shorter deny prefix covers them (e.g. \"169.254.169.254\")")
+
+    metrics: str | None = Field(
+        None, description="serve Prometheus metrics on this HOST:PORT (e.g. "
+                          "\"127.0.0.1:9477\"); unset: no endpoint")
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_address(value)
+            except ValueError as exc:
+                raise PydanticCustomError("metrics_address", str(exc)) from None
+        return value
 
     @field_validator("deny", "allow", mode="before")
     @classmethod

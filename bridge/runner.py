@@ -16,6 +16,7 @@ from types import FrameType
 
 from vtl.bridge.config import BridgeConfig
 from vtl.bridge.engine import Bridge
+from vtl.bridge.metrics import MetricsServer, parse_address
 
 
 def sd_notify(message: str) -> bool:
@@ -49,9 +50,15 @@ def run_bridge(config: BridgeConfig, log: logging.Logger) -> int:
         bridge.request_stop()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics = None
     try:
         bridge.open()
         bridge.start()
+        if config.bridge.metrics is not None:
+            metrics = MetricsServer(bridge, config.bridge.name,
+                                    *parse_address(config.bridge.metrics))
+            metrics.start()
+            log.info("metrics on http://%s/metrics", config.bridge.metrics)
         log.info("bridge %r ready: %s", config.bridge.name, describe(config))
         sd_notify("READY=1")
         interval = config.bridge.stats_interval_s or None
@@ -61,6 +68,8 @@ def run_bridge(config: BridgeConfig, log: logging.Logger) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if metrics is not None:
+            metrics.stop()
         bridge.close()
     log.info("stopped; %s", json.dumps(bridge.snapshot(), default=str))
     if bridge.error is not None:
