@@ -26,8 +26,9 @@ _CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)
 _COMMAND = re.compile(r"^\s*(?:sudo +)?(?:\.venv/bin/)?vtl((?: +-{1,2}[a-z][\w-]*| +[a-z][\w-]*)+)",
                       re.M)
 _DOTTED = re.compile(r"(?<![\w/.])(vtl(?:\.[A-Za-z_]\w*)+)")
-_PATH = re.compile(r"(?<![\w.])((?:vtl|models|services|bridge|examples|tests|benchmarks|docs)"
-                   r"/[\w./-]*)")
+# A repository path; not one inside an absolute path (`/etc/vtl/vm1.toml`, `/run/vtl/...`).
+_PATH = re.compile(r"(?<![\w./])((?:vtl|models|services|bridge|examples|tests|benchmarks|docs)"
+                   r"/[\w./@-]*)")
 _LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 

@@ -28,7 +28,8 @@ KNOWN = {
         "Type", "NotifyAccess", "ExecStart", "ExecReload", "Restart", "RestartSec",
         "TimeoutStopSec", "CapabilityBoundingSet", "AmbientCapabilities", "NoNewPrivileges",
         "DeviceAllow", "ProtectSystem", "ReadWritePaths", "RuntimeDirectory",
-        "RuntimeDirectoryPreserve", "ProtectHome", "PrivateTmp", "ProtectKernelModules",
+        "RuntimeDirectoryPreserve", "StateDirectory", "ProtectHome", "PrivateTmp",
+        "ProtectKernelModules",
         "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock", "ProtectHostname",
         "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime",
         "RestrictSUIDSGID", "LockPersonality", "SystemCallArchitectures", "UMask",
@@ -102,6 +103,7 @@ def test_unit_has_the_keys_that_matter():
     assert svc["NoNewPrivileges"] == ["yes"] and svc["ProtectSystem"] == ["strict"]
     assert "/run/vtl" in " ".join(svc["ReadWritePaths"]).split()
     assert svc["RuntimeDirectory"] == ["vtl"] and svc["RuntimeDirectoryPreserve"] == ["yes"]
+    assert svc["StateDirectory"] == ["vtl"]  # /var/lib/vtl, writable, for captures
     # Nothing that would break TAP creation or namespace moves.
     for key in ("PrivateNetwork", "PrivateDevices", "ProtectKernelTunables", "InaccessiblePaths"):
         assert key not in svc, key
