@@ -1,5 +1,6 @@
-"""A running bridge's metrics endpoint: scraped while traffic has passed, its counters
-equal the bridge's own snapshot (the ``stopped; {...}`` line logged right after)."""
+"""A running bridge's metrics endpoint: scraped once traffic has passed and the counters
+have settled, its counters equal the bridge's own snapshot (the ``stopped; {...}`` line
+logged right after), and it stops with the bridge."""
 
 from __future__ import annotations
 
@@ -7,15 +8,25 @@ import json
 import socket
 import time
 import urllib.request
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tcptools import connect_result, download
+from tcptools import expected_sha256 as expected
 from vtl.bridge.topology import parse_ping_rtts
-from vtlnet import PEER_IP
+from vtlnet import PEER_IP, Net, VtlProcess, wait_for
+
+import vtl
 
 pytestmark = pytest.mark.integration
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+VERDICTS = {"frames_in": "in", "frames_out": "out", "dropped": "dropped",
+            "consumed": "consumed", "injected": "injected"}
+GAUGES = {"connections_active", "connections_closing", "buffered_bytes",
+          "buffered_max_per_connection", "tombstones", "passthrough_active", "peers_down",
+          "dns_pending"}
 
 
 def free_port() -> int:
@@ -37,66 +48,111 @@ def scrape(port: int, bridge: str) -> Samples:
 
 
 def counters(m: Samples) -> Samples:
-    """Everything but the clock."""
-    return {k: v for k, v in m.items() if k[0] != "vtl_uptime_seconds"}
+    return {k: v for k, v in m.items() if k[0].endswith("_total")}
 
 
-def final_snapshot(stderr: str) -> dict:
-    line = [ln for ln in stderr.splitlines() if "stopped; " in ln][-1]
-    return json.loads(line.split("stopped; ", 1)[1])
-
-
-def test_scrape_equals_the_snapshot(net, tmp_path):
-    port = free_port()
-    vtl = net.start([{"use": "capture", "path": str(tmp_path / "c.pcap")},
-                     {"use": "netem", "delay_ms": 1}],
-                    metrics=f"127.0.0.1:{port}")
-    out = net.guest(["ping", "-c", "10", "-i", "0.1", "-W", "2", PEER_IP], timeout=20).stdout
-    assert len(parse_ping_rtts(out)) == 10
-    # wait for quiet: two scrapes a second apart with the same counters
+def scrape_settled_then_stop(net: Net, vtl: VtlProcess, port: int) -> tuple[Samples, dict]:
+    """A scrape once two scrapes a second apart show the same counters, and the bridge's
+    next ``stats {...}`` snapshot logged after it (the final ``stopped`` one has no
+    streams: they are closed by then); the endpoint is gone after the stop."""
     last = counters(scrape(port, net.tag))
     for _ in range(20):
         time.sleep(1.0)
-        now = counters(scrape(port, net.tag))
-        if now == last:
+        scraped = scrape(port, net.tag)
+        if counters(scraped) == last:
             break
-        last = now
+        last = counters(scraped)
     else:
         pytest.fail("the bridge's counters never settled")
-    scraped = scrape(port, net.tag)
+    seen = len(vtl.lines)
+    assert wait_for(lambda: any("stats " in ln for ln in vtl.lines[seen:]), timeout=5)
+    line = next(ln for ln in vtl.lines[seen:] if "stats " in ln)
     assert vtl.stop() == 0
     assert "Traceback" not in vtl.stderr
-    snap = final_snapshot(vtl.stderr)
-
-    def get(name: str, **labels: str) -> float:
-        return scraped[(name, frozenset(labels.items()))]
-
-    assert get("vtl_build_info", version=__import__("vtl").__version__) == 1
-    assert get("vtl_uptime_seconds") > 1
-    for role, c in snap["ports"].items():
-        for d in ("rx", "tx"):
-            assert get("vtl_port_frames_total", port=role, direction=d) == c[f"{d}_frames"]
-            assert get("vtl_port_bytes_total", port=role, direction=d) == c[f"{d}_bytes"]
-        assert get("vtl_port_tx_dropped_total", port=role) == c["tx_dropped"]
-        assert get("vtl_port_rx_errors_total", port=role) == c["rx_errors"]
-    assert snap["ports"]["guest"]["rx_frames"] >= 10  # the pings did pass
-    for reason in ("not_for_guest", "malformed", "segmented", "mac_overflow"):
-        assert get("vtl_bridge_frames_total", reason=reason) == snap["bridge"][reason]
-    assert get("vtl_macs") == snap["bridge"]["macs"] >= 1
-    verdicts = {"frames_in": "in", "frames_out": "out", "dropped": "dropped",
-                "consumed": "consumed", "injected": "injected"}
-    for svc, figures in snap["services"].items():
-        for key, verdict in verdicts.items():
-            assert get("vtl_service_frames_total", service=svc, verdict=verdict) == figures[key]
-        assert get("vtl_service_bytes_total", service=svc, direction="in") == figures["bytes_in"]
-        assert get("vtl_service_bytes_total", service=svc, direction="out") == \
-            figures["bytes_out"]
-        assert get("vtl_service_errors_total", service=svc) == figures["errors"]
-        assert get("vtl_service_malformed_total", service=svc) == figures["malformed"]
-    capture = snap["services"]["capture"]
-    assert capture["frames_in"] >= 20
-    assert get("vtl_service_events_total", service="capture", counter="frames_written") == \
-        capture["frames_written"]
-    # the endpoint stops with the bridge
     with pytest.raises(OSError):
         scrape(port, net.tag)
+    return scraped, json.loads(line.split("stats ", 1)[1])
+
+
+def expected_counters(snap: dict[str, Any]) -> Samples:
+    """The counter samples the snapshot should show up as, written out independently."""
+    want: Samples = {}
+
+    def put(name: str, value: float, **labels: str) -> None:
+        want[(name, frozenset(labels.items()))] = value
+
+    for role, c in snap["ports"].items():
+        for d in ("rx", "tx"):
+            put("vtl_port_frames_total", c[f"{d}_frames"], port=role, direction=d)
+            put("vtl_port_bytes_total", c[f"{d}_bytes"], port=role, direction=d)
+        put("vtl_port_tx_dropped_total", c["tx_dropped"], port=role)
+        put("vtl_port_rx_errors_total", c["rx_errors"], port=role)
+    for reason in ("not_for_guest", "malformed", "segmented", "mac_overflow"):
+        put("vtl_bridge_frames_total", snap["bridge"][reason], reason=reason)
+    for svc, figures in snap["services"].items():
+        for key, value in figures.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if key in VERDICTS:
+                put("vtl_service_frames_total", value, service=svc, verdict=VERDICTS[key])
+            elif key in ("bytes_in", "bytes_out"):
+                put("vtl_service_bytes_total", value, service=svc, direction=key[6:])
+            elif key in ("errors", "malformed"):
+                put(f"vtl_service_{key}_total", value, service=svc)
+            elif key in GAUGES:
+                pass  # figures that go up and down
+            else:
+                put("vtl_service_events_total", value, service=svc, counter=key)
+    for key, value in snap["streams"].items():
+        if key != "open":
+            name = key if key.endswith("_total") else f"{key}_total"
+            put(f"vtl_stream_{name}", value)
+    for cls, value in snap["egress"].get("refused_by_class", {}).items():
+        put("vtl_egress_refused_total", value, **{"class": cls})
+    return want
+
+
+def check(scraped: Samples, snap: dict[str, Any]) -> None:
+    want = expected_counters(snap)
+    assert want.keys() == counters(scraped).keys()
+    for key, value in want.items():
+        assert scraped.get(key) == value, key
+    assert scraped[("vtl_macs", frozenset())] == snap["bridge"]["macs"] >= 1
+    assert scraped[("vtl_build_info", frozenset({("version", vtl.__version__)}))] == 1
+    assert scraped[("vtl_uptime_seconds", frozenset())] > 1
+
+
+def test_scrape_equals_the_snapshot(net: Net, tmp_path) -> None:
+    port = free_port()
+    bridge = net.start([{"use": "capture", "path": str(tmp_path / "c.pcap")},
+                        {"use": "netem", "delay_ms": 1}],
+                       metrics=f"127.0.0.1:{port}", stats_interval_s=0.5)
+    out = net.guest(["ping", "-c", "10", "-i", "0.1", "-W", "2", PEER_IP], timeout=20).stdout
+    assert len(parse_ping_rtts(out)) == 10
+    scraped, snap = scrape_settled_then_stop(net, bridge, port)
+    check(scraped, snap)
+    assert snap["ports"]["guest"]["rx_frames"] >= 10  # the pings did pass
+    capture = snap["services"]["capture"]
+    assert capture["frames_in"] >= 20
+    assert scraped[("vtl_service_events_total",
+                    frozenset({("service", "capture"), ("counter", "frames_written")}))] == \
+        capture["frames_written"] > 0
+
+
+def test_pep_connections_and_streams(net: Net) -> None:
+    port = free_port()
+    net.host_path()
+    bridge = net.start([{"use": "pep", "connect_timeout_s": 2.0}],
+                       metrics=f"127.0.0.1:{port}", stats_interval_s=0.5)
+    size = 2 << 20
+    assert download(net, size, seed=5) == expected(size, 5)
+    assert connect_result(net, PEER_IP, 9)[0] == "refused"
+    scraped, snap = scrape_settled_then_stop(net, bridge, port)
+    check(scraped, snap)
+    pep = snap["services"]["pep"]
+    assert pep["connections_opened"] >= 1 and pep["bytes_down"] >= size
+    assert snap["streams"]["opened_total"] >= 2
+    for state in ("active", "closing"):
+        assert scraped[("vtl_connections",
+                        frozenset({("service", "pep"), ("state", state)}))] == \
+            pep[f"connections_{state}"]
