@@ -31,6 +31,7 @@ import types
 from collections import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
@@ -434,6 +435,44 @@ def services(verbose: bool, markdown: bool, built_in: bool) -> None:
         if verbose:
             for opt in option_docs(cls.Options):
                 click.echo(f"    {opt.line()}")
+
+
+@main.command()
+@click.argument("words", nargs=-1, metavar="NAME COMMAND [ARGS]...")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None,
+              help="the control socket's path (instead of NAME: /run/vtl/NAME.sock)")
+@click.option("--service", default=None, help="connections: only this service's")
+@click.option("--json", "as_json", is_flag=True, help="print the raw result as JSON")
+def ctl(words: tuple[str, ...], socket_path: str | None, service: str | None,
+        as_json: bool) -> None:
+    """Ask a running bridge: status, counters, connections, log-level LEVEL."""
+    from vtl.bridge.ctl import CtlError, parse_command, render, request
+
+    try:
+        path, cmd, args = parse_command(words, socket_path, service)
+        result = request(path, cmd, args)
+    except CtlError as exc:
+        click.echo(f"vtl ctl: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        render(cmd, result)
+
+
+@main.command(name="ls")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default="/run/vtl",
+              show_default=True, help="where the bridges' control sockets are")
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+def ls_(directory: str, as_json: bool) -> None:
+    """List the bridges running on this host (one control socket each)."""
+    from vtl.bridge.ctl import list_bridges, render_ls
+
+    rows = list_bridges(Path(directory))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+    else:
+        render_ls(rows)
 
 
 @main.command()

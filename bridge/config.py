@@ -70,6 +70,20 @@ class BridgeSection(BaseModel):
     allow: tuple[IpPrefix, ...] = Field(
         (), description="destination prefixes a guest may reach though a default class or "
                         "a shorter deny prefix covers them (e.g. \"169.254.169.254\")")
+    control: str | bool = Field(
+        True, description="the control socket's path (true: /run/vtl/NAME.sock; false: no "
+                          "control socket); see docs/control.md")
+    control_group: str | None = Field(
+        None, description="members of this group may use the control socket too (else only "
+                          "root)")
+
+    @field_validator("control")
+    @classmethod
+    def _control_path(cls, value: str | bool) -> str | bool:
+        if isinstance(value, str) and not value.strip():
+            raise PydanticCustomError("control_path",
+                                      "give a socket path, true (the default path) or false")
+        return value
 
     metrics: str | None = Field(
         None, description="serve Prometheus metrics on this HOST:PORT (e.g. "

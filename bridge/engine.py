@@ -59,7 +59,7 @@ from vtl.bridge.streams import StreamManager
 from vtl.errors import SetupError, VTLError
 from vtl.flow import FlowTable
 from vtl.frame import VNET_HDR_LEN, Frame
-from vtl.service import Direction
+from vtl.service import Direction, Service
 
 TO_UPLINK = Direction.TO_UPLINK
 TO_GUEST = Direction.TO_GUEST
@@ -412,6 +412,15 @@ class Bridge:
             "streams": streams,
             "egress": self.egress.snapshot() if self.egress is not None else {},
         }
+
+    def connections(self, service: str | None = None) -> dict[str, list[dict[str, object]]]:
+        """The connections each service that lists them (overrides
+        :meth:`Service.connections`) holds, by service name; ``service`` keeps one."""
+        with self._lock:
+            now = time.monotonic()
+            return {slot.ctx.name: slot.service.connections(now) for slot in self.chain.slots
+                    if type(slot.service).connections is not Service.connections
+                    and (service is None or slot.ctx.name == service)}
 
 
 def _port_counters(port: Port) -> dict[str, int]:

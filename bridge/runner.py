@@ -15,6 +15,7 @@ import socket
 from types import FrameType
 
 from vtl.bridge.config import BridgeConfig
+from vtl.bridge.control import ControlServer, start_control
 from vtl.bridge.engine import Bridge
 from vtl.bridge.metrics import MetricsServer, parse_address
 
@@ -51,7 +52,9 @@ def run_bridge(config: BridgeConfig, log: logging.Logger) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics = None
+    control: ControlServer | None = None
     try:
+        control = start_control(bridge)
         bridge.open()
         bridge.start()
         if config.bridge.metrics is not None:
@@ -68,6 +71,8 @@ def run_bridge(config: BridgeConfig, log: logging.Logger) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if control is not None:
+            control.stop()
         if metrics is not None:
             metrics.stop()
         bridge.close()

@@ -120,6 +120,7 @@ class SplitTable:
         # connections only finishing their TCP teardown (nothing buffered, upstream done):
         # small, and when there are too many the oldest is forgotten (as Linux drops
         # TIME-WAIT buckets over tcp_max_tw_buckets)
+        self.opened: dict[FlowKey, float] = {}  # when each connection was opened
         self.closing: FlowTable[FlowKey, Relay] = FlowTable(
             max(256, 4 * max_connections), evict="lru", on_evict=self._closing_evicted)
         self.tombstones: FlowTable[FlowKey, bool] = FlowTable(
@@ -193,6 +194,7 @@ class SplitTable:
             return None
         relay = Relay(endpoint, icmp_reasons=self.icmp_reasons)
         self.relays.put(key, relay, now)
+        self.opened[key] = now
         self.ctx.count("connections_opened")
 
         def handler(event: StreamEvent, now: float, key: FlowKey = key) -> None:
@@ -223,6 +225,7 @@ class SplitTable:
         self.tombstones.pop(key)
         relay = Relay(endpoint, icmp_reasons=self.icmp_reasons, connect_deadline=deadline)
         self.relays.put(key, relay, now)
+        self.opened[key] = now
         self._accepting[key] = (accept, refuse)
         self.ctx.count("connections_opened")
         self._busy += 1
@@ -347,6 +350,7 @@ class SplitTable:
         elif self.closing.get(key) is relay:
             self.closing.pop(key)
         self._scheduled.pop(key, None)
+        self.opened.pop(key, None)
         s = relay.stats
         opener = self._accepting.pop(key, None)
         if opener is not None:  # an active open that never got its stream
@@ -412,7 +416,26 @@ class SplitTable:
                 opener[1]("error", "the service is stopping")
         self.relays.clear()
         self.closing.clear()
+        self.opened.clear()
         self._posted.clear()
+
+    def connections(self, now: float) -> list[dict[str, Any]]:
+        """One row per live or closing connection, for the control socket."""
+        rows = []
+        for table, closing in ((self.relays, False), (self.closing, True)):
+            for key, relay in table.items():
+                stream = relay.stream
+                req = stream.request if stream is not None else None
+                rows.append({
+                    "flow": describe(key), "state": relay.endpoint.state.value,
+                    "closing": closing, "age_s": round(now - self.opened.get(key, now), 3),
+                    "bytes_up": relay.stats.bytes_up, "bytes_down": relay.stats.bytes_down,
+                    "buffered": relay.buffered,
+                    "upstream": f"{req.kind} {req.host}:{req.port}" if req else None,
+                    "upstream_state": ("closed" if relay.upstream_closed else "connected"
+                                       if relay.connected else "connecting"),
+                })
+        return rows
 
     def report(self, now: float | None = None) -> dict[str, Any]:
         return {"connections_active": len(self.relays),
@@ -529,6 +552,9 @@ class SplitService(Service):
 
     def report(self, now: float) -> dict[str, Any]:
         return self.table.report(now)
+
+    def connections(self, now: float) -> list[dict[str, Any]]:
+        return self.table.connections(now)
 
 
 __all__ = [

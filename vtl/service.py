@@ -181,3 +181,8 @@ class Service:
         """Service-specific figures for summaries at ``now`` (counters are added by the
         bridge)."""
         return {}
+
+    def connections(self, now: float) -> list[dict[str, Any]]:
+        """The connections the service holds at ``now``, one dict each (flow, state, age,
+        bytes, upstream), for ``vtl ctl NAME connections``; none by default."""
+        return []
