@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tcptools import connect_result, download
 from tcptools import expected_sha256 as expected
 from vtl.bridge.topology import parse_ping_rtts
-from vtlnet import PEER_IP, Net, VtlProcess, wait_for
+from vtlnet import PEER_IP, Net, VtlProcess, to_toml, wait_for
 
 import vtl
 
@@ -156,3 +156,18 @@ def test_pep_connections_and_streams(net: Net) -> None:
         assert scraped[("vtl_connections",
                         frozenset({("service", "pep"), ("state", state)}))] == \
             pep[f"connections_{state}"]
+
+
+def test_a_taken_address_stops_the_bridge_at_start(net: Net) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = net.tmp / "taken.toml"
+        path.write_text(to_toml(net.config(metrics=f"127.0.0.1:{port}")))
+        proc = VtlProcess(path)
+        net.bridges.append(proc)
+        assert proc.proc.wait(20) == 1
+    proc.stop()
+    assert "metrics: cannot listen on 127.0.0.1:" in proc.stderr
+    assert "Traceback" not in proc.stderr and " ready" not in proc.stderr
