@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from vtl.bridge.config import parse_config
-from vtl.bridge.control import MAX_LINE, ControlServer, Handler, socket_path
+from vtl.bridge.control import MAX_LINE, ControlServer, Handler, socket_path, start_control
 from vtl.bridge.ctl import CtlError, list_bridges, parse_command, render, render_ls, request
 from vtl.bridge.engine import Bridge
 
-from vtl.errors import SetupError
+from vtl.errors import ConfigError, SetupError
 
 PORTS = {"guest": {"kind": "tap", "ifname": "ctl0"}, "uplink": {"kind": "pcap", "ifname": "ctl1"}}
 ROOT = os.geteuid() == 0
@@ -231,6 +231,14 @@ def test_socket_path_setting():
     assert socket_path("/tmp/x.sock", "vm1") == Path("/tmp/x.sock")
     assert socket_path(False, "vm1") is None
     assert make_bridge().config.bridge.control is True
+
+
+def test_control_false_disables_and_an_empty_path_is_refused():
+    assert start_control(make_bridge(control=False)) is None
+    with pytest.raises(ConfigError, match="bridge.control: give a socket path"):
+        make_bridge(control="  ")
+    with pytest.raises(ConfigError, match="bridge.control_group"):
+        make_bridge(control_group=5)
 
 
 def test_socket_is_private_and_removed_at_stop(sockdir):

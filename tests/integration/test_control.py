@@ -1,0 +1,95 @@
+"""The control socket of a real `vtl run`: `vtl ctl` status, counters, a live pep connection
+whose byte counts grow while it transfers, `vtl ls`, and the socket gone at stop."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tcptools import download
+from tcptools import expected_sha256 as expected
+from vtlnet import Net, wait_for
+
+pytestmark = pytest.mark.integration
+
+SIZE = 60 << 20  # at 80 Mbit/s: about 6 s
+
+
+def vtl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "vtl.bridge.cli", *args],
+                          capture_output=True, text=True, timeout=30)
+    if check:
+        assert proc.returncode == 0, f"vtl {' '.join(args)}: {proc.stderr}"
+    return proc
+
+
+def ctl(sock: Path, *args: str) -> Any:
+    return json.loads(vtl("ctl", "--socket", str(sock), *args, "--json").stdout)
+
+
+def test_ctl_and_ls_on_a_running_bridge(net: Net, tmp_path: Path) -> None:
+    sockdir = tmp_path / "run"
+    sock = sockdir / f"{net.tag}.sock"
+    net.host_path()
+    bridge = net.start([{"use": "netem", "rate_mbit": 80}, {"use": "pep"}], control=str(sock))
+
+    status = ctl(sock, "status")
+    assert status["name"] == net.tag and status["pid"] == bridge.pid
+    assert [(p["role"], p["kind"]) for p in status["ports"]] == [("guest", "tap"),
+                                                                ("uplink", "packet")]
+    assert [s["name"] for s in status["services"]] == ["netem", "pep"]
+    assert ctl(sock, "connections") == {"pep": []}
+
+    result: dict[str, str] = {}
+    t = threading.Thread(target=lambda: result.update(sha=download(net, SIZE, seed=21,
+                                                                   timeout=120)))
+    t.start()
+    try:
+        assert wait_for(lambda: ctl(sock, "connections", "--service", "pep")["pep"], 20)
+        first = ctl(sock, "connections", "--service", "pep")["pep"][0]
+        time.sleep(1.5)
+        rows = ctl(sock, "connections", "--service", "pep")["pep"]
+        counters = ctl(sock, "counters")
+    finally:
+        t.join(150)
+    assert result.get("sha") == expected(SIZE, 21), "the download completes intact"
+    [second] = [r for r in rows if r["flow"] == first["flow"]]
+    assert first["state"] == "ESTABLISHED" and first["upstream"].startswith("tcp ")
+    assert first["upstream_state"] == "connected"
+    assert 0 < first["bytes_down"] < second["bytes_down"] < SIZE + 4096, (first, second)
+    assert second["age_s"] >= first["age_s"] + 1.0
+    assert counters["services"]["pep"]["bytes_down"] >= second["bytes_down"], \
+        "the service's byte counter is live too"
+
+    text = vtl("ctl", "--socket", str(sock), "connections").stdout
+    assert "pep:" in text
+    assert "log level info -> debug" in vtl("ctl", "--socket", str(sock), "log-level",
+                                            "debug").stdout
+
+    rows = json.loads(vtl("ls", "--dir", str(sockdir), "--json").stdout)
+    [row] = rows
+    assert row["name"] == net.tag and row["services"] == ["netem", "pep"]
+    assert row["frames_in"] > 0 and row["frames_out"] > 0
+    assert net.tag in vtl("ls", "--dir", str(sockdir)).stdout
+
+    bad = vtl("ctl", "--socket", str(sock), "connections", "--service", "nope", check=False)
+    assert bad.returncode == 1 and "args.service" in bad.stderr
+
+    # a second bridge on the same socket path is refused before it opens anything
+    second_cfg = tmp_path / "second.toml"
+    second_cfg.write_text(f'[bridge]\nname = "x"\ncontrol = "{sock}"\n[ports.guest]\n'
+                          f'kind = "tap"\nifname = "{net.tag}z"\n[ports.uplink]\n'
+                          f'kind = "tap"\nifname = "{net.tag}y"\n')
+    refused = vtl("run", str(second_cfg), check=False)
+    assert refused.returncode == 1 and "another bridge is running" in refused.stderr
+
+    assert bridge.stop() == 0
+    assert not sock.exists(), "the socket is removed at stop"
+    gone = vtl("ctl", "--socket", str(sock), "status", check=False)
+    assert gone.returncode == 1 and "no bridge" in gone.stderr
