@@ -4,6 +4,8 @@ whose byte counts grow while it transfers, `vtl ls`, and the socket gone at stop
 from __future__ import annotations
 
 import json
+import random
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +17,8 @@ import pytest
 from tcptools import download
 from tcptools import expected_sha256 as expected
 from vtlnet import Net, wait_for
+
+from tests.bridge.test_control import hostile_lines
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +84,20 @@ def test_ctl_and_ls_on_a_running_bridge(net: Net, tmp_path: Path) -> None:
 
     bad = vtl("ctl", "--socket", str(sock), "connections", "--service", "nope", check=False)
     assert bad.returncode == 1 and "args.service" in bad.stderr
+
+    # hostile requests while the bridge forwards: each gets an error, nothing changes
+    before = ctl(sock, "status")
+    lines = hostile_lines(random.Random(7))
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.settimeout(10)
+        raw.connect(str(sock))
+        answers = raw.makefile("rb")
+        for _ in range(2000):
+            raw.sendall(next(lines) + b"\n")
+            assert json.loads(answers.readline())["ok"] is False
+    after = ctl(sock, "status")
+    assert {**after, "uptime_s": 0} == {**before, "uptime_s": 0}
+    assert download(net, 1 << 20, seed=22, timeout=60) == expected(1 << 20, 22)
 
     # a second bridge on the same socket path is refused before it opens anything
     second_cfg = tmp_path / "second.toml"
