@@ -296,10 +296,14 @@ class ControlServer:
                     self._accept()
                 elif key.data is not None:
                     client: _Client = key.data
-                    if events & selectors.EVENT_WRITE:
-                        self._send(client)
-                    if events & selectors.EVENT_READ and client.sock.fileno() >= 0:
-                        self._receive(client)
+                    try:
+                        if events & selectors.EVENT_WRITE:
+                            self._send(client)
+                        if events & selectors.EVENT_READ and client.sock.fileno() >= 0:
+                            self._receive(client)
+                    except Exception:  # a bug: lose this client, keep serving the others
+                        self.log.exception("control socket: dropping a client")
+                        self._drop(client)
 
     def _accept(self) -> None:
         try:

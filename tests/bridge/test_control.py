@@ -189,6 +189,18 @@ def test_random_bytes_then_a_valid_request(served):
     assert request(server.path, "status")["name"] == "ctltest"
 
 
+def test_a_failing_bridge_call_is_an_error_answer_not_a_dead_server(served, monkeypatch):
+    bridge, server = served
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bridge, "snapshot", broken)
+    with pytest.raises(CtlError, match="internal error: RuntimeError: boom"):
+        request(server.path, "counters")
+    assert request(server.path, "status")["name"] == "ctltest"
+
+
 def test_pipelined_requests_are_answered_in_order(served):
     _, server = served
     with socket.socket(socket.AF_UNIX) as sock:
