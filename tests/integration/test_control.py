@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from tcptools import download
 from tcptools import expected_sha256 as expected
+from vtl.bridge.topology import Topology
 from vtlnet import Net, wait_for
 
 from tests.bridge.test_control import hostile_lines
@@ -111,3 +113,31 @@ def test_ctl_and_ls_on_a_running_bridge(net: Net, tmp_path: Path) -> None:
     assert not sock.exists(), "the socket is removed at stop"
     gone = vtl("ctl", "--socket", str(sock), "status", check=False)
     assert gone.returncode == 1 and "no bridge" in gone.stderr
+
+
+def test_ls_lists_three_bridges_and_a_stale_socket(root: None, tmp_path: Path) -> None:
+    tag = "vtc" + secrets.token_hex(2)
+    topo = Topology(tag)
+    sockdir = tmp_path / "run"
+    nets: list[Net] = []
+    try:
+        for i in range(3):
+            (tmp_path / str(i)).mkdir()
+            n = Net(topo, f"{tag}{i}", tmp_path / str(i))
+            nets.append(n)
+            n.start([{"use": "netem", "delay_ms": 1}] * i, control=str(sockdir / f"{n.tag}.sock"))
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(str(sockdir / "gone.sock"))
+        stale.close()
+        rows = json.loads(vtl("ls", "--dir", str(sockdir), "--json").stdout)
+        by_name = {r["name"]: r for r in rows}
+        assert [r["name"] for r in rows] == sorted(by_name) == sorted([n.tag for n in nets]
+                                                                     + ["gone"])
+        assert [len(by_name[n.tag]["services"]) for n in nets] == [0, 1, 2]
+        assert by_name["gone"]["error"] == "not answering"
+        text = vtl("ls", "--dir", str(sockdir)).stdout
+        assert all(n.tag in text for n in nets) and "not answering" in text
+    finally:
+        for n in nets:
+            n.stop_all()
+        topo.close()
