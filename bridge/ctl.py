@@ -120,7 +120,8 @@ def render(cmd: str, result: Any, console: Console | None = None) -> None:
         info = dict(result)
         ports = info.pop("ports", [])
         services = info.pop("services", [])
-        info["uptime_s"] = _uptime(info.get("uptime_s", 0))
+        uptime = _uptime(info.pop("uptime_s", 0))
+        info = {"name": info.pop("name", None), "uptime": uptime, **info}
         console.print(_kv_table(f"bridge {info.get('name')}", info))
         table = Table("role", "kind", "ifname", title="ports", title_justify="left")
         for p in ports:
