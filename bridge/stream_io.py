@@ -37,7 +37,6 @@ import logging
 import os
 import select
 import socket
-import struct
 from collections import deque
 
 from vtl.bridge.stream_handle import StreamHandle
@@ -57,6 +56,7 @@ from vtl.bridge.stream_states import (
     TOLD,
     WRITING,
 )
+from vtl.bridge.transports.base import close_socket
 
 from vtl.stream import (
     CloseReason,
@@ -70,7 +70,6 @@ from vtl.stream import (
 IN, OUT, ERR, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 READS_PER_WAKE = 4
 _SENDMSG_BUFFERS = 64
-_LINGER_RST = struct.pack("ii", 1, 0)
 _REASONS: dict[int, CloseReason] = {
     errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
     errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable",
@@ -170,12 +169,7 @@ class StreamIO:
                     self.ep.unregister(s._fd)
                 except (OSError, ValueError):
                     pass
-        if rst:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            except OSError:
-                pass
-        sock.close()
+        close_socket(sock, rst)
 
     def close(self) -> None:
         if self.wake_fd >= 0:

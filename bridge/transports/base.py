@@ -34,6 +34,7 @@ manager stop.
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -163,5 +164,18 @@ class Transport:
         """Release what the transport holds across streams (manager stop)."""
 
 
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def close_socket(sock: socket.socket, rst: bool) -> None:
+    """Close ``sock``; with ``rst``, as a TCP reset (``SO_LINGER`` 0) rather than a FIN."""
+    if rst:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except OSError:
+            pass
+    sock.close()
+
+
 __all__ = ["Handshake", "HandshakeStep", "InboundStream", "Transport", "TransportError",
-           "TransportListener"]
+           "TransportListener", "close_socket"]

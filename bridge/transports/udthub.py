@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -39,6 +38,7 @@ from typing import Any
 
 import vtl.bridge.transports.udtstate as ust
 from udt4py import UDTEpoll, UDTException, UDTSocket
+from vtl.bridge.transports.base import close_socket
 from vtl.bridge.transports.udtsession import Session
 from vtl.bridge.transports.udtsock import nonblocking, set_opts, tcp_pair, uclose
 from vtl.bridge.transports.udtstate import LIVE, Conn, Pipe, PipeState, Tuning
@@ -50,7 +50,6 @@ log = logging.getLogger("vtl.streams.udt")
 UIN, UOUT = UDTEpoll.UDT_EPOLL_IN, UDTEpoll.UDT_EPOLL_OUT
 _EASYNCSND, _EASYNCRCV, _ETIMEOUT = 6001, 6002, 6003
 _TICK_S = 0.25
-_LINGER_RST = struct.pack("ii", 1, 0)
 _ALIVE = (UDTSocket.Status.CONNECTED,)
 
 @dataclass(frozen=True)
@@ -446,12 +445,7 @@ class Hub:
             except UDTException:
                 pass
             p.mask = 0
-        if rst:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            except OSError:
-                pass
-        sock.close()
+        close_socket(sock, rst)
 
     def _pipe_read(self, p: Pipe) -> None:
         s = self.session
