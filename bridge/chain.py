@@ -26,7 +26,6 @@ error of its slot. A chain built without a bridge has no streams.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -39,7 +38,14 @@ from vtl.bridge.streams import StreamManager
 
 from vtl.errors import LocalProtocolError, PacketError, RemoteProtocolError
 from vtl.frame import Frame
-from vtl.service import Direction, FailPolicy, Service, ServiceCounters, Verdict
+from vtl.service import (
+    Direction,
+    FailPolicy,
+    Service,
+    ServiceCounters,
+    Verdict,
+    report_takes_now,
+)
 from vtl.stream import (
     Listener,
     ListenRequest,
@@ -159,8 +165,7 @@ class Slot:
         report = self.service.report
         try:
             if self._report_takes_now is None:
-                params = inspect.signature(report).parameters
-                self._report_takes_now = len(params) >= 1
+                self._report_takes_now = report_takes_now(self.service)
             return dict(report(now) if self._report_takes_now else report())  # type: ignore[call-arg]
         except Exception:  # noqa: BLE001 - a report must not break the bridge
             self.failed("report", now)

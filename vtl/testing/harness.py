@@ -16,7 +16,6 @@ reported after :data:`MAX_TIMERS_AT_ONE_TIME` calls at one instant.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -31,6 +30,7 @@ from vtl.service import (
     ServiceCounters,
     ServiceOptions,
     Verdict,
+    report_takes_now,
 )
 from vtl.stream import StreamRequest
 from vtl.testing.fakes import FakeContext, FakeListener, FakeStream
@@ -42,10 +42,7 @@ MAX_TIMERS_AT_ONE_TIME = 1000  # on_timer calls at one instant before the harnes
 def call_report(service: Service, now: float) -> dict[str, Any]:
     """``service.report(now)``, or ``service.report()`` for a service written before
     ``report`` took the time."""
-    try:
-        takes_now = bool(inspect.signature(service.report).parameters)
-    except (TypeError, ValueError):
-        takes_now = True
+    takes_now = report_takes_now(service)
     return dict(service.report(now) if takes_now else service.report())  # type: ignore[call-arg]
 
 
