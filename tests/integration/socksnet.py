@@ -42,14 +42,16 @@ guest namespace; each prints one JSON line and bounds every wait.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -613,3 +615,23 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+@contextlib.contextmanager
+def socks_net(prefix: str, tmp_path: Path) -> Iterator[SocksNet]:
+    """A :class:`SocksNet` under a unique tag starting with ``prefix``, always removed; when
+    the test failed, pytest shows the tails of vtl's stderr and dante's log printed here."""
+    tag = prefix + secrets.token_hex(3)
+    topo = Topology(tag)
+    s: SocksNet | None = None
+    try:
+        s = SocksNet(topo, tag, tmp_path)
+        yield s
+    finally:
+        if s is not None:
+            s.close()  # stops vtl first, so its last lines are in s.vtl.lines
+            if s.vtl is not None:
+                print("--- vtl stderr (tail)\n" + "".join(
+                    ln for ln in s.vtl.lines[-80:] if "stats {" not in ln))
+            print("--- danted log (tail)\n" + s.dante.log()[-3000:])
+        topo.close()

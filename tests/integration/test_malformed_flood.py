@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,11 +48,11 @@ from socksnet import (
     SRV_IP6,
     WEB_NAME,
     SocksNet,
+    socks_net,
     stats,
 )
 from tcptools import download
 from tcptools import expected_sha256 as expected
-from vtl.bridge.topology import Topology
 from vtlnet import GUEST_IP, GUEST_IP6, GUEST_MAC, PEER_IP, PEER_IP6, Net, VtlProcess
 
 pytestmark = pytest.mark.integration
@@ -67,19 +66,8 @@ PEP: dict[str, Any] = {"use": "pep", "connect_timeout_s": 2.0}
 
 @pytest.fixture
 def snet(root: None, tmp_path: Path) -> Iterator[SocksNet]:
-    tag = "vmf" + secrets.token_hex(3)
-    topo = Topology(tag)
-    s: SocksNet | None = None
-    try:
-        s = SocksNet(topo, tag, tmp_path)
+    with socks_net("vmf", tmp_path) as s:
         yield s
-    finally:
-        if s is not None:
-            s.close()
-            if s.vtl is not None:
-                print("--- vtl stderr (tail)\n" + "".join(
-                    ln for ln in s.vtl.lines[-80:] if "stats {" not in ln))
-        topo.close()
 
 
 def fuzz_args(ifname: str, frames: int, rate: float, seed: int, dst_mac: str, dst_ip: str,

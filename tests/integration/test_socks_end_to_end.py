@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,11 +35,11 @@ from socksnet import (
     SocksNet,
     send_marker,
     socks_counters,
+    socks_net,
     url_host,
 )
 from tcptools import expected_sha256 as expected
 from tcptools import parallel_downloads, upload
-from vtl.bridge.topology import Topology
 from vtlnet import GUEST_IP, GUEST_IP6, GUEST_MAC, PEER_IP, PEER_IP6, wait_for
 
 pytestmark = pytest.mark.integration
@@ -53,20 +52,8 @@ FAST = 1.0  # seconds: "at once"; every probe's own timeout is several times thi
 
 @pytest.fixture
 def snet(root: None, tmp_path: Path) -> Iterator[SocksNet]:
-    tag = "vsk" + secrets.token_hex(3)  # vts is taken (tests/bridge)
-    topo = Topology(tag)
-    s: SocksNet | None = None
-    try:
-        s = SocksNet(topo, tag, tmp_path)
+    with socks_net("vsk", tmp_path) as s:  # vts is taken (tests/bridge)
         yield s
-    finally:
-        if s is not None:
-            s.close()  # stops vtl first, so its last lines are in s.vtl.lines
-            if s.vtl is not None:  # shown by pytest when the test failed
-                print("--- vtl stderr (tail)\n" + "".join(
-                    ln for ln in s.vtl.lines[-60:] if "stats {" not in ln))
-            print("--- danted log (tail)\n" + s.dante.log()[-3000:])
-        topo.close()
 
 
 def url(host: str, size: int, seed: int) -> str:
