@@ -26,8 +26,10 @@ is that bookkeeping, shared so each service only says *where* a connection goes:
 - one heap of timers drives every endpoint (:meth:`poll_at`, :meth:`on_timer`);
 - ``bytes_up`` and ``bytes_down`` are live: brought up to date after every
   call that moved bytes (and at stop for connections still open);
-- a finished relay is retired with counter ``connections_<outcome>`` and a log
-  line (rate-limited per outcome) when it did not end cleanly.
+- a finished relay is retired with counter ``connections_<outcome>``;
+- log lines (:mod:`vtl.models.splitlog`): at DEBUG one per connection opened and
+  one per connection ended (flow, outcome, bytes, duration), and a WARNING when
+  one did not end cleanly; both rate-limited per service, whatever the guest does.
 
 Frames the relays produce are emitted toward the guest through the service's
 context. The table does no I/O and reads no clock: ``now`` is passed in.
@@ -42,6 +44,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from pydantic import Field
 from vtl.models.relay import Relay
+from vtl.models.splitlog import SplitLog
 from vtl.models.tcp_endpoint import EndpointConfig, TcpEndpoint
 from vtl.models.tcp_state import TcpState
 
@@ -58,7 +61,6 @@ _tuple_new = tuple.__new__
 Connector = Callable[[StreamHandler], Stream]
 Refuser = Callable[[str, str], None]  # (outcome, message) of an active open that failed
 TOMBSTONE_S = 5.0  # how long stray segments of a closed connection get RST answers
-LOG_EVERY_S = 10.0  # one log line per distinct failure cause per this long
 TO_GUEST = Direction.TO_GUEST
 DEFAULT_ICMP = frozenset({"timeout", "unreachable"})
 NOT_FAILED = frozenset({"closed", "", "refused", "passthrough", "prohibited"})
@@ -133,7 +135,7 @@ class SplitTable:
         self._draining = False
         self._busy = 0  # depth of table calls in progress (see post)
         self._last_now = 0.0
-        self._logged: dict[str, tuple[float, int]] = {}
+        self.lines = SplitLog(ctx.log)
         self._accepting: dict[FlowKey, tuple[Connector, Refuser]] = {}  # active opens
 
     def __contains__(self, key: FlowKey) -> bool:
@@ -203,6 +205,7 @@ class SplitTable:
         self._busy += 1
         try:
             relay.stream = connect(handler)
+            self.lines.opened(key, getattr(relay.stream, "request", None), now)
             self._after(key, relay, now)
         finally:
             self._busy -= 1
@@ -228,6 +231,7 @@ class SplitTable:
         self.opened[key] = now
         self._accepting[key] = (accept, refuse)
         self.ctx.count("connections_opened")
+        self.lines.opened(key, "toward the guest (inbound)", now)
         self._busy += 1
         try:
             relay.pump(now)
@@ -350,7 +354,7 @@ class SplitTable:
         elif self.closing.get(key) is relay:
             self.closing.pop(key)
         self._scheduled.pop(key, None)
-        self.opened.pop(key, None)
+        since = self.opened.pop(key, now)
         s = relay.stats
         opener = self._accepting.pop(key, None)
         if opener is not None:  # an active open that never got its stream
@@ -359,36 +363,27 @@ class SplitTable:
         self.ctx.count(f"connections_{s.outcome or 'closed'}")
         if s.outcome not in NOT_FAILED:
             self.ctx.count("connections_failed")  # timeout, unreachable, reset, error
-        if s.outcome not in NOT_LOGGED:
-            self._log_failure(key, s.outcome, s.message, now)
+        self.lines.ended(key, s.outcome or "closed", s.message, s.bytes_up, s.bytes_down,
+                         now - since, now)
+        if s.outcome not in NOT_LOGGED:  # one of a few lines, never one per connection
+            self.lines.failed(key, s.outcome, s.message, now)
         if tombstone:
             self.tombstones.put(key, True, now)
-
-    def _log_failure(self, key: FlowKey, outcome: str, message: str, now: float) -> None:
-        """One line per outcome every LOG_EVERY_S (naming the latest cause): a dead proxy,
-        or a guest opening to a thousand dead addresses, must not flood the log."""
-        cause = f"{outcome}: {message}" if message else outcome
-        last = self._logged.get(outcome)
-        if last is not None and now - last[0] < LOG_EVERY_S:
-            self._logged[outcome] = (last[0], last[1] + 1)
-            return
-        more = (f" ({last[1]} more connections ended {outcome} since the last line)"
-                if last and last[1] else "")
-        self._logged[outcome] = (now, 0)  # keyed by outcome: a handful of keys at most
-        self.ctx.log.warning("connection %s ended: %s%s", describe(key), cause, more)
 
     # -- timers ------------------------------------------------------------------------------
 
     def poll_at(self) -> float | None:
         timers = self._timers
+        flush = self.lines.flush_at()
         while timers:
             t, _, key = timers[0]
             if self._scheduled.get(key) == t:
-                return t
+                return t if flush is None or t < flush else flush
             heapq.heappop(timers)
-        return None
+        return flush
 
     def on_timer(self, now: float) -> None:
+        self.lines.flush(now)
         timers = self._timers
         while timers and timers[0][0] <= now:
             t, _, key = heapq.heappop(timers)
@@ -409,6 +404,9 @@ class SplitTable:
         """Reset every connection both ways (the service is stopping)."""
         for key, relay in self.relays.items() + self.closing.items():
             self._count_bytes(relay)  # connections still open count what they moved
+            s = relay.stats
+            self.lines.ended(key, "stopped", "the service is stopping", s.bytes_up,
+                             s.bytes_down, now - self.opened.get(key, now), now)
             relay.abort(now)
             self._emit(relay.take_frames())
             opener = self._accepting.pop(key, None)
