@@ -73,6 +73,7 @@ class SlotContext:
         self.log = log
         self.counters = ServiceCounters()
         self.resources: list[PcapSink | BinaryIO | Listener] = []  # closed at chain stop
+        self.slot: Slot | None = None  # set by the Slot made with this context
 
     def emit(self, frame: Frame, direction: Direction) -> None:
         if not isinstance(frame, Frame):
@@ -101,10 +102,11 @@ class SlotContext:
         if streams is None:
             raise LocalProtocolError(f"{self.name}: {what}() needs a bridge; this chain has "
                                      "no stream manager (set chain.streams)")
-        chain, index = self._chain, self._index
 
         def on_error(now: float) -> None:
-            chain.slots[index].failed(f"{what} handler", now)
+            # the slot, not its index: a reload may move the service in the chain
+            if self.slot is not None:
+                self.slot.failed(f"{what} handler", now)
 
         return streams, on_error
 
@@ -130,15 +132,21 @@ class SlotContext:
 
 
 class Slot:
-    __slots__ = ("service", "ctx", "match", "fail", "counters", "log", "_last_log", "_quiet",
-                 "_report_takes_now", "_last_malformed", "_quiet_malformed")
+    """One position of the chain: a service, its context and counters, its ``match``
+    filter and failure policy, and the config entry it came from (None when built
+    from a factory)."""
+
+    __slots__ = ("service", "ctx", "match", "fail", "spec", "counters", "log", "_last_log",
+                 "_quiet", "_report_takes_now", "_last_malformed", "_quiet_malformed")
 
     def __init__(self, service: Service, ctx: SlotContext, match: MatchFilter | None,
-                 fail: FailPolicy):
+                 fail: FailPolicy, spec: ServiceSpec | None = None):
         self.service = service
         self.ctx = ctx
+        ctx.slot = self
         self.match = match
         self.fail = fail
+        self.spec = spec
         self.counters = ctx.counters
         self.log = ctx.log
         self._last_log = -1e9
@@ -194,10 +202,21 @@ class Chain:
         self.out_uplink: list[Frame] = []
         self.out_guest: list[Frame] = []
         self.streams: StreamManager | None = None  # set by the bridge
+        self.log = log
         for i, spec in enumerate(specs):
-            ctx = SlotContext(self, i, spec.name, log.getChild(spec.name))
-            service = spec.cls(spec.options, ctx)
-            self.slots.append(Slot(service, ctx, spec.match, spec.fail))
+            self.slots.append(self.make_slot(spec, i))
+
+    def make_slot(self, spec: ServiceSpec, index: int) -> Slot:
+        """A new service instance for ``spec`` at position ``index`` (not started)."""
+        ctx = SlotContext(self, index, spec.name, self.log.getChild(spec.name))
+        service = spec.cls(spec.options, ctx)
+        return Slot(service, ctx, spec.match, spec.fail, spec)
+
+    def install(self, slots: list[Slot]) -> None:
+        """Make ``slots`` the chain (a reload), telling each context its new position."""
+        for i, slot in enumerate(slots):
+            slot.ctx._index = i
+        self.slots = slots
 
     @classmethod
     def from_services(cls, services: Sequence[Callable[[SlotContext], Service]],
@@ -221,12 +240,16 @@ class Chain:
 
     def stop(self, now: float) -> None:
         for slot in self.slots:
-            try:
-                slot.service.stop(now)
-            except Exception:  # noqa: BLE001 - one service's failure must not stop the others
-                slot.failed("stop", now)
-            slot.ctx.close_resources()
+            self.stop_slot(slot, now)
         self.pending.clear()
+
+    def stop_slot(self, slot: Slot, now: float) -> None:
+        """Stop one service and close what the bridge opened for it (never raises)."""
+        try:
+            slot.service.stop(now)
+        except Exception:  # noqa: BLE001 - one service's failure must not stop the others
+            slot.failed("stop", now)
+        slot.ctx.close_resources()
 
     def process(self, frame: Frame, direction: Direction, now: float) -> None:
         """Run one frame through the chain from its entry side."""
@@ -260,6 +283,10 @@ class Chain:
 
     def after_external(self, now: float) -> None:
         """Walk frames injected outside process/run_timers (stream handlers)."""
+        self.drain(now)
+
+    def drain(self, now: float) -> None:
+        """Walk the frames services injected (from their positions) until none is left."""
         if self.pending:
             self._drain(now)
 

@@ -445,12 +445,13 @@ def services(verbose: bool, markdown: bool, built_in: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the raw result as JSON")
 def ctl(words: tuple[str, ...], socket_path: str | None, service: str | None,
         as_json: bool) -> None:
-    """Ask a running bridge: status, counters, connections, log-level LEVEL."""
+    """Ask or steer a running bridge: status, counters, connections, set SERVICE
+    KEY=VALUE..., reload [CONFIG], log-level LEVEL (see docs/control.md)."""
     from vtl.bridge.ctl import CtlError, parse_command, render, request
 
     try:
         path, cmd, args = parse_command(words, socket_path, service)
-        result = request(path, cmd, args)
+        result = request(path, cmd, args, timeout=30.0 if cmd == "reload" else 5.0)
     except CtlError as exc:
         click.echo(f"vtl ctl: {exc}", err=True)
         sys.exit(1)

@@ -11,7 +11,7 @@ options, which its ``Options`` model validates.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -144,6 +144,39 @@ class ServiceSpec:
     options: ServiceOptions
     match: MatchFilter | None
     fail: FailPolicy
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the options as written
+
+    @property
+    def match_expression(self) -> str | None:
+        return self.match.expression if self.match is not None else None
+
+
+def tuned(spec: ServiceSpec, changes: dict[str, Any]) -> ServiceSpec:
+    """``spec`` with some options (and ``match``: a filter, or "" for none) changed,
+    validated by the service's own model; ConfigError names each bad key."""
+    problems: list[str] = []
+    match = spec.match
+    if "match" in changes:
+        expr = changes["match"]
+        if not isinstance(expr, str):
+            problems.append(f"{spec.name}.match: must be a libpcap filter expression string "
+                            "(\"\" for none)")
+        elif not expr.strip():
+            match = None
+        else:
+            try:
+                match = MatchFilter(expr)
+            except ConfigError as exc:
+                problems.append(f"{spec.name}.match: {exc}")
+    raw = {**spec.raw, **{k: v for k, v in changes.items() if k != "match"}}
+    options = spec.options
+    try:
+        options = spec.cls.Options.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, spec.name))
+    if problems:
+        raise ConfigError(problems)
+    return replace(spec, options=options, match=match, raw=raw)
 
 
 @dataclass(frozen=True)
@@ -233,7 +266,7 @@ def _service_spec(
         problems.extend(_pydantic_problems(exc, key))
     if problems or options is None:
         return None, problems
-    return ServiceSpec(index, use, name, cls, options, match, fail), []
+    return ServiceSpec(index, use, name, cls, options, match, fail, opts), []
 
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> BridgeConfig:

@@ -43,7 +43,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vtl.errors import SetupError
+from vtl.bridge.config import load_config
+
+from vtl.errors import ConfigError, SetupError
 
 if TYPE_CHECKING:
     from vtl.bridge.engine import Bridge
@@ -53,7 +55,8 @@ MAX_LINE = 64 * 1024  # bytes in one request line, newline excluded
 MAX_CLIENTS = 16
 DEFAULT_DIR = Path("/run/vtl")
 LEVELS = ("debug", "info", "warning", "error")
-COMMANDS = ("status", "counters", "connections", "log-level")
+COMMANDS = ("status", "counters", "connections", "set", "reload", "log-level")
+MAX_SET_KEYS = 64
 
 
 class RequestError(Exception):
@@ -103,6 +106,7 @@ class Handler:
     def __init__(self, bridge: Bridge, started: float):
         self.bridge = bridge
         self.started = started  # time.monotonic() when the bridge started
+        self.first_config = bridge.config.path  # what `reload` reads by default
 
     def handle(self, line: bytes) -> dict[str, Any]:
         try:
@@ -178,6 +182,37 @@ class Handler:
                 raise RequestError(f"args.service: no service named {service[:40]!r} "
                                    f"(services: {', '.join(names) or 'none'})")
         return self.bridge.connections(service)
+
+    def cmd_set(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._args(args, ("service", "options"))
+        service, options = args.get("service"), args.get("options")
+        if not isinstance(service, str):
+            raise RequestError("args.service: missing or not a string (a service's name)")
+        if not isinstance(options, dict) or not options:
+            raise RequestError("args.options: give a JSON object of at least one option, "
+                               'e.g. {"delay_ms": 80}')
+        if len(options) > MAX_SET_KEYS:
+            raise RequestError(f"args.options: at most {MAX_SET_KEYS} options at once")
+        try:
+            return self.bridge.set_options(service, options)
+        except ConfigError as exc:
+            raise RequestError("; ".join(exc.problems)) from None
+
+    def cmd_reload(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._args(args, ("config",))
+        path = args.get("config", self.first_config)
+        if path is None:
+            raise RequestError("args.config: this bridge was not started from a file; "
+                               "give the config file to apply")
+        if not isinstance(path, str | Path) or not str(path) or not Path(path).is_absolute():
+            raise RequestError("args.config: must be an absolute path to a config file")
+        try:
+            config = load_config(path)
+            result = self.bridge.reload(config)
+        except ConfigError as exc:
+            raise RequestError("reload refused, nothing changed: "
+                               + "; ".join(exc.problems)) from None
+        return {"config": str(path), **result}
 
     def cmd_log_level(self, args: dict[str, Any]) -> dict[str, Any]:
         self._args(args, ("level",))

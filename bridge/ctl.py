@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,15 @@ def parse_command(words: tuple[str, ...], socket_opt: str | None, service: str |
         if len(rest) != 1:
             raise CtlError(f"log-level takes one LEVEL: {', '.join(LEVELS)}")
         args["level"] = rest[0]
+    elif cmd == "set":
+        if len(rest) < 2:
+            raise CtlError("set takes a SERVICE and KEY=VALUE..., e.g. set netem delay_ms=80")
+        args["service"], args["options"] = rest[0], parse_assignments(rest[1:])
+    elif cmd == "reload":
+        if len(rest) > 1:
+            raise CtlError("reload takes at most one CONFIG file")
+        if rest:  # the bridge reads it: make it absolute from here
+            args["config"] = str(Path(rest[0]).absolute())
     elif rest:
         raise CtlError(f"{cmd} takes no arguments, not {' '.join(rest)!r}")
     if service is not None:
@@ -92,6 +102,28 @@ def parse_command(words: tuple[str, ...], socket_opt: str | None, service: str |
     if cmd not in COMMANDS:
         raise CtlError(f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}")
     return path, cmd, args
+
+
+def parse_value(text: str) -> Any:
+    """A value as TOML reads it (``80``, ``0.5``, ``true``, ``"x"``, ``[1, 2]``); anything
+    else is the string itself (``path=/tmp/a.pcap``, ``match=tcp port 80``)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignments(words: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` words -> an options object (a key given twice is an error)."""
+    out: dict[str, Any] = {}
+    for word in words:
+        key, eq, value = word.partition("=")
+        if not eq or not key:
+            raise CtlError(f"{word!r}: expected KEY=VALUE")
+        if key in out:
+            raise CtlError(f"{key}: given twice")
+        out[key] = parse_value(value)
+    return out
 
 
 # -- rendering ----------------------------------------------------------------------
@@ -152,6 +184,22 @@ def render(cmd: str, result: Any, console: Console | None = None) -> None:
             console.print(table)
     elif cmd == "log-level":
         console.print(f"log level {result['was']} -> {result['level']}")
+    elif cmd == "set":
+        console.print(f"{result['service']}: " + " ".join(
+            f"{k}={json.dumps(v)}" for k, v in result["options"].items()))
+    elif cmd == "reload":
+        table = Table("what", "services", title=f"reloaded {result['config']}",
+                      title_justify="left")
+        for what in ("added", "removed", "replaced", "retuned", "kept"):
+            names = [n if isinstance(n, str) else f"{n['name']} ({', '.join(n['changed'])})"
+                     for n in result.get(what, [])]
+            table.add_row(what, ", ".join(names) or "-")
+        table.add_row("order", " -> ".join(result.get("order", [])) or "empty chain")
+        if result.get("bridge"):
+            table.add_row("[bridge]", ", ".join(result["bridge"]))
+        for name, n in result.get("reset_connections", {}).items():
+            table.add_row("reset", f"{name}: {n} connections")
+        console.print(table)
     else:
         console.print_json(data=result)
 

@@ -158,6 +158,7 @@ class EgressPolicy:
         self.refreshes = 0
         self._logged: dict[str, tuple[float, int]] = {}
         self._thread: threading.Thread | None = None
+        self._swap = threading.Lock()  # one writer at a time (watch thread, reload)
         self._nl: socket.socket | None = None
         self._wake_fd = -1
 
@@ -201,8 +202,17 @@ class EgressPolicy:
     def refresh(self) -> None:
         """Read the host's own addresses now and put them in force."""
         own = list(self._read_own())
-        self.addresses = self.addresses.with_own(own)
+        with self._swap:
+            self.addresses = self.addresses.with_own(own)
         self.refreshes += 1
+
+    def set_prefixes(self, deny: Iterable[Prefix | str], allow: Iterable[Prefix | str]) -> None:
+        """Put new ``[bridge] deny``/``allow`` lists in force (a reload), keeping the
+        host's own addresses."""
+        with self._swap:
+            self.addresses = AddressPolicy(deny, allow).with_own(self.addresses.own)
+        self.log.warning("egress policy: deny %s, allow %s (reload)",
+                         [str(p) for p in deny] or "none", [str(p) for p in allow] or "none")
 
     def _run(self) -> None:
         assert self._nl is not None

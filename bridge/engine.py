@@ -48,15 +48,17 @@ import os
 import select
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
+from vtl.bridge import reconfig
 from vtl.bridge.chain import Chain
 from vtl.bridge.config import BridgeConfig
 from vtl.bridge.egress import EgressPolicy
 from vtl.bridge.ports import Port, make_port
 from vtl.bridge.streams import StreamManager
 
-from vtl.errors import SetupError, VTLError
+from vtl.errors import ConfigError, SetupError, VTLError
 from vtl.flow import FlowTable
 from vtl.frame import VNET_HDR_LEN, Frame
 from vtl.service import Direction, Service
@@ -393,6 +395,64 @@ class Bridge:
                 port.send(frame.data)
         except VTLError:
             self.counters.malformed += 1
+
+    # -- changing a running bridge ---------------------------------------------------
+
+    def set_options(self, service: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Retune one service's run-time options (``vtl ctl NAME set``); ConfigError, and
+        nothing changed, when a key is unknown, not tunable or its value invalid."""
+        with self._lock:
+            slot = next((s for s in self.chain.slots if s.ctx.name == service), None)
+            if slot is None:
+                names = ", ".join(s.ctx.name for s in self.chain.slots) or "none"
+                raise ConfigError(f"service: no service named {service[:40]!r} (services: "
+                                  f"{names})")
+            spec = reconfig.check_set(slot, changes)
+            now = time.monotonic()
+            reconfig.apply_set(slot, spec, now)
+            self._chain_changed(now)
+        shown = {k: (spec.match_expression if k == "match" else getattr(spec.options, k))
+                 for k in changes}
+        self.log.warning("set %s %s (control socket)", service,
+                         " ".join(f"{k}={v}" for k, v in shown.items()))
+        return {"service": service, "options": shown}
+
+    def reload(self, config: BridgeConfig) -> dict[str, Any]:
+        """Apply ``config`` to the running bridge without closing its ports (see
+        :mod:`vtl.bridge.reconfig`); ConfigError, and nothing changed, when it cannot."""
+        with self._lock:
+            plan = reconfig.plan(self.chain, self.config, config)
+            now = time.monotonic()
+            summary = reconfig.apply(self.chain, plan, now, self.log)
+            live = plan.bridge_changes
+            if "log_level" in live:
+                self.log.setLevel(live["log_level"].upper())
+            if ("deny" in live or "allow" in live) and self.egress is not None:
+                self.egress.set_prefixes(config.bridge.deny, config.bridge.allow)
+            self.config = config
+            self._chain_changed(now)
+        self.log.warning("reloaded %s: %s", config.path or "a config", ", ".join(
+            f"{k} {', '.join(str(n if isinstance(n, str) else n['name']) for n in v)}"
+            for k, v in summary.items()
+            if k in ("added", "removed", "replaced", "retuned") and v) or "no change")
+        return summary
+
+    def _chain_changed(self, now: float) -> None:
+        """After a retune or reload (lock held): forward what it sent, re-arm the timers,
+        keep the config in step with the chain, and leave or take the empty-chain path."""
+        self.chain.drain(now)
+        self._flush()
+        specs = tuple(s.spec for s in self.chain.slots if s.spec is not None)
+        if specs != self.config.services:
+            self.config = replace(self.config, services=specs)
+        empty = len(self.chain) == 0
+        for lane in self._lanes.values():
+            lane.fast = empty and lane.src.vnet == lane.dst.vnet
+        self._deadline = self.chain.next_deadline()
+        try:
+            os.write(self._tick_w, b"t")  # the deadline may have moved earlier
+        except OSError:
+            pass
 
     # -- reporting ------------------------------------------------------------------
 

@@ -64,8 +64,7 @@ def run_bridge(config: BridgeConfig, log: logging.Logger) -> int:
             log.info("metrics on http://%s/metrics", config.bridge.metrics)
         log.info("bridge %r ready: %s", config.bridge.name, describe(config))
         sd_notify("READY=1")
-        interval = config.bridge.stats_interval_s or None
-        while not bridge.wait(interval):
+        while not bridge.wait(bridge.config.bridge.stats_interval_s or None):  # reloadable
             log.info("stats %s", json.dumps(bridge.snapshot(), default=str))
         sd_notify("STOPPING=1")
     finally:

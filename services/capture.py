@@ -7,6 +7,7 @@ Synopsis
     direction = "both"     # both | to_uplink | to_guest
     snaplen = 262144
     segment = true         # write GSO frames as the wire segments they become
+    active = true          # false: configured but stopped (start it with vtl ctl ... set)
 
 What it does to frames
     Nothing: every frame PASSes unchanged. Frames travelling in a covered direction
@@ -37,6 +38,11 @@ Notes
       ``snaplen`` applies to each written segment.
     - A failure to write propagates to the bridge, which applies the failure policy
       (open by default: the frame still passes).
+    - At run time (``vtl ctl NAME set capture ...``) ``active``, ``path``,
+      ``direction``, ``snaplen``, ``segment`` and ``match`` change without a restart:
+      ``active=false`` stops and closes the file, ``active=true`` starts a new capture
+      at ``path`` (replacing that file), a new ``path`` moves it, ``match=""`` removes
+      the filter. ``frames_written`` counts across captures.
 
 See also
     ``netem`` (what to look at), tcpdump(8), Click's ToDump element.
@@ -61,6 +67,12 @@ from vtl import (
 from vtl.packet.offload import complete_offloads
 from vtl.service import PacketSink
 
+_DIRS = {
+    "both": frozenset(Direction),
+    "to_uplink": frozenset({Direction.TO_UPLINK}),
+    "to_guest": frozenset({Direction.TO_GUEST}),
+}
+
 
 class CaptureOptions(ServiceOptions):
     """Options of the ``capture`` service."""
@@ -72,6 +84,9 @@ class CaptureOptions(ServiceOptions):
     segment: bool = Field(
         True, description="write GSO frames as the wire segments they become, with checksums "
         "finished, as tcpdump inside the guest would see them")
+    active: bool = Field(
+        True, description="capturing; false: stopped with the file closed (set at run time: "
+        "active=true starts a new capture at path, replacing the file)")
 
 
 class Capture(Service):
@@ -79,21 +94,38 @@ class Capture(Service):
     summary = "write the frames passing this position in the chain to a pcap file"
     Options = CaptureOptions
 
+    tunable = frozenset({"path", "direction", "snaplen", "segment", "active", "match"})
+
     options: CaptureOptions
 
     def __init__(self, options: CaptureOptions, ctx: ServiceContext):
         super().__init__(options, ctx)
-        self._dirs = {
-            "both": frozenset(Direction),
-            "to_uplink": frozenset({Direction.TO_UPLINK}),
-            "to_guest": frozenset({Direction.TO_GUEST}),
-        }[options.direction]
+        self._dirs = _DIRS[options.direction]
         self._sink: PacketSink | None = None
         self.frames_written = 0
         self.bytes_written = 0
 
     def start(self, now: float) -> None:
-        self._sink = self.ctx.open_pcap(self.options.path)
+        if self.options.active:
+            self._sink = self.ctx.open_pcap(self.options.path)
+
+    def retune(self, options: CaptureOptions, now: float) -> None:
+        """Start (``active=true``), stop (``active=false``: the file is closed, complete)
+        or move (a new ``path``) the capture while the bridge runs. The new file is
+        opened before the old one closes, so a path that cannot be written changes
+        nothing."""
+        old = self.options
+        moved = options.active and (not old.active or options.path != old.path)
+        sink = self.ctx.open_pcap(options.path) if moved else self._sink
+        if self._sink is not None and (moved or not options.active):
+            self._sink.close()
+            self.ctx.log.info("%s: closed %s (%d records)", self.ctx.name, old.path,
+                              self.frames_written)
+        self._sink = sink if options.active else None
+        if moved:
+            self.ctx.log.info("%s: capturing to %s", self.ctx.name, options.path)
+        self.options = options
+        self._dirs = _DIRS[options.direction]
 
     def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
         sink = self._sink
@@ -125,6 +157,7 @@ class Capture(Service):
     def report(self, now: float) -> dict[str, Any]:
         return {
             "path": self.options.path,
+            "active": self.options.active,
             "direction": self.options.direction,
             "frames_written": self.frames_written,
             "bytes_written": self.bytes_written,

@@ -63,7 +63,11 @@ Notes
     - ``seed`` makes runs reproducible: each direction draws from its own
       ``random.Random`` seeded from it, so traffic in one direction never changes the
       decisions in the other.
-    - On stop, frames still held are discarded (reported as ``discarded_at_stop``).
+    - On stop, frames still held are discarded (reported as ``discarded_at_stop``);
+      taken out of a running chain by ``reload`` they go on at once, in order.
+    - Every option can change while the bridge runs (``vtl ctl NAME set netem
+      delay_ms=80``, or a reload): held frames keep their release times and order, the
+      new values apply from the next frame.
 
 See also
     ``shaper`` (hierarchical bandwidth control), ``capture`` (see what netem did),
@@ -93,6 +97,11 @@ from vtl import (
 )
 
 ETH_HLEN = 14
+_COVERED = {
+    "both": (Direction.TO_UPLINK, Direction.TO_GUEST),
+    "to_uplink": (Direction.TO_UPLINK,),
+    "to_guest": (Direction.TO_GUEST,),
+}
 
 
 class NetemOptions(ServiceOptions):
@@ -170,15 +179,16 @@ class Netem(Service):
 
     options: NetemOptions
 
+    tunable = frozenset(NetemOptions.model_fields)  # every option, as tc qdisc change
+
     def __init__(self, options: NetemOptions, ctx: ServiceContext):
         super().__init__(options, ctx)
-        o = options
-        covered = {
-            "both": (Direction.TO_UPLINK, Direction.TO_GUEST),
-            "to_uplink": (Direction.TO_UPLINK,),
-            "to_guest": (Direction.TO_GUEST,),
-        }[o.direction]
-        self._links: dict[Direction, _Link] = {d: _Link(d, o.seed) for d in covered}
+        self._links: dict[Direction, _Link] = {
+            d: _Link(d, options.seed) for d in _COVERED[options.direction]}
+        self._derive(options)
+
+    def _derive(self, o: NetemOptions) -> None:
+        self.options = o
         self._delay = o.delay_ms / 1000.0
         self._jitter = o.jitter_ms / 1000.0
         self._bps = o.rate_mbit * 1e6
@@ -209,17 +219,46 @@ class Netem(Service):
             self._admit(link, dup, now, may_pass=False)
         return verdict
 
+    def retune(self, options: NetemOptions, now: float) -> None:
+        """New options while running (``vtl ctl NAME set netem delay_ms=80``). Frames
+        already held keep their release times and their order; the new delay, rate and
+        probabilities apply from the next frame (a shorter delay waits behind them, as
+        FIFO demands). A direction no longer covered releases what it holds at once; a
+        new ``seed`` restarts every random stream from it."""
+        old = self.options
+        links = {}
+        for d in _COVERED[options.direction]:
+            link = self._links.get(d) or _Link(d, options.seed)
+            if options.seed != old.seed:
+                link.rng = _Link(d, options.seed).rng
+            if options.ge_p == 0:
+                link.ge_bad = False
+            links[d] = link
+        for d, link in self._links.items():
+            if d not in links:
+                self._release(link, math.inf)
+        self._links = links
+        self._derive(options)
+
+    def drain(self, now: float) -> None:
+        """Taken out of the chain by a reload: what it holds goes on at once, in order."""
+        for link in self._links.values():
+            self._release(link, math.inf)
+
     def poll_at(self) -> float | None:
         times = [link.held[0][0] for link in self._links.values() if link.held]
         return min(times) if times else None
 
     def on_timer(self, now: float) -> None:
         for link in self._links.values():
-            held = link.held
-            while held and held[0][0] <= now:
-                _, _, frame = heapq.heappop(held)
-                link.held_bytes -= len(frame.data)
-                self.ctx.emit(frame, link.direction)
+            self._release(link, now)
+
+    def _release(self, link: _Link, until: float) -> None:
+        held = link.held
+        while held and held[0][0] <= until:
+            _, _, frame = heapq.heappop(held)
+            link.held_bytes -= len(frame.data)
+            self.ctx.emit(frame, link.direction)
 
     def stop(self, now: float) -> None:
         for link in self._links.values():

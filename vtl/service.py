@@ -165,6 +165,12 @@ class Service:
     #: a service that must see every frame and fail closed (an anonymizer): the
     #: config refuses ``match`` and ``fail = "open"`` for it
     airtight: ClassVar[bool] = False
+    #: options that may change while the bridge runs (``vtl ctl NAME set``, or a
+    #: ``reload`` that changes only these): the bridge validates the new options with
+    #: :attr:`Options` and calls :meth:`retune`. ``"match"`` here lets the slot's
+    #: ``match`` filter change too. Any other change replaces the service by a new
+    #: instance (its state, and the connections it holds, are lost).
+    tunable: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: Any, ctx: ServiceContext):
         self.options = options
@@ -184,8 +190,22 @@ class Service:
     def on_timer(self, now: float) -> None:
         """Called when ``now`` has reached :meth:`poll_at`."""
 
+    def retune(self, options: Any, now: float) -> None:
+        """Take new, already validated options that differ from :attr:`options` only in
+        keys listed in :attr:`tunable`; keep the state (held frames, connections). Do
+        whatever can fail first: if this raises, the bridge reports the error and the
+        service must be left running with its old options. The default sets
+        ``self.options``."""
+        self.options = options
+
+    def drain(self, now: float) -> None:
+        """Called when a reload takes the service out of a running chain, just before
+        :meth:`stop`: emit what it holds that should still be delivered (frames it
+        delays). The default does nothing."""
+
     def stop(self, now: float) -> None:
-        """Called once when the bridge stops; release what the service holds."""
+        """Called once when the bridge stops, or when a reload removes or replaces the
+        service; release what the service holds (reset the connections it terminates)."""
 
     def report(self, now: float) -> dict[str, Any]:
         """Service-specific figures for summaries at ``now`` (counters are added by the

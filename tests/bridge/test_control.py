@@ -120,8 +120,14 @@ def test_bad_requests_get_an_error_naming_the_field(request_, names):
     assert bridge.log.level == logging.NOTSET
 
 
-def hostile_lines(rng: random.Random) -> Iterator[bytes]:
+def hostile_lines(rng: random.Random, broken: str = "/nonexistent/broken.toml"
+                  ) -> Iterator[bytes]:
+    """Requests a bridge must refuse, forever; ``broken`` is a config file it cannot apply."""
     cmds = ["status", "counters", "connections", "log-level", "set", "reload", "", "\x00"]
+    bad_options = [{}, [], "x", None, {"delay_ms": -1}, {"delay_ms": "slow"},
+                   {"max_connections": 5}, {"nonsense": 1}, {"x" * 300: 1},
+                   {"loss": 0.5, "ge_p": 0.5}, {"match": "not a (filter"}, {"match": 7}]
+    bad_configs = [broken, broken, "relative.toml", "/nonexistent/x.toml", 5, "", None, [broken]]
     values = [None, 0, -1, 1.5, True, "", "x" * 300, [], {}, {"level": "debug"}, [1, [2]]]
     while True:
         kind = rng.randrange(6)
@@ -136,25 +142,38 @@ def hostile_lines(rng: random.Random) -> Iterator[bytes]:
             if cmd == "log-level" and args.get("level") == {"level": "debug"}:
                 args = {"level": 3}
             yield json.dumps({"v": 1, "cmd": cmd, "args": args}).encode()
-        elif kind == 3:
-            yield json.dumps({"v": 1, "cmd": rng.choice(cmds[4:]), "args": {}}).encode()
+        elif kind == 3:  # set and reload that cannot be carried out
+            if rng.random() < 0.5:
+                args = {"service": rng.choice(["netem", "pep", "nope", 5, None]),
+                        "options": rng.choice(bad_options)}
+                yield json.dumps({"v": 1, "cmd": "set", "args": args}).encode()
+            else:
+                yield json.dumps({"v": 1, "cmd": "reload",
+                                  "args": {"config": rng.choice(bad_configs)}}).encode()
         elif kind == 4:
             yield json.dumps(rng.choice(values)).encode()
         else:
             yield b"{" * rng.randrange(1, 5000)
 
 
-def test_thousands_of_hostile_requests_change_nothing(served):
+def test_ten_thousand_hostile_requests_change_nothing(served, tmp_path):
     bridge, server = served
     before = bridge.snapshot()
+    config, slots = bridge.config, list(bridge.chain.slots)
+    options = [s.service.options for s in slots]
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[bridge]\nname = "ctltest"\n[ports.guest]\nkind = "tap"\nifname = '
+                      '"ctl0"\n[ports.uplink]\nkind = "pcap"\nifname = "ctl1"\n[[services]]\n'
+                      'use = "netem"\ndelay_ms = -4\n')
     rng = random.Random(12)
-    lines = hostile_lines(rng)
-    deadline = time.monotonic() + 60
+    lines = hostile_lines(rng, str(broken))
+    kinds: dict[str, int] = {}  # errors by their first words
+    deadline = time.monotonic() + 120
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(str(server.path))
         f = sock.makefile("rb")
-        for i in range(3000):
+        for i in range(10_000):
             line = next(lines)
             if i % 500 == 0:  # a line over the limit, sent in pieces
                 sock.sendall(b"x" * (MAX_LINE + 10))
@@ -165,12 +184,46 @@ def test_thousands_of_hostile_requests_change_nothing(served):
             r = json.loads(f.readline())
             assert r["v"] == 1 and r["ok"] is False and r["error"], (line, r)
             assert time.monotonic() < deadline
+            kinds[r["error"].split(":")[0][:20]] = kinds.get(r["error"].split(":")[0][:20], 0) + 1
         sock.sendall(b'{"v": 1, "cmd": "status"}\n')
         r = json.loads(f.readline())
         assert r["ok"] and r["result"]["name"] == "ctltest"
+    assert kinds["reload refused, noth"] > 100, kinds  # broken configs, refused
+    assert kinds["args.config"] > 100 and kinds["args.options"] > 100, kinds
+    assert sum(n for k, n in kinds.items() if k.startswith(("netem.", "pep."))) > 100, kinds
     assert bridge.snapshot() == before
+    assert bridge.config is config and bridge.chain.slots == slots
+    assert [s.service.options for s in slots] == options
     assert bridge.log.level == logging.NOTSET
     assert server._thread is not None and server._thread.is_alive()
+
+
+def test_set_and_reload_through_the_handler(tmp_path):
+    bridge = make_bridge()
+    handler = Handler(bridge, time.monotonic())
+    r = call(handler, {"v": 1, "cmd": "set", "args": {"service": "netem",
+                                                       "options": {"delay_ms": 80}}})
+    assert r["ok"] and r["result"] == {"service": "netem", "options": {"delay_ms": 80}}
+    assert bridge.chain.slots[0].service.options.delay_ms == 80
+    r = call(handler, {"v": 1, "cmd": "set", "args": {"service": "pep",
+                                                       "options": {"max_connections": 3}}})
+    assert not r["ok"] and "pep.max_connections: cannot change" in r["error"]
+    r = call(handler, {"v": 1, "cmd": "reload"})
+    assert not r["ok"] and "not started from a file" in r["error"]
+    new = tmp_path / "new.toml"
+    new.write_text('[bridge]\nname = "ctltest"\n[ports.guest]\nkind = "tap"\nifname = "ctl0"'
+                   '\n[ports.uplink]\nkind = "pcap"\nifname = "ctl1"\n[[services]]\n'
+                   'use = "netem"\ndelay_ms = 5\n')
+    r = call(handler, {"v": 1, "cmd": "reload", "args": {"config": str(new)}})
+    assert r["ok"], r
+    assert r["result"]["removed"] == ["pep"] and r["result"]["retuned"] == [
+        {"name": "netem", "changed": ["delay_ms"]}]
+    assert r["result"]["config"] == str(new)
+    assert call(handler, {"v": 1, "cmd": "status"})["result"]["services"] == [
+        {"name": "netem", "use": "netem"}]
+    new.write_text(new.read_text().replace('"ctl1"', '"ctl9"'))
+    r = call(handler, {"v": 1, "cmd": "reload", "args": {"config": str(new)}})
+    assert not r["ok"] and "reload refused, nothing changed: ports.uplink" in r["error"]
 
 
 def test_random_bytes_then_a_valid_request(served):
@@ -360,9 +413,25 @@ def test_parse_command():
                                  (("vm1", "log-level"), None, None),
                                  (("vm1", "status", "x"), None, None),
                                  (("vm1", "status"), None, "pep"),
-                                 (("vm1", "reboot"), None, None)]:
+                                 (("vm1", "reboot"), None, None),
+                                 (("vm1", "set", "netem"), None, None),
+                                 (("vm1", "set", "netem", "delay_ms"), None, None),
+                                 (("vm1", "set", "netem", "a=1", "a=2"), None, None),
+                                 (("vm1", "reload", "a", "b"), None, None)]:
         with pytest.raises(CtlError):
             parse_command(words, sock, service)
+
+
+def test_parse_set_and_reload(monkeypatch, tmp_path):
+    words = ("vm1", "set", "capture", "active=false", "snaplen=96", "loss=0.5",
+             "path=/tmp/a b.pcap", "match=tcp port 80", "match2=", "ports=[1, 2]", 'q="x"')
+    assert parse_command(words, None, None)[2] == {"service": "capture", "options": {
+        "active": False, "snaplen": 96, "loss": 0.5, "path": "/tmp/a b.pcap",
+        "match": "tcp port 80", "match2": "", "ports": [1, 2], "q": "x"}}
+    monkeypatch.chdir(tmp_path)
+    assert parse_command(("vm1", "reload", "vm1.toml"), None, None)[2] == {
+        "config": str(tmp_path / "vm1.toml")}, "made absolute where the caller is"
+    assert parse_command(("vm1", "reload"), None, None)[2] == {}
 
 
 def test_request_errors_are_plain(sockdir, served):

@@ -38,7 +38,8 @@ def test_writes_every_frame_and_passes_it_unchanged():
     sink = h.ctx.sinks["a.pcap"]
     assert isinstance(sink, MemorySink)
     assert sink.records == [(bytes(f.data), 10.0 + i) for i, f in enumerate(frames)]
-    assert h.report(15.0) == {"path": "a.pcap", "direction": "both", "frames_written": 5,
+    assert h.report(15.0) == {"path": "a.pcap", "active": True, "direction": "both",
+                              "frames_written": 5,
                               "bytes_written": sum(len(f) for f in frames)}
     assert h.emitted() == [] and h.counters.frames_out == 5
     h.stop(20.0)

@@ -413,3 +413,49 @@ def test_in_the_bridge_chain_keeps_order():
     tags = [tag_of(f) for f in chain.out_uplink]
     assert tags == sorted(tags) and set(tags) == set(range(100))
     assert len(tags) == 100 + chain.slots[0].counters.extra["duplicated"]
+
+
+# -- changed while running (vtl ctl NAME set netem ..., reload) ------------------------------
+
+
+def test_retune_applies_from_the_next_frame_and_keeps_held_frames():
+    h = harness(delay_ms=20, seed=1)
+    h.send(tagged_frame(1), UP, 0.0)
+    h.service.retune(NetemOptions(delay_ms=80, seed=1), 0.005)
+    h.send(tagged_frame(2), UP, 0.010)
+    h.advance(to=1.0)
+    out = [(tag_of(o.frame), round(o.at, 3)) for o in h.take()]
+    assert out == [(1, 0.02), (2, 0.09)]
+    h.service.retune(NetemOptions(delay_ms=0, seed=1), 1.0)
+    assert h.send(tagged_frame(3), UP, 1.0) is PASS, "no impairment left: frames pass at once"
+
+
+def test_retune_to_one_direction_releases_the_other_at_once():
+    h = harness(delay_ms=100)
+    h.send(tagged_frame(1), DOWN, 0.0)
+    h.send(tagged_frame(2), UP, 0.0)
+    h.service.retune(NetemOptions(delay_ms=100, direction="to_uplink"), 0.01)
+    assert [(tag_of(o.frame), o.direction) for o in h.take()] == [(1, DOWN)]
+    assert h.send(tagged_frame(3), DOWN, 0.02) is PASS
+    assert h.send(tagged_frame(4), UP, 0.02) is CONSUMED
+
+
+def test_retune_with_a_new_seed_restarts_the_random_streams():
+    a = make(loss=0.5, seed=3)[0]
+    b = make(loss=0.5, seed=4)[0]
+    b.retune(NetemOptions(loss=0.5, seed=3), 0.0)
+    for i in range(200):
+        assert a.process(tagged_frame(i), UP, 0.0) is b.process(tagged_frame(i), UP, 0.0)
+
+
+def test_drain_sends_what_it_holds_in_order():
+    netem, ctx = make(delay_ms=500, jitter_ms=100, seed=2)
+    for i in range(5):
+        netem.process(tagged_frame(i), UP, i * 0.001)
+    netem.drain(0.01)
+    assert [tag_of(f) for f, _ in ctx.emitted] == [0, 1, 2, 3, 4]
+    assert netem.poll_at() is None
+
+
+def test_every_option_is_tunable():
+    assert Netem.tunable == frozenset(NetemOptions.model_fields)
