@@ -53,7 +53,7 @@ class Window:
 
     def take(self, now: float) -> bool:
         """May one more event happen at ``now``? (False counts it as suppressed.)"""
-        if not self.start <= now < self.start + self.period:  # (also if time went back)
+        if now >= self.start + self.period:  # (a ``now`` from before counts in this one)
             self.start, self.used = now, 0
         if self.used < self.limit:
             self.used += 1
@@ -127,7 +127,7 @@ class SplitLog:
         if key not in self._outcomes and len(self._outcomes) >= OUTCOMES_KEPT:
             key = "other"
         rec = self._outcomes.get(key)
-        if rec is not None and rec.last <= now < rec.last + self.every_s:
+        if rec is not None and now < rec.last + self.every_s:
             self._outcomes[key] = _Outcome(rec.last, rec.more + 1)
             return
         if not self.failures.take(now):  # over the service's bound: count it, no line

@@ -90,6 +90,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 from dns.reversename import to_address
+from vtl.models.splitlog import FAILURE_LINES, Window
 
 from vtl.service import ServiceContext
 from vtl.stream import (
@@ -220,6 +221,8 @@ class DnsResolver:
         self._deadlines: list[tuple[float, int]] = []  # heap; entries of finished queries linger
         self._seq = 0
         self._logged: dict[str, float] = {}  # upstream failure cause -> when last logged
+        # every upstream failure line together: the guest chooses the names they quote
+        self._lines = Window(FAILURE_LINES, LOG_EVERY_S)
 
     # -- entry point -------------------------------------------------------------------
 
@@ -437,7 +440,19 @@ class DnsResolver:
         if len(self._logged) > 64:
             self._logged.clear()
         self._logged[cause] = now
-        self.ctx.log.warning("DNS upstream failed, answered SERVFAIL: %s", cause)
+        more = self._line(now)
+        if more is not None:
+            self.ctx.log.warning("DNS upstream failed, answered SERVFAIL: %s%s", cause, more)
+
+    def _line(self, now: float) -> str | None:
+        """None when the resolver's upstream lines are used up for now (at most
+        FAILURE_LINES every LOG_EVERY_S), else what to add about the ones left out."""
+        w = self._lines
+        before = w.suppressed
+        if not w.take(now):
+            return None
+        w.suppressed = 0
+        return f" ({before} more DNS upstream lines left out before this one)" if before else ""
 
     def _close(self, p: _Pending, now: float, *, abort: bool = False) -> None:
         p.done = True
@@ -473,7 +488,10 @@ class DnsResolver:
             _, seq = heapq.heappop(self._deadlines)
             p = self._pending.get(seq)
             if p is not None:
-                self.ctx.log.info("DNS upstream for %s timed out", p.query.question[0].name)
+                more = self._line(now)
+                if more is not None:
+                    self.ctx.log.info("DNS upstream for %s timed out%s",
+                                      p.query.question[0].name, more)
                 self._finish(p, dns.rcode.SERVFAIL, now, abort=True)
 
     def stop(self, now: float) -> None:

@@ -52,7 +52,7 @@ def test_window_allows_limit_per_period_and_counts_the_rest() -> None:
     assert [w.take(0.1 * i) for i in range(5)] == [True, True, True, False, False]
     assert w.suppressed == 2 and w.ends() == pytest.approx(1.0)
     assert w.take(1.0) and w.start == 1.0
-    assert w.take(0.5)  # time going back starts a new window rather than wedging it
+    assert w.take(0.5) and w.take(1.9) and not w.take(0.2)  # an earlier now counts here too
 
 
 def test_open_and_end_lines_at_debug_with_bytes_and_duration(

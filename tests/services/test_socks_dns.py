@@ -3,6 +3,7 @@ with dnspython, upstream streams played by FakeStream, time passed in explicitly
 
 from __future__ import annotations
 
+import logging
 import struct
 
 import dns.edns
@@ -17,7 +18,8 @@ import dns.rrset
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vtl.services.socks.dns import DnsResolver, parse_mode
+from vtl.models.splitlog import FAILURE_LINES
+from vtl.services.socks.dns import LOG_EVERY_S, DnsResolver, parse_mode
 from vtl.services.socks.fakeip import FakeIpPool
 
 from vtl.stream import StreamRequest
@@ -306,6 +308,26 @@ def test_tor_resolve_failures(reason, rcode):
     key = "nxdomain" if rcode == dns.rcode.NXDOMAIN else "servfail"
     assert ctx.extra(f"dns_tor_resolve_{key}") == 1
     assert resolver.poll_at() is None
+
+
+def test_upstream_failure_lines_naming_thousands_of_names_are_bounded(caplog):
+    """Each failure quotes the guest's name, so per-cause limiting alone would log each:
+    the resolver's upstream lines are bounded altogether (FAILURE_LINES per LOG_EVERY_S)."""
+    resolver, ctx, _ = make("tor-resolve", timeout_s=1.0)
+    n, span = 3000, 30.0
+    with caplog.at_level(logging.INFO, logger=ctx.log.name):
+        for i in range(n):
+            now = span * i / n
+            ask(resolver, query(f"n{i}.example", "A", id=i), now=now)
+            if i % 2:
+                ctx.now = now
+                ctx.streams[-1].closed("error", f"SOCKS proxy could not resolve n{i}.example")
+            else:
+                resolver.on_timer(now + 1.0)  # timed out
+    lines = [r.getMessage() for r in caplog.records if r.name == ctx.log.name]
+    assert 0 < len(lines) <= FAILURE_LINES * (span // LOG_EVERY_S + 1)
+    assert any("left out before this one" in ln for ln in lines)
+    assert ctx.extra("dns_tor_resolve_servfail") == n
 
 
 @pytest.mark.parametrize("bad", [None, ("not-an-ip", 0), ("", 0)])
