@@ -34,6 +34,11 @@ Options (``StreamRequest.options``):
   (CMD 0xF0: the proxy resolves ``host``; the reply is the address) and
   ``"resolve_ptr"`` (CMD 0xF1: ``host`` is an IP literal; the reply is its
   name). A resolve stream carries no data: close it after ``StreamConnected``;
+  ``"probe"``: only the method negotiation (and the RFC 1929 sub-negotiation when
+  credentials are given and the proxy picks it), no request: ``StreamConnected``
+  says the proxy is up, speaks SOCKS5 and takes the credentials (a service checks
+  its proxy at start this way). ``host``/``port`` are not used (give the proxy's);
+  the egress policy does not judge a probe: it goes to the operator's proxy only;
 - ``bind``, ``mark``: as for ``tcp``, for the socket to the proxy.
 
 Close reasons: REP 2 and 5 -> ``refused``; 3, 4, 6 -> ``unreachable``; 1, 7,
@@ -73,6 +78,7 @@ AUTH_VERSION = 1  # RFC 1929 sub-negotiation
 NO_AUTH, USERNAME_PASSWORD, NO_ACCEPTABLE = 0x00, 0x02, 0xFF
 ATYP_IPV4, ATYP_NAME, ATYP_IPV6 = 1, 3, 4
 COMMANDS = {"connect": 0x01, "resolve": 0xF0, "resolve_ptr": 0xF1}
+PROBE = "probe"  # the greeting only (see the module docstring): no CMD byte
 
 #: REP code -> (close reason, meaning); RFC 1928 section 6, then Tor's prop 304
 _REPLIES: dict[int, tuple[CloseReason, str]] = {
@@ -167,9 +173,9 @@ def parse_options(request: StreamRequest) -> Socks5Options:
     ubytes = None if user is None else _credential("username", user)
     pbytes = None if password is None else _credential("password", password)
     command = opts.get("command", "connect")
-    if command not in COMMANDS:
-        raise LocalProtocolError(
-            f"socks5 stream option command={command!r}: give one of {', '.join(COMMANDS)}")
+    if command not in COMMANDS and command != PROBE:
+        raise LocalProtocolError(f"socks5 stream option command={command!r}: give one of "
+                                 f"{', '.join(COMMANDS)}, {PROBE}")
     dport = _port(request.port, 1 if command == "connect" else 0)
     if dport is None:
         raise LocalProtocolError(
@@ -256,7 +262,7 @@ class Socks5Handshake(Handshake):
                        " (it rejected ours)")
             raise TransportError("refused", f"{self.prefix} accepts none of our methods: {why}")
         if method == NO_AUTH:
-            return self._request()
+            return self._request()  # (a probe is done here)
         if method == USERNAME_PASSWORD and self.opts.username is not None:
             user, password = self.opts.username, self.opts.password
             return self._expect(Step.AUTH, 2, bytes([AUTH_VERSION, len(user)]) + user
@@ -318,6 +324,9 @@ class Socks5Handshake(Handshake):
     # -- helpers ----------------------------------------------------------------------
 
     def _request(self) -> HandshakeStep:
+        if self.opts.command == PROBE:  # the proxy answered the greeting (and took us in)
+            self.reply = (self.opts.proxy_host, self.opts.proxy_port)
+            return self._expect(Step.DONE, 0)
         return self._expect(Step.REPLY, 4, bytes(
             [VERSION, COMMANDS[self.opts.command], 0]) + self.opts.dest)
 
@@ -383,5 +392,5 @@ class Socks5Transport(TcpTransport):
         return Socks5Handshake(parse_options(request))
 
 
-__all__ = ["Socks5Handshake", "Socks5Options", "Socks5Transport", "parse_options",
+__all__ = ["PROBE", "Socks5Handshake", "Socks5Options", "Socks5Transport", "parse_options",
            "proxy_label"]

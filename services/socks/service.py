@@ -56,6 +56,11 @@ Notes
       advertisements are served); any on-link gateway address works.
     - UDP other than DNS cannot go through SOCKS5 here (no UDP ASSOCIATE: Tor
       does not support it); QUIC falls back to TCP when rejected.
+    - At start the service probes its proxy (the SOCKS5 greeting, and the
+      credentials when it has some; no request) without delaying readiness: a
+      proxy that is down, does not speak SOCKS5 or refuses us gets one WARNING
+      naming it and the problem. The service is ready all the same: the proxy
+      may come up later, and connections are reset until it does.
 
 See also
     RFC 1928 and 1929 (SOCKS5), Tor's socks-extensions.txt; ``pep`` (the same
@@ -83,7 +88,7 @@ from vtl.packet.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6
 from vtl.packet.icmp import ICMP6_NEIGHBOR_SOLICIT
 from vtl.packet.packet import Packet
 from vtl.service import Verdict
-from vtl.stream import Stream, StreamRequest
+from vtl.stream import Stream, StreamClosed, StreamConnected, StreamEvent, StreamRequest
 
 TO_GUEST = Direction.TO_GUEST
 DNS_PORT = 53
@@ -114,6 +119,8 @@ class Socks(SplitService):
                                     timeout_s=options.dns_timeout_s, ttl=options.dns_ttl)
         self._vm_mac = b""  # the guest a resolver upstream is opened for (isolation)
         self._local_ids = 0
+        self.probe: Stream | None = None  # the start-up check of the proxy, until it ends
+        self.probe_result: str | None = None  # "up", or what is wrong with the proxy
 
     # -- upstream requests ----------------------------------------------------------
 
@@ -266,6 +273,41 @@ class Socks(SplitService):
         return LocalDnsStream(-self._local_ids, request,
                               lambda ev, now: self.table.post(key, ev, now), answer, now)
 
+    # -- the proxy check at start ------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """Probe the proxy (asynchronously: the bridge is ready meanwhile)."""
+        user, password = self._credentials()
+        request = StreamRequest(
+            "socks5", self.proxy.host, self.proxy.port, timeout_s=self.options.connect_timeout_s,
+            read_chunk=4096, write_buffer=4096,
+            options={"proxy": (self.proxy.host, self.proxy.port), "username": user,
+                     "password": password, "command": "probe"})
+        try:
+            self.probe = self.ctx.open_stream(request, self._probed)
+        except Exception as exc:  # noqa: BLE001 - a check must never stop the service
+            self._probe_failed(f"cannot probe it: {exc}")
+
+    def _probed(self, event: StreamEvent, now: float) -> None:
+        if self.probe_result is not None or self.probe is None:
+            return  # the StreamClosed of our own close(), or after stop()
+        if isinstance(event, StreamConnected):
+            self.probe_result = "up"
+            self.ctx.log.info("SOCKS proxy %s answers (SOCKS5)", self.proxy.where)
+            self.probe.close(now)
+        elif isinstance(event, StreamClosed):
+            self.probe = None
+            why = event.message or event.reason
+            if not why.startswith("SOCKS proxy"):
+                why = f"SOCKS proxy {self.proxy.where}: {why}"
+            self._probe_failed(why)
+
+    def _probe_failed(self, why: str) -> None:
+        self.probe_result = why
+        self.ctx.count("proxy_probe_failed")
+        self.ctx.log.warning("%s; socks runs on, resetting the guest's connections until the "
+                             "proxy answers", why)
+
     # -- timers and life ----------------------------------------------------------------
 
     def poll_at(self) -> float | None:
@@ -277,6 +319,9 @@ class Socks(SplitService):
         self.resolver.on_timer(now)
 
     def stop(self, now: float) -> None:
+        if self.probe is not None and self.probe_result is None:
+            self.probe.abort(now)
+        self.probe = None
         self.resolver.stop(now)
         self.table.stop(now)
 

@@ -33,6 +33,7 @@ from transports_socks5peer import (
     encode_reply,
     exchange,
 )
+from vtl.bridge.egress import EgressPolicy
 from vtl.bridge.streams import StreamManager
 from vtl.bridge.transports import Socks5Transport, TransportError, builtin_transports
 from vtl.bridge.transports.socks5 import Socks5Handshake
@@ -275,6 +276,31 @@ def test_wrong_credentials():
     assert expect_error(out, "refused") == (
         f"{PREFIX} rejected the username/password (authentication failed)")
     assert peer.creds == (b"alice", b"wrong") and peer.request is None
+
+
+def test_probe_is_the_greeting_only():
+    peer = Peer(auth="none")
+    out = drive(request("127.0.0.1", 1080, command="probe"), peer)
+    assert out.result == ("reply", PROXY) and out.sent == b"\x05\x01\x00"
+    assert out.wants == [2] and peer.request is None
+
+
+def test_probe_with_credentials_checks_them():
+    peer = Peer(auth="required", users={b"alice": b"right"})
+    out = drive(request(command="probe", username="alice", password="right"), peer)
+    assert out.result == ("reply", PROXY) and peer.creds == (b"alice", b"right")
+    assert peer.request is None
+    out = drive(request(command="probe", username="alice", password="wrong"),
+                Peer(auth="required", users={b"alice": b"right"}))
+    expect_error(out, "refused", "authentication failed")
+
+
+@pytest.mark.parametrize(("peer", "reason", "needle"), [
+    (Peer(auth="required"), "refused", "requires authentication"),
+    (Peer(method_reply=b"HT"), "error", "not speaking SOCKS5"),
+])
+def test_probe_names_what_is_wrong(peer, reason, needle):
+    expect_error(drive(request(command="probe"), peer), reason, needle)
 
 
 @pytest.mark.parametrize(("ip", "atyp", "wants"), [
@@ -831,3 +857,23 @@ def test_proxy_closing_during_the_handshake(mgr, lock, servers):
     assert rec.final.reason in ("error", "reset")
     assert rec.final.message.startswith(f"SOCKS proxy 127.0.0.1:{server.port}: ")
     assert "method selection" in rec.final.message
+
+
+def test_probe_through_the_manager_is_not_judged_by_the_egress_policy(mgr, lock, servers):
+    """The proxy is the operator's, on loopback: a probe reaches it where the policy
+    refuses a guest's stream to the same address."""
+    server = servers()
+    mgr.policy = EgressPolicy(read_own=lambda: [], watch=False)
+    _, rec = open_stream(mgr, lock, StreamRequest(
+        "socks5", server.proxy[0], server.port, timeout_s=5.0,
+        options={"proxy": server.proxy, "command": "probe"}))
+    wait_for(lambda: rec.events)
+    assert isinstance(rec.events[0], StreamConnected) and rec.events[0].reply == server.proxy
+    with lock:
+        rec.events[0].stream.close()
+    wait_for(lambda: rec.final is not None)
+    assert server.peers[0].request is None and server.peers[0].offered == [NO_AUTH]
+    _, guest = open_stream(mgr, lock, StreamRequest(
+        "socks5", "127.0.0.1", server.port, timeout_s=5.0, options={"proxy": server.proxy}))
+    wait_for(lambda: guest.final is not None)
+    assert guest.final.reason == "prohibited"
