@@ -67,6 +67,8 @@ TUN_F_TSO_ECN = 0x08
 
 VNET_HDR_SIZE = 10
 NETNS_DIR = "/run/netns"
+# entering a named namespace (`ip -n`, setns(2)) needs CAP_SYS_ADMIN besides CAP_NET_ADMIN
+NETNS_CAPS = "CAP_NET_ADMIN and CAP_SYS_ADMIN (setns, to enter the network namespace)"
 _FATAL_RX = frozenset({errno.EBADF, errno.EBADFD, errno.ENODEV, errno.ENXIO})
 
 
@@ -198,10 +200,12 @@ class TapPort(Port):
                 exists=f"an interface named {cfg.ifname!r} already exists in network namespace "
                 f"{cfg.netns!r} (another bridge, or a persistent TAP left there); remove it with "
                 f"`ip -n {cfg.netns} link del {cfg.ifname}` or choose another name",
+                caps=NETNS_CAPS,
             )
             _ip(
                 ["-n", cfg.netns, "link", "set", "dev", cfg.ifname, "up"],
                 f"bring up TAP device {cfg.ifname!r} in network namespace {cfg.netns!r}",
+                caps=NETNS_CAPS,
             )
         # Last, so that a failed set-up never leaves a persistent half-made device behind.
         try:
@@ -279,8 +283,10 @@ def _tunsetiff_reason(exc: OSError, ifname: str) -> str:
     return exc.strerror or str(exc)
 
 
-def _ip(args: list[str], what: str, exists: str | None = None) -> None:
-    """Run one iproute2 command; a failure becomes a SetupError naming what failed."""
+def _ip(args: list[str], what: str, exists: str | None = None,
+        caps: str = "CAP_NET_ADMIN") -> None:
+    """Run one iproute2 command; a failure becomes a SetupError naming what failed (and,
+    when it was not permitted, the capabilities ``caps`` it needs)."""
     try:
         res = subprocess.run(
             ["ip", *args], capture_output=True, text=True, timeout=10, check=False
@@ -292,8 +298,8 @@ def _ip(args: list[str], what: str, exists: str | None = None) -> None:
     if res.returncode != 0:
         msg = res.stderr.strip() or f"exit status {res.returncode}"
         low = msg.lower()
-        if "operation not permitted" in low:
-            msg = "operation not permitted; run as root or grant CAP_NET_ADMIN"
+        if "operation not permitted" in low or "permission denied" in low:
+            msg = f"operation not permitted; run as root or grant {caps}"
         elif "exists" in low:
             msg = exists or f"an interface with that name already exists ({msg})"
         raise SetupError(f"cannot {what}: {msg}")
