@@ -295,7 +295,7 @@ def _service_section(info: plugins.ServiceInfo, cls: type[Service]) -> str:
                   "are config errors"
     out = [f"## {info.name}", "", lead or cls.summary, "",
            f"`use = \"{info.name}\"`, {origin} (`{cls.__module__}.{cls.__qualname__}`); "
-           f"{policy}.", "", "### Options", ""]
+           f"{policy}. {_tunable_words(info.name, cls)}", "", "### Options", ""]
     options = option_docs(cls.Options)
     if options:
         out += ["| key | type | default | constraints | description |",
@@ -309,6 +309,21 @@ def _service_section(info: plugins.ServiceInfo, cls: type[Service]) -> str:
     for heading, body in blocks:
         out += ["", f"### {heading}", "", _body_markdown(heading, body)]
     return "\n".join(out)
+
+
+def _tunable_words(name: str, cls: type[Service]) -> str:
+    """What of a service changes while the bridge runs (docs/control.md, ``set``)."""
+    keys = [k for k in cls.Options.model_fields if k in cls.tunable]
+    if "match" in cls.tunable:
+        keys.append("match")
+    if not keys:
+        return ("No option changes at run time: a reload that changes one replaces the "
+                "instance, and what it holds.")
+    which = ", ".join(f"`{k}`" for k in keys)
+    if set(cls.Options.model_fields) <= cls.tunable:
+        which = "Every option" + (" and `match`" if "match" in cls.tunable else "")
+    return (f"{which} can change at run time (`vtl ctl NAME set {name} KEY=VALUE`, or a "
+            "reload), keeping the service's state.")
 
 
 def _cell(text: str, code: bool = False) -> str:
@@ -434,7 +449,8 @@ def services(verbose: bool, markdown: bool, built_in: bool) -> None:
         click.echo(f"{info.name:12} {cls.summary}{origin}")
         if verbose:
             for opt in option_docs(cls.Options):
-                click.echo(f"    {opt.line()}")
+                live = " (changes at run time)" if opt.key in cls.tunable else ""
+                click.echo(f"    {opt.line()}{live}")
 
 
 @main.command()

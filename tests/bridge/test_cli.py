@@ -100,8 +100,10 @@ def test_vtl_services_verbose_shows_socks_gateway_mac_default_once():
     assert "PydanticUndefined" not in result.output
     (line,) = [x for x in result.output.splitlines() if x.strip().startswith("gateway_mac:")]
     assert line.count("default") == 1 and "default: random, locally administered" in line
-    assert "    delay_ms: one-way delay in milliseconds [number, >= 0; default: 0.0]" \
-        in result.output.splitlines()
+    assert "    delay_ms: one-way delay in milliseconds [number, >= 0; default: 0.0] (changes " \
+        "at run time)" in result.output.splitlines()
+    assert "    max_connections: connections at once; more get RST [integer, >= 1, <= 1000000; " \
+        "default: 1024]" in result.output.splitlines(), "pep's options are not tunable"
 
 
 def test_docstring_blocks_become_markdown_sections():
