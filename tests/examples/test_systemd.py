@@ -96,6 +96,7 @@ def test_unit_has_the_keys_that_matter():
     svc = unit["Service"]
     assert svc["Type"] == ["notify"]
     assert svc["ExecStart"] == ["/usr/local/bin/vtl run /etc/vtl/%i.toml"]
+    assert svc["ExecReload"] == ["/usr/local/bin/vtl ctl %i reload"]
     assert svc["Restart"] == ["on-failure"] and svc["RestartSec"]
     for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
         caps = " ".join(svc[key]).split()
