@@ -121,6 +121,7 @@ class Socks(SplitService):
         self._local_ids = 0
         self.probe: Stream | None = None  # the start-up check of the proxy, until it ends
         self.probe_result: str | None = None  # "up", or what is wrong with the proxy
+        self._stopped = False
 
     # -- upstream requests ----------------------------------------------------------
 
@@ -286,15 +287,15 @@ class Socks(SplitService):
         try:
             self.probe = self.ctx.open_stream(request, self._probed)
         except Exception as exc:  # noqa: BLE001 - a check must never stop the service
-            self._probe_failed(f"cannot probe it: {exc}")
+            self._probe_failed(f"SOCKS proxy {self.proxy.where}: cannot probe it: {exc}")
 
     def _probed(self, event: StreamEvent, now: float) -> None:
-        if self.probe_result is not None or self.probe is None:
+        if self.probe_result is not None or self._stopped:
             return  # the StreamClosed of our own close(), or after stop()
         if isinstance(event, StreamConnected):
             self.probe_result = "up"
             self.ctx.log.info("SOCKS proxy %s answers (SOCKS5)", self.proxy.where)
-            self.probe.close(now)
+            event.stream.close(now)
         elif isinstance(event, StreamClosed):
             self.probe = None
             why = event.message or event.reason
@@ -319,6 +320,7 @@ class Socks(SplitService):
         self.resolver.on_timer(now)
 
     def stop(self, now: float) -> None:
+        self._stopped = True
         if self.probe is not None and self.probe_result is None:
             self.probe.abort(now)
         self.probe = None
