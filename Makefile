@@ -7,10 +7,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := libpcap-dev libudt-dev iproute2 iputils-ping iperf3 curl tcpdump tshark \
-	dante-server dnsmasq-base netcat-openbsd ethtool procps gcc g++ make python3-dev python3-venv
+	dante-server dnsmasq-base netcat-openbsd ethtool procps gcc g++ make python3-dev python3-venv \
+	qemu-system-x86 busybox-static
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps demo test lint bench clean
+.PHONY: all setup system-deps guest demo test lint bench clean
 
 all: test
 
@@ -37,13 +38,17 @@ $(VENV)/.installed: pyproject.toml | system-deps
 
 setup: system-deps $(VENV)/.installed
 
+# The real-VM test guest (kernel + busybox initramfs) in .cache/guest/; a no-op when up to date.
+guest: system-deps
+	$(PYTHON) tools/guest/build.py
+
 demo: setup
 	$(BIN)/vtl demo
 
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint
+test: setup lint guest
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: setup
