@@ -38,6 +38,7 @@ from vtl.bridge.streams import StreamManager
 
 from vtl.errors import LocalProtocolError, PacketError, RemoteProtocolError
 from vtl.frame import Frame
+from vtl.hypervisor import VmEvent, VmEventHandler, Watch
 from vtl.service import (
     Direction,
     FailPolicy,
@@ -72,7 +73,7 @@ class SlotContext:
         self.name = name
         self.log = log
         self.counters = ServiceCounters()
-        self.resources: list[PcapSink | BinaryIO | Listener] = []  # closed at chain stop
+        self.resources: list[PcapSink | BinaryIO | Listener | Watch] = []  # closed at stop
         self.slot: Slot | None = None  # set by the Slot made with this context
 
     def emit(self, frame: Frame, direction: Direction) -> None:
@@ -121,6 +122,25 @@ class SlotContext:
         listener = streams.listen(request, on_offer, on_error)
         self.resources.append(listener)
         return listener
+
+    def watch_qmp(self, path: str, on_event: VmEventHandler) -> Watch:
+        """Follow a QEMU monitor through the bridge (see :mod:`vtl.hypervisor`); the watch
+        closes at chain stop. A handler that raises is counted like a service error."""
+        factory = self._chain.watch_qmp
+        if factory is None:
+            raise LocalProtocolError(f"{self.name}: watch_qmp() needs a bridge; this chain "
+                                     "has none (set chain.watch_qmp)")
+
+        def guarded(event: VmEvent, now: float) -> None:
+            try:
+                on_event(event, now)
+            except Exception:  # noqa: BLE001 - the failure policy's counters, not a crash
+                if self.slot is not None:
+                    self.slot.failed("QMP event handler", now)
+
+        watch = factory(path, guarded, self.log)
+        self.resources.append(watch)
+        return watch
 
     def close_resources(self) -> None:
         for r in self.resources:
@@ -202,6 +222,8 @@ class Chain:
         self.out_uplink: list[Frame] = []
         self.out_guest: list[Frame] = []
         self.streams: StreamManager | None = None  # set by the bridge
+        #: follows a QEMU monitor for a service: (path, handler, log) -> Watch (the bridge)
+        self.watch_qmp: Callable[[str, VmEventHandler, logging.Logger], Watch] | None = None
         self.log = log
         for i, spec in enumerate(specs):
             self.slots.append(self.make_slot(spec, i))

@@ -114,8 +114,11 @@ class Handler:
         except (ValueError, RecursionError) as exc:
             return error(f"not a JSON object: {str(exc)[:80]}")
         try:
-            cmd, args = self._check(req)
-            result = getattr(self, "cmd_" + cmd.replace("-", "_"))(args)
+            cmd, args = self._check(req, self.bridge.actions())
+            if cmd in COMMANDS:
+                result = getattr(self, "cmd_" + cmd.replace("-", "_"))(args)
+            else:
+                result = self.action(cmd, args)
         except RequestError as exc:
             return error(str(exc))
         except Exception as exc:  # a bug: answer it, keep the bridge running
@@ -124,7 +127,7 @@ class Handler:
         return {"v": VERSION, "ok": True, "result": result}
 
     @staticmethod
-    def _check(req: object) -> tuple[str, dict[str, Any]]:
+    def _check(req: object, actions: dict[str, list[str]]) -> tuple[str, dict[str, Any]]:
         if not isinstance(req, dict):
             raise RequestError("a request is a JSON object: {\"v\": 1, \"cmd\": ...}")
         unknown = sorted(set(req) - {"v", "cmd", "args"})
@@ -136,9 +139,11 @@ class Handler:
         cmd = req.get("cmd")
         if not isinstance(cmd, str):
             raise RequestError("cmd: missing or not a string")
-        if cmd not in COMMANDS:
-            raise RequestError(f"cmd: unknown command {cmd[:40]!r}; known: "
-                               + ", ".join(COMMANDS))
+        if cmd not in COMMANDS and cmd not in actions:
+            known = ", ".join(COMMANDS)
+            if actions:
+                known += "; actions of this bridge's services: " + ", ".join(sorted(actions))
+            raise RequestError(f"cmd: unknown command {cmd[:40]!r}; known: {known}")
         args = req.get("args", {})
         if not isinstance(args, dict):
             raise RequestError("args: must be a JSON object")
@@ -213,6 +218,18 @@ class Handler:
             raise RequestError("reload refused, nothing changed: "
                                + "; ".join(exc.problems)) from None
         return {"config": str(path), **result}
+
+    def action(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A service's action (``hold``, ``release`` of keepalive...): every service that
+        has it, or ``args.service``."""
+        self._args(args, ("service",))
+        service = args.get("service")
+        if "service" in args and not isinstance(service, str):
+            raise RequestError("args.service: must be a string (a service's name)")
+        try:
+            return self.bridge.act(action, service)
+        except ConfigError as exc:
+            raise RequestError("; ".join(exc.problems)) from None
 
     def cmd_log_level(self, args: dict[str, Any]) -> dict[str, Any]:
         self._args(args, ("level",))

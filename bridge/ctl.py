@@ -93,14 +93,15 @@ def parse_command(words: tuple[str, ...], socket_opt: str | None, service: str |
             raise CtlError("reload takes at most one CONFIG file")
         if rest:  # the bridge reads it: make it absolute from here
             args["config"] = str(Path(rest[0]).absolute())
-    elif rest:
+    elif rest:  # the other commands, and the services' actions (hold, release...)
         raise CtlError(f"{cmd} takes no arguments, not {' '.join(rest)!r}")
     if service is not None:
-        if cmd != "connections":
-            raise CtlError("--service goes with the connections command")
+        if cmd in COMMANDS and cmd != "connections":
+            raise CtlError("--service goes with connections and the services' actions")
         args["service"] = service
-    if cmd not in COMMANDS:
-        raise CtlError(f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}")
+    if not cmd or not cmd.replace("-", "").isalnum():
+        raise CtlError(f"{cmd!r} is not a command; known: {', '.join(COMMANDS)}, or an "
+                       "action of the bridge's services (hold, release...)")
     return path, cmd, args
 
 

@@ -14,7 +14,8 @@ Which destination the guest chose, by stream kind:
 - ``tcp``: ``request.host``:``request.port`` (pep: the SYN's destination);
 - ``socks5`` with ``command = "connect"``: ``request.host``:``request.port``
   (the CONNECT target, not the operator's proxy); ``resolve``/``resolve_ptr``
-  open no connection to it and are not judged;
+  open no connection to it and ``probe`` (socks' check of its proxy at start)
+  talks only to the operator's proxy: neither is judged;
 - ``udt`` and any other kind: the peer is the operator's; only the guest's
   original connection, ``request.flow.key`` (destination and port), when set.
 

@@ -61,6 +61,7 @@ from vtl.bridge.streams import StreamManager
 from vtl.errors import ConfigError, SetupError, VTLError
 from vtl.flow import FlowTable
 from vtl.frame import VNET_HDR_LEN, Frame
+from vtl.hypervisor import VmEvent, VmEventHandler, Watch
 from vtl.service import Direction, Service
 
 TO_UPLINK = Direction.TO_UPLINK
@@ -144,6 +145,7 @@ class Bridge:
             self.egress.start()  # the host's own addresses, followed while the bridge runs
             self.streams.policy = self.egress
             self.chain.streams = self.streams
+            self.chain.watch_qmp = self._watch_qmp
             self.streams.start()
             now = time.monotonic()
             with self._lock:
@@ -346,6 +348,25 @@ class Bridge:
             self._deadline = self.chain.next_deadline()
         return True
 
+    def _watch_qmp(self, path: str, handler: VmEventHandler, log: logging.Logger) -> Watch:
+        """Follow a QEMU monitor for a service (``ctx.watch_qmp``): its events are handed
+        to ``handler`` under the lock, like stream events."""
+        from vtl.bridge.qmp import QmpWatcher  # only bridges with a QMP-following service
+
+        def deliver(event: VmEvent) -> bool:
+            """False once the watch was closed or the bridge stopped (it then ends)."""
+            with self._lock:
+                if not self._started or watcher.closed:
+                    return False
+                now = time.monotonic()
+                handler(event, now)
+                self._after_stream_events(now)
+                return True
+
+        watcher = QmpWatcher(path, deliver, log.getChild("qmp"))
+        watcher.start()
+        return watcher
+
     def _after_stream_events(self, now: float) -> None:
         """After stream handlers ran (lock held): forward what they injected, re-arm."""
         self.chain.after_external(now)
@@ -436,6 +457,36 @@ class Bridge:
             for k, v in summary.items()
             if k in ("added", "removed", "replaced", "retuned") and v) or "no change")
         return summary
+
+    def actions(self) -> dict[str, list[str]]:
+        """The actions the chain's services offer (``vtl ctl NAME ACTION``): name -> the
+        services that have it."""
+        out: dict[str, list[str]] = {}
+        for slot in list(self.chain.slots):
+            for action in type(slot.service).actions:
+                out.setdefault(action, []).append(slot.ctx.name)
+        return out
+
+    def act(self, action: str, service: str | None = None) -> dict[str, Any]:
+        """Carry out ``action`` in every service that has it (or in ``service``); what each
+        did, by name. ConfigError when none has it, or one refused."""
+        with self._lock:
+            slots = [s for s in self.chain.slots if action in type(s.service).actions
+                     and (service is None or s.ctx.name == service)]
+            if not slots:
+                raise ConfigError(f"service: no service{f' named {service!r}' if service else ''}"
+                                  f" has the action {action!r}")
+            now = time.monotonic()
+            results = {}
+            try:
+                for slot in slots:
+                    results[slot.ctx.name] = slot.service.act(action, now)
+            except Exception as exc:  # noqa: BLE001 - the service refused: the request's error
+                raise ConfigError(f"{slot.ctx.name}: {action} failed: {exc}") from None
+            finally:
+                self._after_stream_events(now)
+        self.log.info("%s (control socket): %s", action, ", ".join(results))
+        return results
 
     def _chain_changed(self, now: float) -> None:
         """After a retune or reload (lock held): forward what it sent, re-arm the timers,

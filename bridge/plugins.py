@@ -27,6 +27,7 @@ BUILTINS: dict[str, str] = {
     "pep": "vtl.services.pep:Pep",
     "socks": "vtl.services.socks:Socks",
     "udt": "vtl.services.udt:Udt",
+    "keepalive": "vtl.services.keepalive:Keepalive",
 }
 
 

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from vtl.frame import Frame
+from vtl.hypervisor import VmEventHandler, Watch
 from vtl.stream import (
     Listener,
     ListenRequest,
@@ -149,6 +150,11 @@ class ServiceContext(Protocol):
         (``on_offer(offer, now)``, under the chain lock). Raises OSError when the
         address cannot be bound."""
 
+    def watch_qmp(self, path: str, on_event: VmEventHandler) -> Watch:
+        """Follow the QEMU monitor at unix socket ``path`` (see :mod:`vtl.hypervisor`):
+        ``on_event(event, now)`` is called under the chain lock; reconnects when QEMU
+        restarts; stops at chain stop."""
+
 
 class Service:
     """Base class of every VTL service. Subclass it, set the class attributes,
@@ -165,6 +171,9 @@ class Service:
     #: a service that must see every frame and fail closed (an anonymizer): the
     #: config refuses ``match`` and ``fail = "open"`` for it
     airtight: ClassVar[bool] = False
+    #: actions the control socket can ask of the service (``vtl ctl NAME ACTION``),
+    #: name -> a help line; carried out by :meth:`act`
+    actions: ClassVar[dict[str, str]] = {}
     #: options that may change while the bridge runs (``vtl ctl NAME set``, or a
     #: ``reload`` that changes only these): the bridge validates the new options with
     #: :attr:`Options` and calls :meth:`retune`. ``"match"`` here lets the slot's
@@ -197,6 +206,11 @@ class Service:
         service must be left running with its old options. The default sets
         ``self.options``."""
         self.options = options
+
+    def act(self, action: str, now: float) -> dict[str, Any]:
+        """Carry out one of :attr:`actions` (``vtl ctl NAME ACTION``); what it did. An
+        exception is the request's error."""
+        raise NotImplementedError(f"{self.name} has no actions")
 
     def drain(self, now: float) -> None:
         """Called when a reload takes the service out of a running chain, just before

@@ -409,11 +409,14 @@ def test_parse_command():
     assert parse_command(("connections",), "/tmp/s", "pep") == (
         Path("/tmp/s"), "connections", {"service": "pep"})
     assert parse_command(("vm1", "log-level", "debug"), None, None)[2] == {"level": "debug"}
+    assert parse_command(("vm1", "hold"), None, "keepalive")[1:] == (
+        "hold", {"service": "keepalive"}), "a service's action goes to the bridge to judge"
     for words, sock, service in [((), None, None), (("vm1",), None, None),
                                  (("vm1", "log-level"), None, None),
                                  (("vm1", "status", "x"), None, None),
                                  (("vm1", "status"), None, "pep"),
-                                 (("vm1", "reboot"), None, None),
+                                 (("vm1", "re boot"), None, None),
+                                 (("vm1", "hold", "now"), None, None),
                                  (("vm1", "set", "netem"), None, None),
                                  (("vm1", "set", "netem", "delay_ms"), None, None),
                                  (("vm1", "set", "netem", "a=1", "a=2"), None, None),
@@ -489,3 +492,25 @@ def test_pep_lists_its_connections_with_live_bytes():
         "ESTABLISHED", False, "connected")
     assert (row["bytes_up"], row["bytes_down"], row["age_s"]) == (100, 300, 2.0)
     assert "10.0.0.1:40000" in row["flow"] and row["buffered"] >= 0
+
+
+def test_service_actions_hold_and_release():
+    cfg = parse_config({"bridge": {"name": "ctltest"}, "ports": PORTS,
+                        "services": [{"use": "keepalive"}, {"use": "netem"}]})
+    bridge = Bridge(cfg, logging.getLogger("vtl.ctltest"))
+    handler = Handler(bridge, time.monotonic())
+    r = call(handler, {"v": 1, "cmd": "hold"})
+    assert r["ok"] and r["result"]["keepalive"]["state"] == "holding", r
+    assert bridge.snapshot()["services"]["keepalive"]["state"] == "holding"
+    r = call(handler, {"v": 1, "cmd": "release", "args": {"service": "keepalive"}})
+    assert r["ok"] and r["result"] == {"keepalive": {
+        "state": "live", "held_s": r["result"]["keepalive"]["held_s"], "custody_delivered": 0,
+        "woken": 0}}
+    r = call(handler, {"v": 1, "cmd": "release", "args": {"service": "netem"}})
+    assert not r["ok"] and "no service named 'netem' has the action 'release'" in r["error"]
+    r = call(handler, {"v": 1, "cmd": "hold", "args": {"nope": 1}})
+    assert not r["ok"] and "args.nope" in r["error"]
+    r = call(handler, {"v": 1, "cmd": "hold"} | {"cmd": "suspend"})
+    assert not r["ok"] and "actions of this bridge's services: hold, release" in r["error"]
+    plain = Handler(make_bridge(), time.monotonic())
+    assert "unknown command 'hold'" in call(plain, {"v": 1, "cmd": "hold"})["error"]

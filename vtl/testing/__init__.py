@@ -54,6 +54,7 @@ from vtl.testing.fakes import (
     FakeListener,
     FakeOffer,
     FakeStream,
+    FakeWatch,
     MemorySink,
     ScapySink,
     run_timers,
@@ -64,7 +65,8 @@ from vtl.testing.fakes import (
 from vtl.testing.harness import Out, ServiceHarness, as_frame, call_report
 
 __all__ = [
-    "FakeContext", "FakeListener", "FakeOffer", "FakeStream", "MemorySink", "Out", "ScapySink",
+    "FakeContext", "FakeListener", "FakeOffer", "FakeStream", "FakeWatch", "MemorySink", "Out",
+    "ScapySink",
     "ServiceHarness", "as_frame", "call_report", "run_timers", "tag_of", "tagged_frame",
     "udp_frame",
 ]

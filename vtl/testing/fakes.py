@@ -21,9 +21,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from vtl.frame import Frame
+from vtl.hypervisor import VmEvent, VmEventHandler
 from vtl.service import Direction, Service, ServiceCounters
 from vtl.stream import (
     CloseReason,
@@ -253,6 +254,24 @@ class FakeOffer:
 # -- the context ------------------------------------------------------------------------------
 
 
+class FakeWatch:
+    """A monitor a service asked to follow (``ctx.watch_qmp``): a test plays the
+    hypervisor with :meth:`event`."""
+
+    def __init__(self, path: str, on_event: VmEventHandler):
+        self.path = path
+        self.on_event = on_event
+        self.closed = False
+
+    def event(self, kind: str, now: float, **data: Any) -> None:
+        """Deliver one event (``kind``: "STOP", "RESUME", "status", "connected"...)."""
+        assert not self.closed, "the service closed this watch"
+        self.on_event(VmEvent(kind, dict(data)), now)
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class FakeContext:
     """Implements :class:`vtl.ServiceContext` for tests.
 
@@ -277,6 +296,7 @@ class FakeContext:
         self.streams: list[FakeStream] = []
         self.listeners: list[FakeListener] = []
         self.accepted: list[FakeStream] = []
+        self.watches: list[FakeWatch] = []
         self.on_emit: Callable[[Frame, Direction], None] | None = None
 
     def emit(self, frame: Frame, direction: Direction) -> None:
@@ -313,6 +333,11 @@ class FakeContext:
         listener = FakeListener(self, request, on_offer)
         self.listeners.append(listener)
         return listener
+
+    def watch_qmp(self, path: str, on_event: VmEventHandler) -> FakeWatch:
+        watch = FakeWatch(path, on_event)
+        self.watches.append(watch)
+        return watch
 
     def deliver_local_closes(self) -> None:
         """Deliver StreamClosed("local") to every stream the service closed or aborted."""
@@ -359,6 +384,7 @@ def tag_of(frame: Frame) -> int:
 
 
 __all__ = [
-    "FakeContext", "FakeListener", "FakeOffer", "FakeStream", "MemorySink", "ScapySink",
+    "FakeContext", "FakeListener", "FakeOffer", "FakeStream", "FakeWatch", "MemorySink",
+    "ScapySink",
     "run_timers", "tag_of", "tagged_frame", "udp_frame",
 ]

@@ -1,0 +1,384 @@
+"""keepalive: hold a paused VM's TCP connections open until it runs again.
+
+Synopsis
+    [[services]]
+    use = "keepalive"
+    qmp = "/run/vtl/vm1.qmp"     # QEMU: -qmp unix:/run/vtl/vm1.qmp,server=on,wait=off
+    custody = true
+    hold_syn = "drop"            # drop | reset
+
+What it does to frames
+    Live (the VM runs): every frame passes untouched. The service follows each TCP
+    connection of the guest in both directions (also one opened before the bridge
+    started), keeping only a copy of the last segment's headers each way, and learns
+    the guest's addresses and MAC.
+
+    Hold (the VM is paused: QMP ``STOP``, or ``vtl ctl NAME hold``): nothing is
+    forwarded toward the guest, whose paused TAP would only queue it stale. The
+    service answers for the guest instead:
+
+    - a TCP segment of a tracked connection: an ACK *as the guest*, with the guest's
+      next sequence number, its last acknowledgement, **window 0** and its TCP
+      timestamps exactly as it last sent them. The peer enters its persist state,
+      which never gives up while its probes are answered (RFC 1122 4.2.2.17). With
+      ``custody`` (on by default) the first byte the guest had not acknowledged is
+      taken into custody and acknowledged too (one byte more): older peers (Linux
+      before 2023) ignore a window-0 ACK that acknowledges nothing new. Keep-alive
+      probes are answered the same way;
+    - an ARP request or IPv6 neighbour solicitation for a guest address: answered
+      with the guest's MAC (else the peer re-probes the address and gives up);
+    - a SYN toward the guest: dropped (the peer retries) or, with
+      ``hold_syn = "reset"``, refused with RST;
+    - anything else toward the guest: dropped and counted (``held_dropped``).
+
+    Frames from the guest still pass (a manual hold may start before the VM stops).
+
+    Release (QMP ``RESUME``, or ``vtl ctl NAME release``): each custody byte is
+    delivered to the guest as the peer sent it, and each other connection answered
+    during the hold gets a zero-window probe as from the peer, so the guest answers
+    at once with its real window and the peer sends again without waiting for its
+    next (backed-off) persist probe. Then frames flow as before.
+
+Notes
+    - QMP: the bridge connects to the monitor as a client (QEMU serves one client per
+      monitor: give VTL its own ``-qmp``), follows ``STOP``/``RESUME`` and migration
+      events and reconnects when QEMU restarts. A migration on one host (``migrate``
+      to a file, then a new QEMU with ``-incoming`` on the same TAP) is held from the
+      source's ``STOP`` to the restored VM's ``RESUME``: a new monitor connection
+      whose status is not running keeps the hold.
+    - What no TCP trick saves: an application heartbeat (SSH ServerAlive) times out,
+      and so does a peer with ``TCP_USER_TIMEOUT`` and unacknowledged data.
+    - A peer's FIN during a hold is not acknowledged (the guest has not seen it); a
+      connection the guest never sent on since the bridge started cannot be answered.
+    - Answers are rate-limited per connection (``answers_per_s``); the tracked
+      connections are bounded (``max_connections``, least recently used evicted) and
+      forgotten after ``idle_timeout_s`` without a segment (``closed_timeout_s`` after
+      an RST or both FINs).
+
+See also
+    docs/keepalive.md (how to wire QEMU, migration), docs/control.md (``hold``,
+    ``release``), Freeze-TCP, RFC 1122 4.2.2.17 (zero-window probing).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+from vtl.services.keepalive.conn import MASK, Conn
+
+from vtl import (
+    CONSUMED,
+    DROP,
+    PASS,
+    Direction,
+    FlowKey,
+    FlowTable,
+    Frame,
+    Packet,
+    Service,
+    ServiceContext,
+    ServiceOptions,
+    Verdict,
+)
+from vtl.hypervisor import VmEvent
+from vtl.packet import build
+from vtl.packet.tcp import ACK, FIN, RST, SYN
+
+TO_UPLINK, TO_GUEST = Direction.TO_UPLINK, Direction.TO_GUEST
+_tuple_new = tuple.__new__
+ETH_P_ARP, ETH_P_IPV6 = 0x0806, 0x86DD
+ICMP6_RS, ICMP6_NS, ICMP6_NA = 133, 135, 136
+MAX_ADDRESSES = 64  # guest addresses answered for (ARP/ND)
+TOUCH_EVERY_S = 1.0  # refresh a connection's idle timer at most this often
+
+
+class KeepaliveOptions(ServiceOptions):
+    """Options of the ``keepalive`` service."""
+
+    qmp: str | None = Field(
+        None, description="QEMU monitor (unix socket) to follow: STOP holds, RESUME releases; "
+                          "unset: only vtl ctl NAME hold / release")
+    custody: bool = Field(
+        True, description="acknowledge one byte more than the guest did, kept and delivered "
+                          "at release (older peers ignore a window-0 ACK that advances nothing)")
+    hold_syn: Literal["drop", "reset"] = Field(
+        "drop", description="a SYN toward the held guest: drop it (the peer retries) or RST")
+    answers_per_s: int = Field(
+        20, ge=1, le=10_000, description="segments answered per connection and second at most")
+    max_connections: int = Field(
+        65536, ge=1, le=10_000_000, description="connections tracked at most (least recently "
+                                                "used forgotten first)")
+    idle_timeout_s: float = Field(
+        10800.0, gt=0, description="forget a connection after this long without a segment")
+    closed_timeout_s: float = Field(
+        10.0, gt=0, description="forget a connection this long after an RST or both FINs")
+
+
+class Keepalive(Service):
+    name = "keepalive"
+    summary = "hold a paused VM's TCP connections open (window-0 answers), release on resume"
+    Options = KeepaliveOptions
+    actions: ClassVar[dict[str, str]] = {
+        "hold": "answer for the guest from now on (its VM is paused or about to be)",
+        "release": "deliver what was kept and let frames reach the guest again",
+    }
+
+    options: KeepaliveOptions
+
+    def __init__(self, options: KeepaliveOptions, ctx: ServiceContext):
+        super().__init__(options, ctx)
+        self.conns: FlowTable[FlowKey, Conn] = FlowTable(
+            options.max_connections, timeout=options.idle_timeout_s, evict="lru",
+            on_evict=self._evicted)
+        self.addresses: dict[bytes, bytes] = {}  # guest IP -> its MAC
+        self.holding: str | None = None  # why, while holding
+        self.hold_since = 0.0
+        self.qmp_connected = False
+        self.vm_status = "unknown"
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        if self.options.qmp is not None:
+            self.ctx.watch_qmp(self.options.qmp, self.on_vm_event)
+
+    def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
+        pkt = Packet(frame)
+        if direction is TO_UPLINK:
+            self._from_guest(pkt, now)
+            return PASS
+        if self.holding is None:
+            self._from_peer(pkt, now)
+            return PASS
+        return self._held(pkt, now)
+
+    def poll_at(self) -> float | None:
+        return self.conns.poll_at()
+
+    def on_timer(self, now: float) -> None:
+        self.conns.expire(now)
+
+    def act(self, action: str, now: float) -> dict[str, Any]:
+        if action == "hold":
+            return self.hold("vtl ctl", now)
+        if action == "release":
+            return self.release("vtl ctl", now)
+        raise ValueError(f"keepalive has no action {action!r}")
+
+    def stop(self, now: float) -> None:
+        if self.holding is not None:
+            self.release("stop", now)
+
+    def report(self, now: float) -> dict[str, Any]:
+        return {"state": "holding" if self.holding else "live", "tracked": len(self.conns),
+                "addresses": len(self.addresses), "vm_status": self.vm_status,
+                "qmp_connected": self.qmp_connected,
+                "held_for_s": round(now - self.hold_since, 3) if self.holding else 0.0}
+
+    # -- hold and release -------------------------------------------------------------
+
+    def hold(self, why: str, now: float) -> dict[str, Any]:
+        if self.holding is not None:
+            return {"state": "holding", "since_s": round(now - self.hold_since, 3)}
+        self.holding, self.hold_since = why, now
+        for conn in self.conns.values():
+            conn.custody, conn.answered = None, 0
+        self.ctx.count("holds")
+        self.ctx.log.warning("%s: holding %d connections (%s)", self.ctx.name,
+                             len(self.conns), why)
+        return {"state": "holding", "connections": len(self.conns)}
+
+    def release(self, why: str, now: float) -> dict[str, Any]:
+        if self.holding is None:
+            return {"state": "live"}
+        held = now - self.hold_since
+        self.holding = None
+        delivered = probed = 0
+        for conn in self.conns.values():
+            if conn.closed or not conn.answerable:
+                continue
+            peer = conn.peer()
+            peer_ts = peer.ts[0] if peer is not None and peer.ts else None
+            if conn.custody is not None:
+                self._emit(conn.custody_segment(peer_ts), TO_GUEST)
+                delivered += 1
+            elif conn.answered:
+                self._emit(conn.probe(peer_ts), TO_GUEST)
+                probed += 1
+            conn.custody, conn.answered = None, 0
+        self.ctx.count("releases")
+        self.ctx.count("custody_delivered", delivered)
+        self.ctx.log.warning("%s: released after %.1f s (%s): %d custody bytes delivered, %d "
+                             "connections woken", self.ctx.name, held, why, delivered, probed)
+        return {"state": "live", "held_s": round(held, 3), "custody_delivered": delivered,
+                "woken": probed}
+
+    def on_vm_event(self, event: VmEvent, now: float) -> None:
+        """A QMP event (see :mod:`vtl.hypervisor`)."""
+        kind = event.kind
+        if kind == "connected":
+            self.qmp_connected = True
+        elif kind == "disconnected":
+            self.qmp_connected = False  # a hold stays: the VM may come back (migration)
+        elif kind == "status":
+            self.vm_status = str(event.data.get("status", "unknown"))
+            if event.data.get("running") is True:
+                self.release(f"QMP status {self.vm_status}", now)
+            elif event.data.get("running") is False:
+                self.hold(f"QMP status {self.vm_status}", now)
+        elif kind == "STOP":
+            self.vm_status = "paused"
+            self.hold("QMP STOP", now)
+        elif kind == "RESUME":
+            self.vm_status = "running"
+            self.release("QMP RESUME", now)
+        elif kind == "MIGRATION":
+            self.ctx.log.info("%s: migration %s", self.ctx.name, event.data.get("status"))
+
+    # -- live -------------------------------------------------------------------------
+
+    def _from_guest(self, pkt: Packet, now: float) -> None:
+        et = pkt.ethertype
+        if et == ETH_P_ARP:
+            a = pkt.arp
+            if a is not None and any(a.spa):
+                self._learn(bytes(a.spa), bytes(a.sha))
+            return
+        t = pkt.tcp
+        if t is None:
+            if et == ETH_P_IPV6:
+                i6 = pkt.icmp6
+                if i6 is not None and i6.type in (ICMP6_RS, ICMP6_NS, ICMP6_NA):
+                    src = pkt.ipv6.src  # type: ignore[union-attr]
+                    if any(src):
+                        self._learn(bytes(src), bytes(pkt.eth.src))
+            return
+        ip = pkt.ip
+        src, dst = ip.addrs  # type: ignore[union-attr]
+        sport, dport = t.ports
+        key = _tuple_new(FlowKey, (ip.version_number, 6, src, sport, dst, dport))  # type: ignore[union-attr]
+        conn = self.conns.lookup(key)
+        flags = t.flags
+        if conn is None or conn.closed and flags & SYN:  # new, or a closed one reused
+            if flags & RST:
+                return
+            conn = Conn(key)
+            if not self.conns.put(key, conn, now):
+                return
+            conn.touched = now
+            self._learn(src, bytes(pkt.eth.src))
+        off, data = t.off, pkt.data
+        conn.g_l2 = bytes(data[:pkt.l3_offset])
+        conn.g_hdr = bytes(data[off:off + ((data[off + 12] >> 4) << 2)])
+        conn.g_len = t.payload_len
+        self._seen(key, conn, flags, 1, now)
+
+    def _from_peer(self, pkt: Packet, now: float) -> Conn | None:
+        t = pkt.tcp
+        if t is None:
+            return None
+        ip = pkt.ip
+        src, dst = ip.addrs  # type: ignore[union-attr]
+        sport, dport = t.ports
+        key = _tuple_new(FlowKey, (ip.version_number, 6, dst, dport, src, sport))  # type: ignore[union-attr]
+        conn = self.conns.lookup(key)
+        flags = t.flags
+        if conn is None:
+            if flags & RST:
+                return None
+            conn = Conn(key)
+            if not self.conns.put(key, conn, now):
+                return None
+            conn.touched = now
+        off, data = t.off, pkt.data
+        conn.p_l2 = bytes(data[:pkt.l3_offset])
+        conn.p_hdr = bytes(data[off:off + ((data[off + 12] >> 4) << 2)])
+        conn.p_len = t.payload_len
+        self._seen(key, conn, flags, 2, now)
+        return conn
+
+    def _seen(self, key: FlowKey, conn: Conn, flags: int, side: int, now: float) -> None:
+        """After a segment from ``side`` (1: the guest, 2: the peer): closing, idle timer."""
+        if flags & FIN:
+            conn.fins |= side
+        if not conn.closed and (flags & RST or conn.fins == 3):
+            conn.closed = True
+            self.conns.touch(key, now, timeout=self.options.closed_timeout_s)
+            conn.touched = now
+        elif now - conn.touched >= TOUCH_EVERY_S:
+            conn.touched = now
+            self.conns.touch(key, now)
+
+    def _learn(self, ip: bytes, mac: bytes) -> None:
+        if ip in self.addresses or len(self.addresses) < MAX_ADDRESSES:
+            self.addresses[ip] = mac
+
+    def _evicted(self, key: FlowKey, conn: Conn, reason: object) -> None:
+        if reason != "expired":
+            self.ctx.count("evicted")
+
+    # -- hold ---------------------------------------------------------------------------
+
+    def _held(self, pkt: Packet, now: float) -> Verdict:
+        et = pkt.ethertype
+        if et == ETH_P_ARP:
+            a = pkt.arp
+            mac = self.addresses.get(bytes(a.tpa)) if a is not None and a.op == 1 else None
+            if mac is not None:
+                self._emit(build.arp_reply(pkt, mac), TO_UPLINK)
+                self.ctx.count("arp_answered")
+                return CONSUMED  # answered for the guest
+        elif et == ETH_P_IPV6 and pkt.tcp is None:
+            i6 = pkt.icmp6
+            if i6 is not None and i6.type == ICMP6_NS:
+                mac = self.addresses.get(bytes(i6.target))
+                if mac is not None:
+                    self._emit(build.neighbor_advertisement(pkt, mac), TO_UPLINK)
+                    self.ctx.count("nd_answered")
+                    return CONSUMED
+        t = pkt.tcp
+        if t is not None:
+            return self._held_tcp(pkt, now)
+        self.ctx.count("held_dropped")
+        return DROP
+
+    def _held_tcp(self, pkt: Packet, now: float) -> Verdict:
+        t = pkt.tcp
+        assert t is not None
+        flags = t.flags
+        if flags & (SYN | ACK) == SYN:
+            if self.options.hold_syn == "reset":
+                self._emit(build.tcp_reset(pkt), TO_UPLINK)
+                self.ctx.count("syn_reset")
+            else:
+                self.ctx.count("syn_dropped")
+            return DROP
+        seq, length = t.seq, t.payload_len
+        conn = self._from_peer(pkt, now)
+        if conn is None or conn.closed or not conn.answerable or flags & RST:
+            self.ctx.count("held_dropped")
+            return DROP
+        g_ack = conn.guest().ack
+        if self.options.custody and conn.custody is None and length \
+                and (g_ack - seq) & MASK < length:
+            conn.custody = bytes(t.payload[(g_ack - seq) & MASK:][:1])
+            self.ctx.count("custody_bytes")
+        if not length and not flags & FIN and seq == conn.ack_for_guest():
+            return DROP  # a pure ACK: nothing to answer
+        if now - conn.window_start >= 1.0:
+            conn.window_start, conn.window_count = now, 0
+        if conn.window_count >= self.options.answers_per_s:
+            self.ctx.count("answers_limited")
+            return DROP
+        conn.window_count += 1
+        conn.answered += 1
+        self._emit(conn.answer(), TO_UPLINK)
+        self.ctx.count("answered")
+        return CONSUMED  # answered for the guest
+
+    def _emit(self, data: bytearray, direction: Direction) -> None:
+        self.ctx.emit(Frame(data), direction)
+
+
+__all__ = ["Keepalive", "KeepaliveOptions"]
