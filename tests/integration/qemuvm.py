@@ -164,7 +164,10 @@ class QmpClient:
         msg: dict[str, Any] = {"execute": command, "id": rid}
         if arguments:
             msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        try:
+            self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        except OSError as exc:
+            raise GuestError(f"QMP {command}: {exc}") from exc
         deadline = time.monotonic() + timeout
         with self._cond:
             while rid not in self._replies:
@@ -407,7 +410,12 @@ class QemuGuest:
                     self._agent = None
                     raise GuestError(f"agent socket: {exc}") from exc
                 self._agent_buf = b""
-            self._agent.sendall(json.dumps({"id": rid, "op": op, **fields}).encode() + b"\n")
+            try:
+                self._agent.sendall(json.dumps({"id": rid, "op": op, **fields}).encode() + b"\n")
+            except OSError as exc:
+                self._agent.close()
+                self._agent = None
+                raise GuestError(f"guest {op}: agent socket: {exc}") from exc
             while True:
                 while b"\n" in self._agent_buf:
                     line, self._agent_buf = self._agent_buf.split(b"\n", 1)
@@ -428,6 +436,8 @@ class QemuGuest:
                     chunk = self._agent.recv(65536)
                 except TimeoutError:
                     continue
+                except OSError:
+                    chunk = b""
                 if not chunk:
                     self._agent.close()
                     self._agent = None

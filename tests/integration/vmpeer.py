@@ -1,0 +1,162 @@
+"""TCP end programs for the real-VM tests: the peer side and the guest side.
+
+Run with ``python3 vmpeer.py COMMAND ARGS``; stdlib only, so the guest runs it
+with the host's python3 over 9p. Every program prints JSON lines on stdout,
+each with ``event`` and ``t`` (``time.monotonic()``, which is the host's
+CLOCK_MONOTONIC for the peer side, so a test compares it with its own clock).
+
+Peer side (in the peer namespace), each serving one connection:
+- ``hold PORT send|keepalive``: ``accepted``, then in ``send`` mode sends
+  about 1 MB/s (``flowing`` once 256 KB went out), in ``keepalive`` mode sets
+  TCP keep-alive 5/2/3 (TCP_KEEPIDLE/INTVL/CNT) and waits; ``dead`` with the
+  ``error`` when the socket fails (``eof`` if the guest closes instead);
+- ``sink PORT``: reads to EOF, ``done`` with ``bytes`` and ``sha256``;
+- ``source PORT SIZE SEED``: sends the seeded stream of :mod:`httpsha`, closes.
+
+Guest side:
+- ``connect HOST PORT``: connects, ``connected``, reads and discards until EOF
+  or an error (``closed``);
+- ``send HOST PORT SIZE SEED``: sends the seeded stream, half-closes, waits for
+  EOF, ``done`` with ``bytes`` and ``sha256`` of what it sent;
+- ``recv HOST PORT``: reads to EOF, ``done`` with ``bytes`` and ``sha256``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import select
+import socket
+import sys
+import time
+from typing import Any
+
+from httpsha import chunks
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, "t": time.monotonic(), **fields}), flush=True)
+
+
+def accept_one(port: int) -> socket.socket:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(1)
+    emit("listening", port=port)
+    conn, addr = srv.accept()
+    srv.close()
+    emit("accepted", peer=addr[0])
+    return conn
+
+
+def hold(port: int, mode: str) -> None:
+    conn = accept_one(port)
+    if mode == "keepalive":
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    conn.setblocking(False)
+    block = b"x" * 16384
+    sent, flowing = 0, False
+    next_send = time.monotonic()
+    try:
+        while True:
+            want_write = mode == "send" and time.monotonic() >= next_send
+            r, w, _ = select.select([conn], [conn] if want_write else [], [], 0.02)
+            if r and not conn.recv(65536):
+                emit("eof", sent=sent)
+                return
+            if w:
+                try:
+                    sent += conn.send(block)
+                except BlockingIOError:
+                    continue
+                next_send = time.monotonic() + 0.016
+                if not flowing and sent >= 256 * 1024:
+                    flowing = True
+                    emit("flowing", sent=sent)
+    except OSError as exc:
+        emit("dead", error=f"{type(exc).__name__}: {exc}", sent=sent)
+
+
+def sink(port: int) -> None:
+    conn = accept_one(port)
+    h, n = hashlib.sha256(), 0
+    while data := conn.recv(1 << 16):
+        h.update(data)
+        n += len(data)
+    conn.close()
+    emit("done", bytes=n, sha256=h.hexdigest())
+
+
+def source(port: int, size: int, seed: int) -> None:
+    conn = accept_one(port)
+    for c in chunks(size, seed):
+        conn.sendall(c)
+    conn.shutdown(socket.SHUT_WR)
+    while conn.recv(65536):
+        pass
+    conn.close()
+    emit("done", bytes=size)
+
+
+def connect(host: str, port: int) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.settimeout(None)
+    emit("connected")
+    return sock
+
+
+def guest_connect(host: str, port: int) -> None:
+    sock = connect(host, port)
+    try:
+        while sock.recv(1 << 16):
+            pass
+        emit("closed", error="eof")
+    except OSError as exc:
+        emit("closed", error=f"{type(exc).__name__}: {exc}")
+
+
+def guest_send(host: str, port: int, size: int, seed: int) -> None:
+    sock = connect(host, port)
+    h = hashlib.sha256()
+    for c in chunks(size, seed):
+        sock.sendall(c)
+        h.update(c)
+    sock.shutdown(socket.SHUT_WR)
+    while sock.recv(65536):
+        pass
+    emit("done", bytes=size, sha256=h.hexdigest())
+
+
+def guest_recv(host: str, port: int) -> None:
+    sock = connect(host, port)
+    h, n = hashlib.sha256(), 0
+    while data := sock.recv(1 << 16):
+        h.update(data)
+        n += len(data)
+    emit("done", bytes=n, sha256=h.hexdigest())
+
+
+def main(argv: list[str]) -> None:
+    cmd, args = argv[0], argv[1:]
+    if cmd == "hold":
+        hold(int(args[0]), args[1])
+    elif cmd == "sink":
+        sink(int(args[0]))
+    elif cmd == "source":
+        source(int(args[0]), int(args[1]), int(args[2]))
+    elif cmd == "connect":
+        guest_connect(args[0], int(args[1]))
+    elif cmd == "send":
+        guest_send(args[0], int(args[1]), int(args[2]), int(args[3]))
+    elif cmd == "recv":
+        guest_recv(args[0], int(args[1]))
+    else:
+        raise SystemExit(f"vmpeer: unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
