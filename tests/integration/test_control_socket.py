@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tcptools import download
+from tcptools import download, half_close, slow_reader
 from tcptools import expected_sha256 as expected
 from vtl.bridge.topology import Topology
-from vtlnet import Net, wait_for
+from vtlnet import PEER_IP, Net, wait_for
 
 from tests.bridge.test_control import hostile_lines
 
@@ -141,3 +141,48 @@ def test_ls_lists_three_bridges_and_a_stale_socket(root: None, tmp_path: Path) -
         for n in nets:
             n.stop_all()
         topo.close()
+
+
+def final_snapshot(stderr: str) -> dict[str, Any]:
+    """The counters a bridge logged when it stopped (its ``stopped; {...}`` line)."""
+    [line] = [ln for ln in stderr.splitlines() if "stopped; {" in ln]
+    return json.loads(line.split("stopped; ", 1)[1])
+
+
+def test_pep_byte_counters_are_exact_when_a_connection_ends_and_at_stop(net: Net,
+                                                                        tmp_path: Path) -> None:
+    """bytes_up/bytes_down equal what moved: after a connection ended (a half-closed
+    exchange of known sizes), and at stop for a connection still open."""
+    net.host_path()
+    sock = tmp_path / "ctl.sock"
+    bridge = net.start([{"use": "pep"}], control=str(sock))
+    got, want = half_close(net, size=300_000, reply_size=200_000)
+    assert got == want
+    assert wait_for(lambda: ctl(sock, "counters")["services"]["pep"].get(
+        "connections_closed", 0) >= 1, 10)
+    pep = ctl(sock, "counters")["services"]["pep"]
+    assert (pep["bytes_up"], pep["bytes_down"]) == (300_000, len(want)), pep
+
+    request = len(f"GET /bytes/{64 << 20}?seed=9 HTTP/1.1\r\nHost: {PEER_IP}:8080\r\n"
+                  "Connection: close\r\n\r\n")
+    seen: dict[str, Any] = {}
+
+    def stop_while_open() -> None:
+        # the guest stopped reading: once its window is shut, nothing moves; stop then
+        def still() -> bool:
+            rows = ctl(sock, "connections")["pep"]
+            before = rows[0]["bytes_down"] if rows else -1
+            time.sleep(0.5)
+            rows = ctl(sock, "connections")["pep"]
+            seen.update(rows[0] if rows else {})
+            return bool(rows) and rows[0]["bytes_down"] == before
+        assert wait_for(still, 15)
+        bridge.stop()
+
+    with pytest.raises(AssertionError):  # the bridge is gone: the client cannot finish
+        slow_reader(net, 64 << 20, 6.0, during_stall=stop_while_open, seed=9,
+                    first=1 << 20, rcvbuf=1 << 16, timeout=10)
+    pep = final_snapshot(bridge.stderr)["services"]["pep"]
+    assert seen["bytes_up"] == request and seen["bytes_down"] > 1 << 20, seen
+    assert pep["bytes_up"] == 300_000 + request
+    assert pep["bytes_down"] == len(want) + seen["bytes_down"], (pep, seen)
