@@ -1,8 +1,8 @@
 """The guest agent: runs inside the QEMU test guest and executes the test's requests.
 
 The guest's init (tools/guest/init) starts it with the host's ``python3`` from
-the 9p root (``vtl.agent=`` on the kernel command line names this file). It
-talks JSON lines over the virtio-serial port named ``vtl.agent``, not over the
+the 9p root (``vm.agent=`` on the kernel command line names this file). It
+talks JSON lines over the virtio-serial port named ``agent``, not over the
 guest's network, so the network under test carries only the test's traffic.
 Stdlib only; every request is handled in a thread of its own, so a long
 ``run`` does not block a ``ping``.
@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any
 
-PORT_NAME = "vtl.agent"
+PORT_NAME = "agent"
 
 
 def find_port(name: str = PORT_NAME, timeout: float = 10.0) -> str:

@@ -220,6 +220,9 @@ class QemuGuest:
                  root9p: bool = True, echo_port: int | None = None,
                  tap_by_qemu: bool = True, memory_mb: int = 512,
                  incoming: str | None = None, extra_args: Sequence[str] = ()):
+        self._settings = dict(mac=mac, ip=ip, ip6=ip6, gw=gw, root9p=root9p,
+                              echo_port=echo_port, tap_by_qemu=tap_by_qemu,
+                              memory_mb=memory_mb, extra_args=list(extra_args))
         reason = missing_guest()
         if reason:
             raise GuestError(reason)
@@ -263,11 +266,11 @@ class QemuGuest:
         for key, value in (("ip", self.ip), ("ip6", self.ip6), ("gw", self.gw),
                            ("echo", self.echo_port)):
             if value is not None:
-                args.append(f"vtl.{key}={value}")
+                args.append(f"vm.{key}={value}")
         if self.root9p:
-            args.append(f"vtl.agent={AGENT}")
+            args.append(f"vm.agent={AGENT}")
         else:
-            args.append("vtl.root=none")
+            args.append("vm.root=none")
         return " ".join(args)
 
     def argv(self) -> list[str]:
@@ -280,7 +283,7 @@ class QemuGuest:
                 "-device", f"virtio-net-pci,netdev=n0,mac={self.mac},romfile=",
                 "-device", "virtio-serial-pci",
                 "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
-                "-device", "virtserialport,chardev=agent,name=vtl.agent",
+                "-device", "virtserialport,chardev=agent,name=agent",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                 "-qmp", f"unix:{self.vtl_qmp_path},server=on,wait=off"]
         if QBOOT.exists():
@@ -391,6 +394,19 @@ class QemuGuest:
             if info.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
                 raise self._failure(f"migration to {path}: {info}")
             time.sleep(0.05)
+
+    def restored(self, workdir: Path, state: Path) -> QemuGuest:
+        """A new guest with the same devices and TAP that will load ``state`` (saved by
+        :meth:`migrate_to_file`); enter it with ``with``, then :meth:`wait_incoming` and
+        :meth:`resume`. Use a persistent TAP: QEMU's own TAP goes when this QEMU quits."""
+        return QemuGuest(self.tap, workdir, incoming=f"exec:cat {state}",
+                         **self._settings)  # type: ignore[arg-type]
+
+    def wait_incoming(self, timeout: float = 60.0) -> None:
+        """Wait until a guest started with ``incoming`` has loaded its state (it is then
+        paused: :meth:`resume` runs it)."""
+        self._wait(lambda: self.status() != "inmigrate", timeout, "the incoming state did "
+                   "not load")
 
     # -- the guest agent ------------------------------------------------------------
 

@@ -45,7 +45,8 @@ class PeerProc:
 
     def __init__(self, topo: Topology, netns: str, *args: object):
         self.proc = topo.spawn(netns, [sys.executable, VMPEER, *map(str, args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -57,6 +58,12 @@ class PeerProc:
                 self.events.put(json.loads(line))
             except ValueError:
                 continue
+
+    def send_line(self, line: str) -> None:
+        """Write a line to the program's stdin (``chat`` sends it to the echo server)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
 
     def wait(self, event: str, timeout: float) -> dict[str, Any]:
         """The next event called ``event`` (earlier ones of other names are kept in seen)."""

@@ -11,7 +11,9 @@ Peer side (in the peer namespace), each serving one connection:
   TCP keep-alive 5/2/3 (TCP_KEEPIDLE/INTVL/CNT) and waits; ``dead`` with the
   ``error`` when the socket fails (``eof`` if the guest closes instead);
 - ``sink PORT``: reads to EOF, ``done`` with ``bytes`` and ``sha256``;
-- ``source PORT SIZE SEED``: sends the seeded stream of :mod:`httpsha`, closes.
+- ``source PORT SIZE SEED``: sends the seeded stream of :mod:`httpsha`, closes;
+- ``chat HOST PORT``: connects to an echo server (the busybox guest's), sends each
+  line of its stdin and reads the echo (``echo`` with ``data`` and ``ms``).
 
 Guest side:
 - ``connect HOST PORT``: connects, ``connected``, reads and discards until EOF
@@ -140,6 +142,27 @@ def guest_recv(host: str, port: int) -> None:
     emit("done", bytes=n, sha256=h.hexdigest())
 
 
+def chat(host: str, port: int) -> None:
+    """Connect (``connected``), then for each line on stdin send it and read its echo
+    (``echo`` with ``data`` and ``ms``); ``closed`` with the error if the socket fails."""
+    sock = connect(host, port)
+    sock.settimeout(30)
+    try:
+        for line in sys.stdin:
+            data, t0 = line.encode(), time.monotonic()
+            sock.sendall(data)
+            got = b""
+            while len(got) < len(data):
+                chunk = sock.recv(len(data) - len(got))
+                if not chunk:
+                    raise ConnectionError("EOF")
+                got += chunk
+            emit("echo", data=got.decode(), ms=round((time.monotonic() - t0) * 1000, 1))
+        emit("closed", error="stdin closed")
+    except OSError as exc:
+        emit("closed", error=f"{type(exc).__name__}: {exc}")
+
+
 def main(argv: list[str]) -> None:
     cmd, args = argv[0], argv[1:]
     if cmd == "hold":
@@ -152,6 +175,8 @@ def main(argv: list[str]) -> None:
         guest_connect(args[0], int(args[1]))
     elif cmd == "send":
         guest_send(args[0], int(args[1]), int(args[2]), int(args[3]))
+    elif cmd == "chat":
+        chat(args[0], int(args[1]))
     elif cmd == "recv":
         guest_recv(args[0], int(args[1]))
     else:
