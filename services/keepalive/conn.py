@@ -61,7 +61,7 @@ class Conn:
     """One tracked TCP connection; ``key`` is as the guest sends (guest -> peer)."""
 
     __slots__ = ("key", "g_l2", "g_hdr", "g_len", "p_l2", "p_hdr", "p_len", "custody",
-                 "answered", "window_start", "window_count", "closed", "fins", "touched")
+                 "replay", "answered", "window_start", "window_count", "closed", "fins", "touched")
 
     def __init__(self, key: FlowKey):
         self.key = key
@@ -72,6 +72,9 @@ class Conn:
         self.p_hdr = b""
         self.p_len = 0
         self.custody: bytes | None = None  # the byte acknowledged for the guest in a hold
+        #: the peer's data just beyond what the guest has, from its last retransmission in
+        #: the hold: (sequence number, bytes), replayed to the guest at release
+        self.replay: tuple[int, bytes] | None = None
         self.answered = 0  # segments answered in this hold
         self.window_start = 0.0  # rate limit of the answers: this second's start...
         self.window_count = 0  # ...and the answers sent in it
@@ -110,6 +113,14 @@ class Conn:
         assert self.custody is not None
         g = self.guest()
         return self._as_peer(g.ack, ACK | PSH, peer_ts, g, self.custody)
+
+    def replay_segment(self, peer_ts: int | None) -> bytearray:
+        """The peer's last retransmission (from the guest's next byte on), replayed to the
+        guest at release: the guest acknowledges it at once, which is what a peer that
+        retransmits (its cwnd down to one segment) waits for."""
+        assert self.replay is not None
+        seq, data = self.replay
+        return self._as_peer(seq, ACK | PSH, peer_ts, self.guest(), data)
 
     def probe(self, peer_ts: int | None) -> bytearray:
         """A zero-length segment from the peer one byte below what the guest expects:

@@ -34,10 +34,15 @@ What it does to frames
     Frames from the guest still pass (a manual hold may start before the VM stops).
 
     Release (QMP ``RESUME``, or ``vtl ctl NAME release``): each custody byte is
-    delivered to the guest as the peer sent it, and each other connection answered
-    during the hold gets a zero-window probe as from the peer, so the guest answers
-    at once with its real window and the peer sends again without waiting for its
-    next (backed-off) persist probe. Then frames flow as before.
+    delivered to the guest as the peer sent it, followed by the peer's last
+    retransmission from the guest's next byte on (kept during the hold, at most 16 KiB
+    a connection, 16 MiB in all): the guest acknowledges new data at once, which is
+    what a peer that was retransmitting waits for (its congestion window is down to
+    one segment, whose retransmission the hold answered but never delivered; without
+    the replay it would wait for its next backed-off retransmission, seconds later).
+    A connection answered without data to replay (keep-alive probes) gets a
+    zero-window probe as from the peer, which the guest answers with its real window.
+    Then frames flow as before.
 
 Notes
     - QMP: the bridge connects to the monitor as a client (QEMU serves one client per
@@ -91,6 +96,8 @@ ETH_P_ARP, ETH_P_IPV6 = 0x0806, 0x86DD
 ICMP6_RS, ICMP6_NS, ICMP6_NA = 133, 135, 136
 MAX_ADDRESSES = 64  # guest addresses answered for (ARP/ND)
 TOUCH_EVERY_S = 1.0  # refresh a connection's idle timer at most this often
+REPLAY_MAX = 16384  # bytes of a peer's retransmission kept per connection for the release
+REPLAY_BUDGET = 16 << 20  # and for all connections together
 
 
 class KeepaliveOptions(ServiceOptions):
@@ -136,6 +143,7 @@ class Keepalive(Service):
         self.hold_since = 0.0
         self.qmp_connected = False
         self.vm_status = "unknown"
+        self.replay_bytes = 0  # kept for replay at release, all connections together
 
     # -- hooks ------------------------------------------------------------------------
 
@@ -183,7 +191,8 @@ class Keepalive(Service):
             return {"state": "holding", "since_s": round(now - self.hold_since, 3)}
         self.holding, self.hold_since = why, now
         for conn in self.conns.values():
-            conn.custody, conn.answered = None, 0
+            conn.custody, conn.replay, conn.answered = None, None, 0
+        self.replay_bytes = 0
         self.ctx.count("holds")
         self.ctx.log.warning("%s: holding %d connections (%s)", self.ctx.name,
                              len(self.conns), why)
@@ -194,7 +203,7 @@ class Keepalive(Service):
             return {"state": "live"}
         held = now - self.hold_since
         self.holding = None
-        delivered = probed = 0
+        delivered = replayed = probed = 0
         for conn in self.conns.values():
             if conn.closed or not conn.answerable:
                 continue
@@ -203,16 +212,22 @@ class Keepalive(Service):
             if conn.custody is not None:
                 self._emit(conn.custody_segment(peer_ts), TO_GUEST)
                 delivered += 1
-            elif conn.answered:
+            if conn.replay is not None:
+                self._emit(conn.replay_segment(peer_ts), TO_GUEST)
+                replayed += 1
+            elif conn.custody is None and conn.answered:
                 self._emit(conn.probe(peer_ts), TO_GUEST)
                 probed += 1
-            conn.custody, conn.answered = None, 0
+            conn.custody, conn.replay, conn.answered = None, None, 0
+        self.replay_bytes = 0
         self.ctx.count("releases")
         self.ctx.count("custody_delivered", delivered)
+        self.ctx.count("replayed", replayed)
         self.ctx.log.warning("%s: released after %.1f s (%s): %d custody bytes delivered, %d "
-                             "connections woken", self.ctx.name, held, why, delivered, probed)
+                             "retransmissions replayed, %d connections woken", self.ctx.name,
+                             held, why, delivered, replayed, probed)
         return {"state": "live", "held_s": round(held, 3), "custody_delivered": delivered,
-                "woken": probed}
+                "replayed": replayed, "woken": probed}
 
     def on_vm_event(self, event: VmEvent, now: float) -> None:
         """A QMP event (see :mod:`vtl.hypervisor`)."""
@@ -364,6 +379,9 @@ class Keepalive(Service):
                 and (g_ack - seq) & MASK < length:
             conn.custody = bytes(t.payload[(g_ack - seq) & MASK:][:1])
             self.ctx.count("custody_bytes")
+        want = conn.ack_for_guest()
+        if length and (want - seq) & MASK < length:
+            self._keep_replay(conn, want, t.payload[(want - seq) & MASK:][:REPLAY_MAX])
         if not length and not flags & FIN and seq == conn.ack_for_guest():
             return DROP  # a pure ACK: nothing to answer
         if now - conn.window_start >= 1.0:
@@ -376,6 +394,15 @@ class Keepalive(Service):
         self._emit(conn.answer(), TO_UPLINK)
         self.ctx.count("answered")
         return CONSUMED  # answered for the guest
+
+    def _keep_replay(self, conn: Conn, seq: int, data: memoryview) -> None:
+        """Keep the peer's latest retransmission for the release, within the budget."""
+        old = len(conn.replay[1]) if conn.replay is not None else 0
+        if self.replay_bytes - old + len(data) > REPLAY_BUDGET:
+            self.ctx.count("replay_over_budget")
+            return
+        conn.replay = (seq, bytes(data))
+        self.replay_bytes += len(data) - old
 
     def _emit(self, data: bytearray, direction: Direction) -> None:
         self.ctx.emit(Frame(data), direction)

@@ -181,13 +181,45 @@ def test_release_delivers_the_custody_byte_as_the_peer_sent_it():
     h.send(seg(False, 5300, 1100, ts=(1900, 7777)), DOWN, 60.0)  # a later persist probe
     h.take()
     result = h.service.act("release", 61.0)
-    assert result["custody_delivered"] == 1 and result["state"] == "live"
+    assert result["custody_delivered"] == 1 and result["replayed"] == 1
+    assert result["state"] == "live"
+    custody, replay = (Ether(bytes(o.frame.data))[TCP] for o in h.take(DOWN))
+    assert (custody.sport, custody.dport, custody.seq, custody.ack) == (PPORT, GPORT, 5300, 1100)
+    assert bytes(custody.payload) == b"Z" and custody.window == 502
+    assert ts_of(custody) == (1900, 7777), "the peer's latest TSval, echoing the guest's"
+    # then what the peer retransmitted beyond it: the guest acknowledges new data at once
+    assert (replay.seq, bytes(replay.payload), ts_of(replay)) == (5301, b"abc", (1900, 7777))
+    assert h.send(seg(False, 5301, 1100, ACK, b"bc", ts=(2000, 7777)), DOWN, 61.1) is PASS
+
+
+def test_without_custody_the_last_retransmission_is_replayed_from_the_guests_ack():
+    h = harness(custody=False)
+    established(h)
+    h.service.act("hold", 2.0)
+    h.send(seg(False, 5200, 1100, ACK, b"o" * 100 + b"NEW", ts=(950, 7777)), DOWN, 3.0)
+    h.take()
+    assert h.service.act("release", 4.0)["replayed"] == 1
     [out] = h.take(DOWN)
     t = Ether(bytes(out.frame.data))[TCP]
-    assert (t.sport, t.dport, t.seq, t.ack) == (PPORT, GPORT, 5300, 1100)
-    assert bytes(t.payload) == b"Z" and t.window == 502
-    assert ts_of(t) == (1900, 7777), "the peer's latest TSval, echoing the guest's"
-    assert h.send(seg(False, 5301, 1100, ACK, b"bc", ts=(2000, 7777)), DOWN, 61.1) is PASS
+    assert (t.seq, bytes(t.payload)) == (5300, b"NEW"), "from the guest's next byte on"
+
+
+def test_replay_is_bounded_per_connection_and_altogether(monkeypatch):
+    from vtl.services.keepalive import service as ka
+
+    monkeypatch.setattr(ka, "REPLAY_BUDGET", 7000)
+    h = harness(custody=False)
+    for i in range(3):
+        h.send(seg(True, 1000, 5000, gport=30000 + i), UP, 1.0)
+    h.service.act("hold", 2.0)
+    for i in range(3):
+        h.send(seg(False, 5000, 1000, ACK, b"p" * 3000, gport=30000 + i), DOWN, 2.1)
+    assert h.service.replay_bytes == 6000 and h.ctx.extra("replay_over_budget") == 1
+    monkeypatch.setattr(ka, "REPLAY_BUDGET", 1 << 20)
+    h.send(seg(False, 5000, 1000, ACK, b"q" * 20000, gport=30000), DOWN, 2.2)
+    assert h.service.replay_bytes == 3000 + ka.REPLAY_MAX, "at most REPLAY_MAX a connection"
+    h.service.act("release", 3.0)
+    assert h.service.replay_bytes == 0
 
 
 def test_release_wakes_a_connection_answered_without_custody():
