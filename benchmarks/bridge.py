@@ -9,6 +9,11 @@ iperf3 UDP 64-byte packets per second received, and the ping RTT median, then
 prints both and the ratio. Needs root; cleans up after itself.
 
     .venv/bin/python benchmarks/bridge.py [--seconds 5] [--repeat 3] [--services FILE.toml]
+        [--against empty]
+
+``--against empty`` compares the chain in ``--services`` with VTL's empty chain
+instead of the kernel bridge (what a service costs), e.g. ``keepalive`` tracking:
+``printf '[[services]]\nuse = "keepalive"\n' > /tmp/ka.toml``.
 """
 
 from __future__ import annotations
@@ -126,13 +131,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--services", type=Path, default=None,
                     help="TOML file with [[services]] tables for the VTL run (default: empty)")
+    ap.add_argument("--against", choices=("kernel", "empty"), default="kernel",
+                    help="the reference: the kernel bridge, or VTL with an empty chain")
     args = ap.parse_args()
     require_root("the benchmark")
     services = args.services.read_text() if args.services else ""
     tag = f"vb{os.getpid() % 10000:04d}"
-    kernel = kernel_bridge(tag, args.seconds, args.repeat)
+    if args.against == "kernel":
+        kernel = kernel_bridge(tag, args.seconds, args.repeat)
+        names = ("kernel bridge", "VTL", "VTL/kernel")
+    else:
+        kernel = vtl_bridge(tag, args.seconds, args.repeat, "")
+        names = ("empty chain", "services", "ratio")
     vtl = vtl_bridge(tag, args.seconds, args.repeat, services)
-    print(f"\n{'measure':36} {'kernel bridge':>14} {'VTL':>10} {'VTL/kernel':>11}")
+    print(f"\n{'measure':36} {names[0]:>14} {names[1]:>10} {names[2]:>11}")
     for key, label in ROWS:
         k, v = kernel[key], vtl[key]
         ratio = v / k if k else float("nan")

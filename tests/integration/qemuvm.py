@@ -219,7 +219,8 @@ class QemuGuest:
                  ip: str | None = None, ip6: str | None = None, gw: str | None = None,
                  root9p: bool = True, echo_port: int | None = None,
                  tap_by_qemu: bool = True, memory_mb: int = 512,
-                 incoming: str | None = None, extra_args: Sequence[str] = ()):
+                 incoming: str | None = None, extra_args: Sequence[str] = (),
+                 vtl_qmp_path: Path | None = None):
         self._settings = dict(mac=mac, ip=ip, ip6=ip6, gw=gw, root9p=root9p,
                               echo_port=echo_port, tap_by_qemu=tap_by_qemu,
                               memory_mb=memory_mb, extra_args=list(extra_args))
@@ -235,7 +236,9 @@ class QemuGuest:
         self.serial_log = self.workdir / "serial.log"
         self.qemu_log = self.workdir / "qemu.log"
         self.qmp_path = self.workdir / "qmp-test.sock"
-        self.vtl_qmp_path = self.workdir / "qmp-vtl.sock"
+        # VTL's monitor: a restored guest keeps its predecessor's, so a bridge configured
+        # with that path follows the VM across the restore
+        self.vtl_qmp_path = vtl_qmp_path or self.workdir / "qmp-vtl.sock"
         self.agent_path = self.workdir / "agent.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QmpClient | None = None
@@ -400,7 +403,7 @@ class QemuGuest:
         :meth:`migrate_to_file`); enter it with ``with``, then :meth:`wait_incoming` and
         :meth:`resume`. Use a persistent TAP: QEMU's own TAP goes when this QEMU quits."""
         return QemuGuest(self.tap, workdir, incoming=f"exec:cat {state}",
-                         **self._settings)  # type: ignore[arg-type]
+                         vtl_qmp_path=self.vtl_qmp_path, **self._settings)  # type: ignore[arg-type]
 
     def wait_incoming(self, timeout: float = 60.0) -> None:
         """Wait until a guest started with ``incoming`` has loaded its state (it is then

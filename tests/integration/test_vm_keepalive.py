@@ -19,13 +19,16 @@ import secrets
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from tcptools import expected_sha256
 from test_vm_baseline import require_vm
-from vmnet import PEER_IP, PeerProc, VmNet, guest_vmpeer, vm_net
+from vmnet import GUEST_IP, PEER_IP, PeerProc, VmNet, guest_vmpeer, vm_net
+from vtlnet import to_toml
 
 pytestmark = pytest.mark.integration
 
@@ -144,3 +147,66 @@ def test_a_120_s_pause_keeps_the_connections(vm: VmNet) -> None:
     assert "heartbeat" in heartbeat["error"] and heartbeat["t"] - paused_at < 10
     assert "timed out" in user_timeout["error"].lower() and user_timeout["t"] - paused_at < 15
     assert after["state"] == "live" and after["releases"] >= 1 and after["holds"] >= 1
+
+
+def test_vtl_ctl_hold_and_release_do_what_qmp_does(vm: VmNet, tmp_path: Path) -> None:
+    """For libvirt hooks and other hypervisors: keepalive without a monitor, held and
+    released through the control socket around a 30 s QMP pause."""
+    config = tomllib.loads((vm.tmp / "bridge.toml").read_text())
+    config["services"] = [{"use": "keepalive"}]
+    manual = tmp_path / "manual.toml"
+    manual.write_text(to_toml(config))
+    reloaded = ctl(vm, "reload", str(manual))
+    assert reloaded["replaced"] == [{"name": "keepalive", "changed": ["qmp"]}], reloaded
+    peer = vm.peer_proc("stream", 9400, SIZE, 41, RATE)
+    peer.wait("listening", 10)
+    pid = vm.guest.spawn(guest_vmpeer("recv", PEER_IP, 9400), log="/tmp/ka-manual.log")
+    try:
+        peer.wait("flowing", 20)
+        assert ctl(vm, "hold")["keepalive"]["state"] == "holding"
+        vm.guest.pause()
+        time.sleep(30.0)
+        vm.guest.resume()
+        released_at = time.monotonic()
+        released = ctl(vm, "release")["keepalive"]
+        flowing_again = peer.wait("resumed", 10)
+        assert peer.wait("done", 60)["bytes"] == SIZE
+        received = guest_result(vm, "/tmp/ka-manual.log", 30)
+    finally:
+        vm.guest.kill(pid)
+    assert released["state"] == "live" and released["held_s"] >= 30
+    assert released["custody_delivered"] + released["replayed"] >= 1, released
+    assert flowing_again["t"] - released_at < 1.0
+    assert received["sha256"] == expected_sha256(SIZE, 41)
+
+
+def test_a_migration_through_a_file_keeps_the_connection(tmp_path: Path) -> None:
+    """A busybox guest (no 9p export, so QEMU can migrate it) on a persistent TAP, saved
+    to a file and, 20 s later (a slow transfer), restored by a new QEMU with -incoming on
+    the same TAP and VTL monitor path: held from the source's STOP to the restored VM's
+    RESUME, the peer's connection to the guest's echo server goes on."""
+    require_vm()
+    tag = "vtk" + secrets.token_hex(3)
+    services = [{"use": "keepalive", "qmp": str(tmp_path / "guest" / "qmp-vtl.sock")}]
+    with vm_net(tag, tmp_path, tcp_retries2=5, services=services, persistent_tap=True,
+                root9p=False, echo_port=7) as net:
+        chat = net.peer_proc("chat", GUEST_IP, 7)
+        chat.wait("connected", 15)
+        chat.send_line("before")
+        assert chat.wait("echo", 10)["data"] == "before\n"
+        state = tmp_path / "guest.state"
+        net.guest.migrate_to_file(state)
+        net.guest.close()
+        chat.send_line("during the migration")  # the peer sends to a VM that is gone
+        time.sleep(20.0)
+        during = ctl(net, "counters")["services"]["keepalive"]
+        with net.guest.restored(tmp_path / "restored", state) as again:
+            again.wait_incoming(30)
+            again.resume()
+            echo = chat.wait("echo", 15)
+            chat.send_line("after")
+            after = chat.wait("echo", 10)
+        counters = ctl(net, "counters")["services"]["keepalive"]
+    assert during["state"] == "holding" and during["answered"] >= 1, during
+    assert echo["data"] == "during the migration\n" and after["data"] == "after\n"
+    assert counters["state"] == "live" and counters["releases"] >= 1, counters
