@@ -47,7 +47,7 @@ class Seg:
         return (self.seq + self.length + bool(self.flags & SYN) + bool(self.flags & FIN)) & MASK
 
     @classmethod
-    def parse(cls, hdr: bytes, length: int) -> Seg:
+    def parse(cls, hdr: bytes | bytearray, length: int) -> Seg:
         _, _, seq, ack, _, flags, window = _HDR.unpack_from(hdr)
         ts = None
         if len(hdr) > 20:
@@ -60,16 +60,17 @@ class Seg:
 class Conn:
     """One tracked TCP connection; ``key`` is as the guest sends (guest -> peer)."""
 
-    __slots__ = ("key", "g_l2", "g_hdr", "g_len", "p_l2", "p_hdr", "p_len", "custody",
+    __slots__ = ("key", "raw", "g_l2", "g_hdr", "g_len", "p_l2", "p_hdr", "p_len", "custody",
                  "replay", "answered", "window_start", "window_count", "closed", "fins", "touched")
 
     def __init__(self, key: FlowKey):
         self.key = key
+        self.raw: tuple[bytes, ...] = ()  # the service's hot-path keys (IPv4 only)
         self.g_l2 = b""  # link header of the guest's last segment (MACs, tags, type)
-        self.g_hdr = b""  # its TCP header, options included
+        self.g_hdr: bytes | bytearray = b""  # its TCP header, options included
         self.g_len = 0
         self.p_l2 = b""  # the same of the peer's last segment
-        self.p_hdr = b""
+        self.p_hdr: bytes | bytearray = b""
         self.p_len = 0
         self.custody: bytes | None = None  # the byte acknowledged for the guest in a hold
         #: the peer's data just beyond what the guest has, from its last retransmission in

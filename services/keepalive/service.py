@@ -67,6 +67,7 @@ See also
 
 from __future__ import annotations
 
+import struct
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -98,6 +99,57 @@ MAX_ADDRESSES = 64  # guest addresses answered for (ARP/ND)
 TOUCH_EVERY_S = 1.0  # refresh a connection's idle timer at most this often
 REPLAY_MAX = 16384  # bytes of a peer's retransmission kept per connection for the release
 REPLAY_BUDGET = 16 << 20  # and for all connections together
+
+
+#: (IP version, src, dst, sport, dport, L3 offset, TCP offset, payload length)
+Fields = tuple[int, bytes, bytes, int, int, int, int, int]
+_ETH_IP4 = struct.Struct("!12xHBxHxxHxB2x4s4s").unpack_from  # type, vihl, total, frag, proto, addrs
+_ETH_IP6 = struct.Struct("!12xH4xHBx16s16s").unpack_from  # type, payload len, next, addrs
+_TCP = struct.Struct("!HH8xB").unpack_from  # ports, data offset
+_HEAD4 = struct.Struct("!12xHBxHxxHxB").unpack_from  # type, vihl, total, frag, proto
+
+
+def tcp_fields(data: bytearray) -> Fields | None:
+    """The fields of an untagged TCP segment over IPv4 (not a fragment) or IPv6 (no
+    extension header), read straight from the frame with three ``struct`` calls: every
+    segment of every connection passes here while the VM runs, and building a
+    :class:`~vtl.Packet` costs several times more. None for anything else (the caller
+    takes the :class:`~vtl.Packet` way)."""
+    n = len(data)
+    if n < 54:
+        return None
+    et, vihl, total, frag, proto, src, dst = _ETH_IP4(data)
+    if et == 0x0800:
+        if proto != 6 or frag & 0x3FFF:  # not TCP, or a fragment
+            return None
+        off = 14 + ((vihl & 15) << 2)
+        end = 14 + total if total else n  # a GSO frame may leave it 0
+        version = 4
+    elif et == 0x86DD:
+        if n < 74:
+            return None
+        _, plen, nxt, src, dst = _ETH_IP6(data)
+        if nxt != 6:
+            return None
+        off, end, version = 54, 54 + plen if plen else n, 6
+    else:
+        return None
+    if off + 20 > n:
+        return None
+    sport, dport, doff = _TCP(data, off)
+    hl = (doff >> 4) << 2
+    if hl < 20 or off + hl > n:
+        return None
+    return version, src, dst, sport, dport, 14, off, max(0, min(end, n) - off - hl)
+
+
+def packet_fields(pkt: Packet) -> Fields:
+    """:func:`tcp_fields` of a parsed TCP packet (tagged frames, extension headers)."""
+    ip, t = pkt.ip, pkt.tcp
+    assert ip is not None and t is not None
+    src, dst = ip.addrs
+    sport, dport = t.ports
+    return ip.version_number, src, dst, sport, dport, pkt.l3_offset, t.off, t.payload_len
 
 
 class KeepaliveOptions(ServiceOptions):
@@ -144,6 +196,9 @@ class Keepalive(Service):
         self.qmp_connected = False
         self.vm_status = "unknown"
         self.replay_bytes = 0  # kept for replay at release, all connections together
+        #: the hot path's index: the 12 bytes of IPv4 addresses and ports of a segment,
+        #: in either direction -> its connection (two entries per connection in the table)
+        self.fast: dict[bytes, Conn] = {}
 
     # -- hooks ------------------------------------------------------------------------
 
@@ -152,14 +207,34 @@ class Keepalive(Service):
             self.ctx.watch_qmp(self.options.qmp, self.on_vm_event)
 
     def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
-        pkt = Packet(frame)
-        if direction is TO_UPLINK:
-            self._from_guest(pkt, now)
-            return PASS
-        if self.holding is None:
-            self._from_peer(pkt, now)
-            return PASS
-        return self._held(pkt, now)
+        data = frame.data
+        to_uplink = direction is TO_UPLINK
+        if not to_uplink and self.holding is not None:
+            return self._held(Packet(frame), now)
+        # The hot path, for a segment of a known connection over IPv4 without options,
+        # with no SYN/FIN/RST, its timer fresh: read in place, one dict lookup, copy the
+        # TCP header. Everything else takes the general way below.
+        if len(data) >= 54:
+            et, vihl, total, frag, proto = _HEAD4(data)
+            if et == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x3FFF:
+                conn = self.fast.get(bytes(data[26:38]))
+                if conn is not None and not data[47] & 7 and now - conn.touched < TOUCH_EVERY_S:
+                    hl = (data[46] >> 2) & 0x3C
+                    hdr = data[34:34 + hl]
+                    length = (total if total else len(data) - 14) - 20 - hl
+                    if to_uplink:
+                        conn.g_hdr, conn.g_len = hdr, max(0, length)
+                    else:
+                        conn.p_hdr, conn.p_len = hdr, max(0, length)
+                    return PASS
+        f = tcp_fields(data)
+        if f is not None:
+            self._track(data, f, 1 if to_uplink else 2, now)
+        elif to_uplink:
+            if len(data) >= 24 and data[12] == 8 and data[13] == 0 and data[23] != 6:
+                return PASS  # IPv4 but not TCP: nothing to learn or track
+            self._from_guest(Packet(frame), now)  # ARP, IPv6 (ND), tagged: learn, track
+        return PASS
 
     def poll_at(self) -> float | None:
         return self.conns.poll_at()
@@ -254,82 +329,78 @@ class Keepalive(Service):
     # -- live -------------------------------------------------------------------------
 
     def _from_guest(self, pkt: Packet, now: float) -> None:
+        """What is not a plain TCP segment from the guest: ARP and IPv6 neighbour
+        discovery teach its addresses; a tagged TCP segment is tracked the slow way."""
         et = pkt.ethertype
         if et == ETH_P_ARP:
             a = pkt.arp
             if a is not None and any(a.spa):
                 self._learn(bytes(a.spa), bytes(a.sha))
             return
-        t = pkt.tcp
-        if t is None:
-            if et == ETH_P_IPV6:
-                i6 = pkt.icmp6
-                if i6 is not None and i6.type in (ICMP6_RS, ICMP6_NS, ICMP6_NA):
-                    src = pkt.ipv6.src  # type: ignore[union-attr]
-                    if any(src):
-                        self._learn(bytes(src), bytes(pkt.eth.src))
-            return
-        ip = pkt.ip
-        src, dst = ip.addrs  # type: ignore[union-attr]
-        sport, dport = t.ports
-        key = _tuple_new(FlowKey, (ip.version_number, 6, src, sport, dst, dport))  # type: ignore[union-attr]
-        conn = self.conns.lookup(key)
-        flags = t.flags
-        if conn is None or conn.closed and flags & SYN:  # new, or a closed one reused
-            if flags & RST:
-                return
-            conn = Conn(key)
-            if not self.conns.put(key, conn, now):
-                return
-            conn.touched = now
-            self._learn(src, bytes(pkt.eth.src))
-        off, data = t.off, pkt.data
-        conn.g_l2 = bytes(data[:pkt.l3_offset])
-        conn.g_hdr = bytes(data[off:off + ((data[off + 12] >> 4) << 2)])
-        conn.g_len = t.payload_len
-        self._seen(key, conn, flags, 1, now)
+        if pkt.tcp is not None:
+            self._track(pkt.data, packet_fields(pkt), 1, now)
+        elif et == ETH_P_IPV6:
+            i6 = pkt.icmp6
+            if i6 is not None and i6.type in (ICMP6_RS, ICMP6_NS, ICMP6_NA):
+                src = pkt.ipv6.src  # type: ignore[union-attr]
+                if any(src):
+                    self._learn(bytes(src), bytes(pkt.eth.src))
 
     def _from_peer(self, pkt: Packet, now: float) -> Conn | None:
-        t = pkt.tcp
-        if t is None:
+        if pkt.tcp is None:
             return None
-        ip = pkt.ip
-        src, dst = ip.addrs  # type: ignore[union-attr]
-        sport, dport = t.ports
-        key = _tuple_new(FlowKey, (ip.version_number, 6, dst, dport, src, sport))  # type: ignore[union-attr]
+        return self._track(pkt.data, packet_fields(pkt), 2, now)
+
+    def _track(self, data: bytearray, f: Fields, side: int, now: float) -> Conn | None:
+        """One TCP segment from ``side`` (1: the guest, 2: the peer): keep its headers."""
+        version, src, dst, sport, dport, l3, off, length = f
+        if side == 1:
+            key = _tuple_new(FlowKey, (version, 6, src, sport, dst, dport))
+        else:
+            key = _tuple_new(FlowKey, (version, 6, dst, dport, src, sport))
         conn = self.conns.lookup(key)
-        flags = t.flags
-        if conn is None:
+        flags = data[off + 13]
+        if conn is None or side == 1 and conn.closed and flags & SYN:  # new, or reused
             if flags & RST:
                 return None
             conn = Conn(key)
             if not self.conns.put(key, conn, now):
                 return None
-            conn.touched = now
-        off, data = t.off, pkt.data
-        conn.p_l2 = bytes(data[:pkt.l3_offset])
-        conn.p_hdr = bytes(data[off:off + ((data[off + 12] >> 4) << 2)])
-        conn.p_len = t.payload_len
-        self._seen(key, conn, flags, 2, now)
-        return conn
-
-    def _seen(self, key: FlowKey, conn: Conn, flags: int, side: int, now: float) -> None:
-        """After a segment from ``side`` (1: the guest, 2: the peer): closing, idle timer."""
+            conn.touched = now - TOUCH_EVERY_S  # copies the link header below
+            if version == 4:  # the hot path's keys: addresses and ports as each side sends
+                g, p = struct.pack("!HH", key.sport, key.dport), \
+                    struct.pack("!HH", key.dport, key.sport)
+                conn.raw = (key.src + key.dst + g, key.dst + key.src + p)
+                self.fast[conn.raw[0]] = self.fast[conn.raw[1]] = conn
+            if side == 1:
+                self._learn(src, bytes(data[6:12]))
+        hdr = data[off:off + ((data[off + 12] >> 4) << 2)]  # a copy: a new bytearray
+        if side == 1:
+            conn.g_hdr, conn.g_len = hdr, length
+        else:
+            conn.p_hdr, conn.p_len = hdr, length
         if flags & FIN:
             conn.fins |= side
         if not conn.closed and (flags & RST or conn.fins == 3):
             conn.closed = True
             self.conns.touch(key, now, timeout=self.options.closed_timeout_s)
-            conn.touched = now
-        elif now - conn.touched >= TOUCH_EVERY_S:
+        elif now - conn.touched >= TOUCH_EVERY_S:  # once a second: the idle timer, MACs
             conn.touched = now
             self.conns.touch(key, now)
+            if side == 1:
+                conn.g_l2 = bytes(data[:l3])
+            else:
+                conn.p_l2 = bytes(data[:l3])
+        return conn
 
     def _learn(self, ip: bytes, mac: bytes) -> None:
         if ip in self.addresses or len(self.addresses) < MAX_ADDRESSES:
             self.addresses[ip] = mac
 
     def _evicted(self, key: FlowKey, conn: Conn, reason: object) -> None:
+        for raw in conn.raw:
+            if self.fast.get(raw) is conn:
+                del self.fast[raw]
         if reason != "expired":
             self.ctx.count("evicted")
 

@@ -301,3 +301,37 @@ def test_seg_parses_what_it_copied():
     s = Seg.parse(raw, 3)
     assert (s.seq, s.ack, s.flags, s.ts, s.end) == (0xFFFFFFF0, 7, ACK | FIN, (1, 2),
                                                       0xFFFFFFF4)
+
+
+def test_the_hand_parser_agrees_with_packet():
+    from vtl.services.keepalive.service import packet_fields, tcp_fields
+
+    from vtl import Packet
+
+    rng = random.Random(9)
+    for i in range(300):
+        v6 = i % 3 == 0
+        payload = bytes(rng.randrange(256) for _ in range(rng.choice((0, 1, 5, 1400))))
+        f = seg(bool(i % 2), rng.getrandbits(32), rng.getrandbits(32), ACK | PSH, payload,
+                ts=None if i % 5 == 0 else (rng.getrandbits(32), rng.getrandbits(32)), v6=v6,
+                gport=rng.randrange(1, 65536))
+        assert tcp_fields(f.data) == packet_fields(Packet(f))
+    short = seg(True, 1, 2, ACK, ts=None)  # 54 bytes, padded to 60 on the wire
+    padded = Frame(bytes(short.data) + bytes(6))
+    assert tcp_fields(padded.data)[-1] == 0, "the IP length, not the padding"
+    udp = Frame(build.udp_datagram(G_MAC, P_MAC, G_IP, P_IP, 1, 2, b"x" * 40))
+    assert tcp_fields(udp.data) is None
+
+
+def test_the_hot_path_keeps_what_the_general_path_keeps():
+    h = harness()
+    established(h)  # the connection is known: later segments take the hot path
+    h.send(seg(True, 1100, 5300, ACK | PSH, b"z" * 700, ts=(8000, 302)), UP, 1.2)
+    h.send(seg(False, 5300, 1800, ACK, ts=(303, 8000), window=77), DOWN, 1.3)
+    conn = h.service.conns.values()[0]
+    g, p = conn.guest(), conn.peer()
+    assert (g.seq, g.ack, g.length, g.ts, g.end) == (1100, 5300, 700, (8000, 302), 1800)
+    assert (p.seq, p.ack, p.window, p.ts, p.length) == (5300, 1800, 77, (303, 8000), 0)
+    assert len(h.service.fast) == 2
+    h.advance(20000.0)  # idle past the timeout: forgotten, from both indexes
+    assert len(h.service.conns) == 0 and h.service.fast == {}
