@@ -218,7 +218,8 @@ class Keepalive(Service):
             et, vihl, total, frag, proto = _HEAD4(data)
             if et == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x3FFF:
                 conn = self.fast.get(bytes(data[26:38]))
-                if conn is not None and not data[47] & 7 and now - conn.touched < TOUCH_EVERY_S:
+                if conn is not None and not data[47] & 7 and now - conn.touched < TOUCH_EVERY_S \
+                        and (conn.g_l2 if to_uplink else conn.p_l2):
                     hl = (data[46] >> 2) & 0x3C
                     hdr = data[34:34 + hl]
                     length = (total if total else len(data) - 14) - 20 - hl
@@ -366,7 +367,7 @@ class Keepalive(Service):
             conn = Conn(key)
             if not self.conns.put(key, conn, now):
                 return None
-            conn.touched = now - TOUCH_EVERY_S  # copies the link header below
+            conn.touched = now
             if version == 4:  # the hot path's keys: addresses and ports as each side sends
                 g, p = struct.pack("!HH", key.sport, key.dport), \
                     struct.pack("!HH", key.dport, key.sport)
@@ -384,13 +385,16 @@ class Keepalive(Service):
         if not conn.closed and (flags & RST or conn.fins == 3):
             conn.closed = True
             self.conns.touch(key, now, timeout=self.options.closed_timeout_s)
-        elif now - conn.touched >= TOUCH_EVERY_S:  # once a second: the idle timer, MACs
+        elif now - conn.touched >= TOUCH_EVERY_S:  # once a second: the idle timer
             conn.touched = now
             self.conns.touch(key, now)
-            if side == 1:
-                conn.g_l2 = bytes(data[:l3])
-            else:
-                conn.p_l2 = bytes(data[:l3])
+        elif conn.g_l2 if side == 1 else conn.p_l2:
+            return conn
+        # the link header (MACs, tags): the first segment from this side, then once a second
+        if side == 1:
+            conn.g_l2 = bytes(data[:l3])
+        else:
+            conn.p_l2 = bytes(data[:l3])
         return conn
 
     def _learn(self, ip: bytes, mac: bytes) -> None:

@@ -505,7 +505,7 @@ def test_service_actions_hold_and_release():
     r = call(handler, {"v": 1, "cmd": "release", "args": {"service": "keepalive"}})
     assert r["ok"] and r["result"] == {"keepalive": {
         "state": "live", "held_s": r["result"]["keepalive"]["held_s"], "custody_delivered": 0,
-        "woken": 0}}
+        "replayed": 0, "woken": 0}}
     r = call(handler, {"v": 1, "cmd": "release", "args": {"service": "netem"}})
     assert not r["ok"] and "no service named 'netem' has the action 'release'" in r["error"]
     r = call(handler, {"v": 1, "cmd": "hold", "args": {"nope": 1}})

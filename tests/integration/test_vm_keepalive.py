@@ -200,12 +200,16 @@ def test_a_migration_through_a_file_keeps_the_connection(tmp_path: Path) -> None
         chat.send_line("during the migration")  # the peer sends to a VM that is gone
         time.sleep(20.0)
         during = ctl(net, "counters")["services"]["keepalive"]
-        with net.guest.restored(tmp_path / "restored", state) as again:
-            again.wait_incoming(30)
-            again.resume()
-            echo = chat.wait("echo", 15)
-            chat.send_line("after")
-            after = chat.wait("echo", 10)
+        try:
+            with net.guest.restored(tmp_path / "restored", state) as again:
+                again.wait_incoming(30)
+                again.resume()
+                echo = chat.wait("echo", 15)
+                chat.send_line("after")
+                after = chat.wait("echo", 10)
+        except AssertionError:
+            print(net.bridge.stderr[-3000:])
+            raise
         counters = ctl(net, "counters")["services"]["keepalive"]
     assert during["state"] == "holding" and during["answered"] >= 1, during
     assert echo["data"] == "during the migration\n" and after["data"] == "after\n"

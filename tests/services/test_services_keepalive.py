@@ -335,3 +335,20 @@ def test_the_hot_path_keeps_what_the_general_path_keeps():
     assert len(h.service.fast) == 2
     h.advance(20000.0)  # idle past the timeout: forgotten, from both indexes
     assert len(h.service.conns) == 0 and h.service.fast == {}
+
+
+def test_a_connection_the_peer_opened_is_answered_too():
+    """The peer's SYN makes the entry; the guest's segments within the same second must
+    still leave their link header for the hold's answers (found with a real VM)."""
+    h = harness()
+    assert h.send(seg(False, 4999, 0, SYN, ts=(1, 0)), DOWN, 1.0) is PASS
+    assert h.send(seg(True, 999, 5000, SYN | ACK, ts=(7000, 1)), UP, 1.01) is PASS
+    h.send(seg(False, 5000, 1000, ACK | PSH, b"hello", ts=(2, 7000)), DOWN, 1.02)
+    h.send(seg(True, 1000, 5005, ACK | PSH, b"hello", ts=(7001, 2)), UP, 1.03)
+    h.take()
+    h.service.act("hold", 1.1)
+    assert h.send(seg(False, 5005, 1005, ACK | PSH, b"more", ts=(3, 7001)), DOWN,
+                  1.2) is CONSUMED
+    a = answer_of(h)
+    assert (a.seq, a.ack, a.window, ts_of(a)) == (1005, 5006, 0, (7001, 2))
+    assert h.ctx.counters.errors == 0
