@@ -60,7 +60,7 @@ from vtl.bridge.streams import StreamManager
 
 from vtl.errors import ConfigError, SetupError, VTLError
 from vtl.flow import FlowTable
-from vtl.frame import VNET_HDR_LEN, Frame
+from vtl.frame import NO_OFFLOAD, VNET_HDR_LEN, Frame
 from vtl.hypervisor import VmEvent, VmEventHandler, Watch
 from vtl.service import Direction, Service
 
@@ -403,7 +403,8 @@ class Bridge:
                         from vtl.packet.offload import prepare_offloads  # rare: kinds differ
 
                         prepare_offloads(frame, port.mtu, csum=not other.vnet)
-                port.send(frame.to_wire(True))
+                port.send_parts(NO_OFFLOAD if frame.vnet is None else frame.vnet.pack(),
+                                frame.data)
             elif frame.vnet is not None and not frame.vnet.is_plain:
                 from vtl.packet.offload import complete_offloads  # rare: port kinds differ
 

@@ -117,6 +117,11 @@ class Port(abc.ABC):
     def send(self, raw: bytes | bytearray | memoryview) -> bool:
         """Write one frame; ``False`` (counted in ``tx_dropped``) when it was not sent."""
 
+    def send_parts(self, head: bytes, body: bytes | bytearray) -> bool:
+        """Write the frame ``head + body`` (a virtio-net header and a frame): ports that
+        can gather override it and save copying the body (64 KB for a GSO frame)."""
+        return self.send(head + body)
+
     @property
     def is_open(self) -> bool:
         return False

@@ -245,6 +245,26 @@ class PacketPort(Port):
         c.tx_bytes += len(raw) - self._hdr
         return True
 
+    def send_parts(self, head: bytes, body: bytes | bytearray) -> bool:
+        """One frame sent from two buffers (sendmsg: the body is not copied here)."""
+        sock = self._sock
+        c = self.counters
+        if sock is None:
+            c.tx_dropped += 1
+            return False
+        try:
+            sock.sendmsg((head, body))
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS and self.qdisc_bypass:
+                raw = head + body
+                if self._is_gso(raw):
+                    return self._send_without_bypass(sock, raw)
+            c.tx_dropped += 1
+            return False
+        c.tx_frames += 1
+        c.tx_bytes += len(head) + len(body) - self._hdr
+        return True
+
     def _is_gso(self, raw: bytes | bytearray | memoryview) -> bool:
         return self._hdr > 0 and len(raw) > self._hdr and bool(
             raw[_GSO_TYPE_OFFSET] & _GSO_TYPE_MASK

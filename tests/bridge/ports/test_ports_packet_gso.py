@@ -151,6 +151,9 @@ class FakeSock:
         self.sent.append(bytes(raw))
         return len(raw)
 
+    def sendmsg(self, buffers):
+        return self.send(b"".join(bytes(b) for b in buffers))
+
     def setsockopt(self, *args):
         self.opts.append(args)
 
@@ -182,3 +185,14 @@ def test_enobufs_of_gso_frame_turns_bypass_off_once():
     assert len(sock.opts) == 1 and port.qdisc_fallbacks == 1
     assert port.send(frame) is True and port.counters.tx_frames == 1
 
+
+
+def test_send_parts_gathers_head_and_body_and_falls_back_like_send():
+    port, sock = _fake_port(fail=0)
+    plain = b"\xff" * 60
+    assert port.send_parts(b"\x00" * 10, bytearray(plain)) is True
+    assert sock.sent == [b"\x00" * 10 + plain] and port.counters.tx_bytes == 60
+    frame = gso_frame(b"\x02" * 6, b"\x04" * 6, 1)
+    sock.fail = 1  # a GSO frame the bypass refuses: the qdisc from now on, then sent
+    assert port.send_parts(bytes(frame[:10]), bytearray(frame[10:])) is True
+    assert port.qdisc_fallbacks == 1 and sock.sent[-1] == bytes(frame)

@@ -62,6 +62,8 @@ def test_vnet_header_first_and_bad_frames_dropped(ns):
         assert VnetHeader.unpack(arp).is_plain
         assert port.send(b"\x01") is False  # shorter than the virtio-net header
         assert port.counters.tx_dropped == 1
+        assert port.send_parts(b"\x01", bytearray()) is False  # gathered: the same
+        assert port.counters.tx_dropped == 2
 
 
 def test_host_namespace_tap_is_up_and_removed():
