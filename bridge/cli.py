@@ -24,6 +24,7 @@ import inspect
 import ipaddress
 import json
 import logging
+import os
 import re
 import sys
 import textwrap
@@ -409,6 +410,19 @@ def run(config: str, verbose: bool) -> None:
     except VTLError as exc:
         click.echo(f"vtl: {exc}", err=True)
         sys.exit(1)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """``sys.exit(code)``, except once libudt was loaded: its static destructor races its
+    own threads at process exit and glibc aborts the process ("unaligned tcache chunk
+    detected", exit -6, about one exit in six here) after the bridge has stopped cleanly
+    and logged its counters. Then flush and leave without running C++ destructors."""
+    if "udt4py" in sys.modules:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
