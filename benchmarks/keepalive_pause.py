@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
 
 from tcptools import expected_sha256  # noqa: E402
-from vmnet import PEER_IP, VmNet, guest_vmpeer, vm_net  # noqa: E402
+from vmnet import PEER_IP, PeerProc, VmNet, guest_vmpeer, vm_net  # noqa: E402
 from vtl.bridge.ctl import request  # noqa: E402
 from vtl.bridge.topology import require_root  # noqa: E402
 
@@ -39,14 +39,30 @@ def counters(vm: VmNet) -> dict:
 
 
 def guest_result(vm: VmNet, log: str, timeout: float) -> dict:
+    """The guest program's last JSON event once it ended, or what it printed instead
+    (a traceback when its socket failed)."""
     deadline = time.monotonic() + timeout
     lines: list[str] = []
     while time.monotonic() < deadline:
-        lines = vm.guest.read_file(log).decode().splitlines()
-        if lines and json.loads(lines[-1])["event"] in ("done", "closed"):
-            return json.loads(lines[-1])
+        lines = vm.guest.read_file(log).decode(errors="replace").splitlines()
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        if events and events[-1].get("event") in ("done", "closed"):
+            return events[-1]
+        if lines and not lines[-1].startswith("{"):
+            return {"event": "crashed", "output": lines[-4:]}
         time.sleep(0.5)
-    return {"event": "no result", "lines": lines[-3:]}
+    return {"event": "no result", "output": lines[-4:]}
+
+
+def peer_events(peer: PeerProc) -> list[dict]:
+    while not peer.events.empty():
+        peer.seen.append(peer.events.get())
+    return [e for e in peer.seen if e["event"] not in ("listening", "accepted", "flowing")]
 
 
 def main() -> None:
@@ -91,6 +107,8 @@ def run(vm: VmNet, pause_s: float) -> dict:
                     peer.wait("resumed", 30)["t"] - resumed_at, 3)
             except AssertionError as exc:
                 report[f"{name}_flowing_after_cont_s"] = f"never: {str(exc)[-200:]}"
+        report["nstat_peer"] = vm.peer(["nstat", "-az", "TcpExtPAWSEstab",
+                                        "TcpExtTCPTimeouts", "TcpExtTCPAbortOnTimeout"]).stdout
         received = guest_result(vm, "/tmp/kp-send.log", 60)
         bidir = guest_result(vm, "/tmp/kp-bidir.log", 60)
         report["send_intact"] = received.get("sha256") == expected_sha256(SIZE, 51)
@@ -101,6 +119,11 @@ def run(vm: VmNet, pause_s: float) -> dict:
         report["idle_keepalive_alive"] = idle.proc.poll() is None and not any(
             e["event"] == "dead" for e in idle.seen)
         report["keepalive_after"] = counters(vm)
+        report["send_result"], report["bidir_result"] = received, bidir
+        report["peer_events"] = {name: peer_events(p) for name, p in
+                                 (("send", send), ("bidir", echo), ("idle", idle))}
+        report["bridge_log"] = [line for line in vm.bridge.stderr.splitlines()
+                                if "keepalive" in line][-12:]
         return report
     finally:
         for pid in pids:
