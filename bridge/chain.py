@@ -142,6 +142,12 @@ class SlotContext:
         self.resources.append(watch)
         return watch
 
+    def pin_mac(self, mac: bytes, until: float | None) -> None:
+        """Keep frames for the guest ``mac`` deliverable until ``until`` (see
+        :meth:`vtl.service.ServiceContext.pin_mac`); nothing without a bridge."""
+        if self._chain.pin_mac is not None:
+            self._chain.pin_mac(mac, until)
+
     def close_resources(self) -> None:
         for r in self.resources:
             try:
@@ -224,6 +230,8 @@ class Chain:
         self.streams: StreamManager | None = None  # set by the bridge
         #: follows a QEMU monitor for a service: (path, handler, log) -> Watch (the bridge)
         self.watch_qmp: Callable[[str, VmEventHandler, logging.Logger], Watch] | None = None
+        #: keeps a guest MAC deliverable (ctx.pin_mac): (mac, until) -> None (the bridge)
+        self.pin_mac: Callable[[bytes, float | None], None] | None = None
         self.log = log
         for i, spec in enumerate(specs):
             self.slots.append(self.make_slot(spec, i))

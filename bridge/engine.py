@@ -67,6 +67,7 @@ from vtl.service import Direction, Service
 TO_UPLINK = Direction.TO_UPLINK
 TO_GUEST = Direction.TO_GUEST
 _MAX_SLEEP = 0.5
+MAX_PINS = 64  # MAC addresses services may pin at once (ctx.pin_mac)
 
 
 @dataclass(slots=True)
@@ -124,6 +125,7 @@ class Bridge:
         os.set_blocking(self._tick_w, False)
         self.streams: StreamManager | None = None
         self.egress: EgressPolicy | None = None
+        self._pins: dict[bytes, float] = {}  # MAC -> until: see _pin_mac
         self._deadline: float | None = None
         self._threads: list[threading.Thread] = []
         self._lanes: dict[Direction, _Lane] = {}
@@ -146,6 +148,7 @@ class Bridge:
             self.streams.policy = self.egress
             self.chain.streams = self.streams
             self.chain.watch_qmp = self._watch_qmp
+            self.chain.pin_mac = self._pin_mac
             self.streams.start()
             now = time.monotonic()
             with self._lock:
@@ -324,6 +327,8 @@ class Bridge:
                 until = expires_at(raw[off:off + 6])
                 if until is not None and until > now:
                     good.append(raw)
+                elif self._pins and self._pins.get(raw[off:off + 6], 0.0) > now:
+                    good.append(raw)  # pinned by a service: a paused guest says nothing
                 else:
                     counters.not_for_guest += 1
         if lane.fast:
@@ -347,6 +352,17 @@ class Bridge:
             self._flush()
             self._deadline = self.chain.next_deadline()
         return True
+
+    def _pin_mac(self, mac: bytes, until: float | None) -> None:
+        """Frames for ``mac`` reach the guest until ``until`` (None: until pinned again),
+        however long the guest has been silent (``ctx.pin_mac``; chain lock held). The
+        map is replaced whole: the to-guest thread reads it without the lock."""
+        now = time.monotonic()
+        pins = {m: t for m, t in self._pins.items() if t > now}
+        if len(pins) >= MAX_PINS and mac not in pins:
+            raise ValueError(f"at most {MAX_PINS} pinned MAC addresses per bridge")
+        pins[bytes(mac)] = float("inf") if until is None else until
+        self._pins = pins
 
     def _watch_qmp(self, path: str, handler: VmEventHandler, log: logging.Logger) -> Watch:
         """Follow a QEMU monitor for a service (``ctx.watch_qmp``): its events are handed

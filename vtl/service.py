@@ -150,6 +150,12 @@ class ServiceContext(Protocol):
         (``on_offer(offer, now)``, under the chain lock). Raises OSError when the
         address cannot be bound."""
 
+    def pin_mac(self, mac: bytes, until: float | None) -> None:
+        """Keep delivering frames for the guest's ``mac`` until ``until`` (monotonic
+        seconds; None: until pinned again), however long the guest has been silent: the
+        bridge forgets a MAC after ``mac_aging_s`` without a frame from it, and a paused
+        VM sends none. At most 64 pins per bridge."""
+
     def watch_qmp(self, path: str, on_event: VmEventHandler) -> Watch:
         """Follow the QEMU monitor at unix socket ``path`` (see :mod:`vtl.hypervisor`):
         ``on_event(event, now)`` is called under the chain lock; reconnects when QEMU

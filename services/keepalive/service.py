@@ -32,6 +32,9 @@ What it does to frames
     - anything else toward the guest: dropped and counted (``held_dropped``).
 
     Frames from the guest still pass (a manual hold may start before the VM stops).
+    The guest's MACs are pinned in the bridge for the hold (``ctx.pin_mac``): a paused
+    guest sends nothing, and the learning switch would forget it after ``mac_aging_s``
+    (300 s) and stop the peers' frames before they reach the service.
 
     Release (QMP ``RESUME``, or ``vtl ctl NAME release``): each custody byte is
     delivered to the guest as the peer sent it, followed by the peer's last
@@ -97,6 +100,8 @@ ETH_P_ARP, ETH_P_IPV6 = 0x0806, 0x86DD
 ICMP6_RS, ICMP6_NS, ICMP6_NA = 133, 135, 136
 MAX_ADDRESSES = 64  # guest addresses answered for (ARP/ND)
 TOUCH_EVERY_S = 1.0  # refresh a connection's idle timer at most this often
+UNPIN_AFTER_S = 30.0  # a released guest's MACs stay deliverable this long
+MAX_PINNED = 16  # guest MACs kept deliverable during a hold, at most
 REPLAY_MAX = 16384  # bytes of a peer's retransmission kept per connection for the release
 REPLAY_BUDGET = 16 << 20  # and for all connections together
 
@@ -268,6 +273,8 @@ class Keepalive(Service):
         self.holding, self.hold_since = why, now
         for conn in self.conns.values():
             conn.custody, conn.replay, conn.answered = None, None, 0
+        for mac in self._guest_macs():  # a paused guest sends nothing to keep it learnt
+            self.ctx.pin_mac(mac, None)
         self.replay_bytes = 0
         self.ctx.count("holds")
         self.ctx.log.warning("%s: holding %d connections (%s)", self.ctx.name,
@@ -279,6 +286,8 @@ class Keepalive(Service):
             return {"state": "live"}
         held = now - self.hold_since
         self.holding = None
+        for mac in self._guest_macs():  # until the resumed guest has spoken again
+            self.ctx.pin_mac(mac, now + UNPIN_AFTER_S)
         delivered = replayed = probed = 0
         for conn in self.conns.values():
             if conn.closed or not conn.answerable:
@@ -396,6 +405,11 @@ class Keepalive(Service):
         else:
             conn.p_l2 = bytes(data[:l3])
         return conn
+
+    def _guest_macs(self) -> set[bytes]:
+        macs = set(self.addresses.values())
+        macs.update(c.g_l2[6:12] for c in self.conns.values() if c.g_l2)
+        return set(sorted(macs)[:MAX_PINNED])
 
     def _learn(self, ip: bytes, mac: bytes) -> None:
         if ip in self.addresses or len(self.addresses) < MAX_ADDRESSES:

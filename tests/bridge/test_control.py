@@ -514,3 +514,19 @@ def test_service_actions_hold_and_release():
     assert not r["ok"] and "actions of this bridge's services: hold, release" in r["error"]
     plain = Handler(make_bridge(), time.monotonic())
     assert "unknown command 'hold'" in call(plain, {"v": 1, "cmd": "hold"})["error"]
+
+
+def test_pinned_macs_are_bounded_and_expire():
+    from vtl.bridge.engine import MAX_PINS
+
+    bridge = make_bridge()
+    now = time.monotonic()
+    bridge._pin_mac(b"\x02" * 6, None)
+    bridge._pin_mac(b"\x04" * 6, now - 1.0)  # already over: dropped at the next pin
+    for i in range(MAX_PINS - 1):
+        bridge._pin_mac(bytes([2, 0, 0, 0, 1, i]), now + 60)
+    assert len(bridge._pins) == MAX_PINS and bridge._pins[b"\x02" * 6] == float("inf")
+    with pytest.raises(ValueError, match="at most"):
+        bridge._pin_mac(b"\x06" * 6, None)
+    bridge._pin_mac(b"\x02" * 6, now + 5)  # a pinned one can always be re-pinned
+    assert bridge._pins[b"\x02" * 6] == now + 5

@@ -56,7 +56,10 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmNet]:
     tag = "vtk" + secrets.token_hex(3)
     tmp = tmp_path_factory.mktemp("vmka")
     services = [{"use": "keepalive", "qmp": str(tmp / "guest" / "qmp-vtl.sock")}]
-    with vm_net(tag, tmp, tcp_retries2=5, services=services) as net:
+    # the bridge forgets a silent guest's MAC after 20 s (300 s by default): the hold must
+    # keep it, or the peers' frames stop at the learning switch (found in a 30 min pause)
+    with vm_net(tag, tmp, tcp_retries2=5, services=services,
+                bridge={"mac_aging_s": 20}) as net:
         assert ctl(net, "counters")["services"]["keepalive"]["qmp_connected"]
         yield net
 

@@ -102,6 +102,7 @@ class VmNet:
 @contextmanager
 def vm_net(tag: str, tmp: Path, *, tcp_retries2: int | None = 5,
            services: list[dict[str, Any]] | None = None, persistent_tap: bool = False,
+           bridge: dict[str, Any] | None = None,
            boot_timeout: float = 60.0, **guest_kw: Any) -> Iterator[VmNet]:
     """Boot a guest on a TAP named ``{tag}t`` behind ``vtl run`` (``services`` as its
     chain) with the peer namespace ``{tag}-peer`` on the uplink; all removed on exit."""
@@ -124,7 +125,7 @@ def vm_net(tag: str, tmp: Path, *, tcp_retries2: int | None = 5,
         guest.start()
         config = tmp / "bridge.toml"
         config.write_text(to_toml({
-            "bridge": {"name": tag},
+            "bridge": {"name": tag, **(bridge or {})},
             "ports": {"guest": {"kind": "packet", "ifname": tap},
                       "uplink": {"kind": "packet", "ifname": uplink}},
             "services": services or [],

@@ -352,3 +352,12 @@ def test_a_connection_the_peer_opened_is_answered_too():
     a = answer_of(h)
     assert (a.seq, a.ack, a.window, ts_of(a)) == (1005, 5006, 0, (7001, 2))
     assert h.ctx.counters.errors == 0
+
+
+def test_a_hold_pins_the_guests_macs_and_a_release_unpins_them_later():
+    h = harness()
+    established(h)
+    h.service.act("hold", 2.0)
+    assert h.ctx.pins == {bytes.fromhex(G_MAC.replace(":", "")): None}
+    h.service.act("release", 700.0)
+    assert h.ctx.pins == {bytes.fromhex(G_MAC.replace(":", "")): 730.0}

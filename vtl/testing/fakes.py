@@ -297,6 +297,7 @@ class FakeContext:
         self.listeners: list[FakeListener] = []
         self.accepted: list[FakeStream] = []
         self.watches: list[FakeWatch] = []
+        self.pins: dict[bytes, float | None] = {}  # ctx.pin_mac: MAC -> until
         self.on_emit: Callable[[Frame, Direction], None] | None = None
 
     def emit(self, frame: Frame, direction: Direction) -> None:
@@ -333,6 +334,9 @@ class FakeContext:
         listener = FakeListener(self, request, on_offer)
         self.listeners.append(listener)
         return listener
+
+    def pin_mac(self, mac: bytes, until: float | None) -> None:
+        self.pins[bytes(mac)] = until
 
     def watch_qmp(self, path: str, on_event: VmEventHandler) -> FakeWatch:
         watch = FakeWatch(path, on_event)
