@@ -7,8 +7,6 @@ import json
 import random
 import secrets
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,24 +17,14 @@ from tcptools import download, half_close, slow_reader
 from tcptools import expected_sha256 as expected
 from vtl.bridge.topology import Topology
 from vtlnet import PEER_IP, Net, wait_for
+from vtlnet import ctl_json as ctl
+from vtlnet import vtl_cli as vtl
 
 from tests.bridge.test_control import hostile_lines
 
 pytestmark = pytest.mark.integration
 
 SIZE = 60 << 20  # at 80 Mbit/s: about 6 s
-
-
-def vtl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "vtl.bridge.cli", *args],
-                          capture_output=True, text=True, timeout=30)
-    if check:
-        assert proc.returncode == 0, f"vtl {' '.join(args)}: {proc.stderr}"
-    return proc
-
-
-def ctl(sock: Path, *args: str) -> Any:
-    return json.loads(vtl("ctl", "--socket", str(sock), *args, "--json").stdout)
 
 
 def test_ctl_and_ls_on_a_running_bridge(net: Net, tmp_path: Path) -> None:

@@ -7,35 +7,21 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from tcpprobe import halfclose_reply
 from tcptools import PROBE, expected_sha256
-from vtlnet import GUEST_IP, Net, wait_for
+from vtlnet import GUEST_IP, Net, nstat, wait_for
+from vtlnet import ctl_json as ctl
 
 pytestmark = pytest.mark.integration
 
 SIZE = 60 << 20  # at 100 Mbit/s: about 5 s of sending, with a 20 s hold in the middle
 HOLD_S = 20.0
-
-
-def ctl(sock: Path, *args: str) -> Any:
-    proc = subprocess.run([sys.executable, "-m", "vtl.bridge.cli", "ctl", "--socket", str(sock),
-                           *args, "--json"], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def nstat(net: Net, counter: str) -> int:
-    out = net.peer(["nstat", "-az", counter]).stdout
-    m = re.search(rf"^{counter}\s+(\d+)", out, re.M)
-    return int(m.group(1)) if m else 0
 
 
 def test_a_held_guest_keeps_a_sending_peer(net: Net, tmp_path: Path) -> None:
@@ -46,7 +32,7 @@ def test_a_held_guest_keeps_a_sending_peer(net: Net, tmp_path: Path) -> None:
     server = net.topo.spawn(net.guest_ns, [sys.executable, PROBE, "halfclose-server", GUEST_IP,
                                            str(port), "0", "65536"])
     net.topo.wait_tcp(net.guest_ns, GUEST_IP, port)
-    paws = nstat(net, "TcpExtPAWSEstab")
+    paws = nstat(net.peer, "TcpExtPAWSEstab")
     client = net.topo.spawn(net.peer_ns, [sys.executable, PROBE, "halfclose", GUEST_IP,
                                           str(port), str(SIZE), "3", "90"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -73,4 +59,4 @@ def test_a_held_guest_keeps_a_sending_peer(net: Net, tmp_path: Path) -> None:
     assert during["custody_bytes"] >= 1 and during["arp_answered"] >= 1, during
     assert released["state"] == "live" and released["held_s"] >= HOLD_S - 0.5
     assert released["custody_delivered"] + released["woken"] >= 1, released
-    assert nstat(net, "TcpExtPAWSEstab") == paws, "the peer dropped nothing as old (PAWS)"
+    assert nstat(net.peer, "TcpExtPAWSEstab") == paws, "the peer dropped nothing as old (PAWS)"

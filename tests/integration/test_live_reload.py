@@ -5,10 +5,8 @@ pep resets the connection it held and says so in the log."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,23 +17,12 @@ from scapy.utils import rdpcap
 from tcptools import download, slow_reader
 from tcptools import expected_sha256 as expected
 from vtlnet import PEER_IP, Net, to_toml, wait_for
+from vtlnet import ctl_json as ctl
 
 pytestmark = pytest.mark.integration
 
 LONG = 24 << 20  # the long-lived connection: 1 MiB read, a stall, then the rest
 PINGS = 20_000  # at 1 ms: 20 s or more, across every reload
-
-
-def vtl(*args: str, check: bool = True, timeout: float = 40) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "vtl.bridge.cli", *args],
-                          capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"vtl {' '.join(args)}: {proc.stderr}"
-    return proc
-
-
-def ctl(sock: Path, *args: str) -> Any:
-    return json.loads(vtl("ctl", "--socket", str(sock), *args, "--json").stdout)
 
 
 def write_config(net: Net, path: Path, services: list[dict[str, Any]], sock: Path) -> Path:

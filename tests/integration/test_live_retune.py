@@ -5,10 +5,7 @@ intact; a bad `set` exits 1 with an error naming the key and changes nothing."""
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,26 +17,14 @@ from tcptools import expected_sha256 as expected
 from vtl.bridge.ctl import request
 from vtl.bridge.topology import parse_ping_rtts
 from vtlnet import PEER_IP, Net, wait_for
+from vtlnet import ctl_json as ctl
+from vtlnet import vtl_cli as vtl
 
 pytestmark = pytest.mark.integration
 
 SIZE = 100 << 20  # the issue's 100 MB
 SEED = 12
 UNDER_WAY = 1 << 20  # bytes in on the uplink before the retune: the download is running
-
-
-def vtl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """The real CLI, `python -m vtl.bridge.cli ARGS`; asserts exit 0 when ``check``."""
-    proc = subprocess.run([sys.executable, "-m", "vtl.bridge.cli", *args],
-                          capture_output=True, text=True, timeout=30)
-    if check:
-        assert proc.returncode == 0, f"vtl {' '.join(args)}: {proc.stderr}"
-    return proc
-
-
-def ctl(sock: Path, *args: str) -> Any:
-    """`vtl ctl --socket SOCK ARGS --json`, parsed."""
-    return json.loads(vtl("ctl", "--socket", str(sock), *args, "--json").stdout)
 
 
 def ping_rtts(net: Net, count: int = 10) -> list[float]:

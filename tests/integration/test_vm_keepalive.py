@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
-import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -28,7 +25,7 @@ import pytest
 from tcptools import expected_sha256
 from test_vm_baseline import require_vm
 from vmnet import GUEST_IP, PEER_IP, PeerProc, VmNet, guest_vmpeer, vm_net
-from vtlnet import to_toml
+from vtlnet import ctl_json, nstat, to_toml
 
 pytestmark = pytest.mark.integration
 
@@ -37,17 +34,7 @@ SIZE, RATE = 2_000_000, 200_000  # 10 s of paced data, the pause in its middle
 
 
 def ctl(vm: VmNet, *args: str) -> Any:
-    proc = subprocess.run([sys.executable, "-m", "vtl.bridge.cli", "ctl", "--socket",
-                           f"/run/vtl/{vm.tag}.sock", *args, "--json"],
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def nstat(vm: VmNet, counter: str) -> int:
-    out = vm.peer(["nstat", "-az", counter]).stdout
-    m = re.search(rf"^{counter}\s+(\d+)", out, re.M)
-    return int(m.group(1)) if m else 0
+    return ctl_json(f"/run/vtl/{vm.tag}.sock", *args)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +70,7 @@ def guest_result(vm: VmNet, log: str, timeout: float) -> dict[str, Any]:
 
 
 def test_a_120_s_pause_keeps_the_connections(vm: VmNet) -> None:
-    paws = nstat(vm, "TcpExtPAWSEstab")
+    paws = nstat(vm.peer, "TcpExtPAWSEstab")
     peers = {
         "send": vm.peer_proc("stream", 9300, SIZE, 31, RATE),
         "bidir": vm.peer_proc("echo", 9301),
@@ -146,7 +133,7 @@ def test_a_120_s_pause_keeps_the_connections(vm: VmNet) -> None:
     assert alive, "the keep-alive connection lives"
     assert flowing_again["t"] - resumed_at < 1.0
     assert echoing_again["t"] - resumed_at < 1.0
-    assert nstat(vm, "TcpExtPAWSEstab") == paws, "the peer dropped nothing as old"
+    assert nstat(vm.peer, "TcpExtPAWSEstab") == paws, "the peer dropped nothing as old"
     assert "heartbeat" in heartbeat["error"] and heartbeat["t"] - paused_at < 10
     assert "timed out" in user_timeout["error"].lower() and user_timeout["t"] - paused_at < 15
     assert after["state"] == "live" and after["releases"] >= 1 and after["holds"] >= 1

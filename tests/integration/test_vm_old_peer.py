@@ -27,7 +27,7 @@ from tcptools import expected_sha256
 from test_vm_baseline import require_vm
 from vmnet import VMPEER, guest_vmpeer
 from vtl.bridge.topology import Topology
-from vtlnet import GUEST_IP, GUEST_MAC, PEER_IP, VtlProcess, to_toml
+from vtlnet import GUEST_IP, GUEST_MAC, PEER_IP, VtlProcess, ctl_json, to_toml
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +39,7 @@ class OldPeerNet:
         self.topo, self.ns, self.vm, self.bridge, self.sock = topo, ns, vm, bridge, sock
 
     def ctl(self, *args: str) -> Any:
-        proc = subprocess.run([sys.executable, "-m", "vtl.bridge.cli", "ctl", "--socket",
-                               str(self.sock), *args, "--json"], capture_output=True,
-                              text=True, timeout=30)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
+        return ctl_json(self.sock, *args)
 
 
 @contextmanager

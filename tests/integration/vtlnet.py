@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import threading
@@ -170,3 +172,25 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return False
+
+
+def vtl_cli(*args: str, check: bool = True,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """The real CLI, ``python -m vtl.bridge.cli ARGS``; asserts exit 0 when ``check``."""
+    proc = subprocess.run([sys.executable, "-m", "vtl.bridge.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"vtl {' '.join(args)}: {proc.stderr}"
+    return proc
+
+
+def ctl_json(sock: Path | str, *args: str) -> Any:
+    """``vtl ctl --socket SOCK ARGS --json``, parsed."""
+    return json.loads(vtl_cli("ctl", "--socket", str(sock), *args, "--json").stdout)
+
+
+def nstat(run: Any, counter: str) -> int:
+    """A kernel counter (``nstat -az``) where ``run(argv)`` runs a command (a namespace's)."""
+    out = run(["nstat", "-az", counter]).stdout
+    m = re.search(rf"^{counter}\s+(\d+)", out, re.M)
+    return int(m.group(1)) if m else 0
