@@ -2,7 +2,10 @@
 
 Theory of operation. One thread per direction reads a batch from its input
 port, applies the learning-switch rule, runs the chain (under one lock, since
-services are not thread-safe) and writes what comes out to the ports. The
+services are not thread-safe) and writes what comes out to the ports after
+releasing that lock (each port has a write lock, taken before the chain lock is
+released, so frames leave in the order the chain made them while the other
+direction runs its chain during the send syscalls). The
 threads release the GIL in every syscall, which is where the time goes on the
 fast path (FAST-PATH.md: two syscalls and two copies per frame). Timers are
 run by whichever thread wakes first after the earliest ``poll_at`` of the
@@ -30,7 +33,8 @@ the input has them, GSO frames are segmented and checksums completed in
 software (``complete_offloads``), which is correct but slow.
 
 With an empty chain and matching ports the per-frame work is a slice, a dict
-operation and a write: no Frame object is built.
+operation and a write: no Frame object is built. Otherwise the frame takes over
+the bytearray the port read (no copy of a 64 KB GSO frame).
 
 Upstream streams: :meth:`Bridge.open` starts a
 :class:`~vtl.bridge.streams.StreamManager` (its own I/O thread) before the
@@ -68,6 +72,7 @@ TO_UPLINK = Direction.TO_UPLINK
 TO_GUEST = Direction.TO_GUEST
 _MAX_SLEEP = 0.5
 MAX_PINS = 64  # MAC addresses services may pin at once (ctx.pin_mac)
+_Output = tuple[list[Frame] | None, list[Frame] | None]  # to the uplink, to the guest
 
 
 @dataclass(slots=True)
@@ -117,6 +122,10 @@ class Bridge:
         self.macs: FlowTable[bytes, bool] = FlowTable(
             config.bridge.max_macs, timeout=config.bridge.mac_aging_s, evict="refuse")
         self._lock = threading.Lock()
+        # one lock per output port, taken while the chain lock is held and released
+        # after the writes: frames leave in the order the chain produced them, but the
+        # send() syscalls run outside the chain lock (the other direction goes on)
+        self._wlocks = {id(self.guest): threading.Lock(), id(self.uplink): threading.Lock()}
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -308,8 +317,9 @@ class Bridge:
                 if len(raw) < off + 14:
                     counters.malformed += 1
                     continue
-                mac = raw[off + 6:off + 12]
+                mac = raw[off + 6:off + 12]  # a bytearray slice, hashed as bytes below
                 if mac != lane.last_src or now - lane.last_seen > 1.0:
+                    mac = bytes(mac)
                     if not mac[0] & 1 and not macs.touch(mac, now) \
                             and not macs.put(mac, True, now):
                         counters.mac_overflow += 1
@@ -324,17 +334,19 @@ class Bridge:
                 if raw[off] & 1:
                     good.append(raw)
                     continue
-                until = expires_at(raw[off:off + 6])
+                dst = bytes(raw[off:off + 6])
+                until = expires_at(dst)
                 if until is not None and until > now:
                     good.append(raw)
-                elif self._pins and self._pins.get(raw[off:off + 6], 0.0) > now:
+                elif self._pins and self._pins.get(dst, 0.0) > now:
                     good.append(raw)  # pinned by a service: a paused guest says nothing
                 else:
                     counters.not_for_guest += 1
         if lane.fast:
             send = lane.dst.send
-            for raw in good:
-                send(raw)
+            with self._wlocks[id(lane.dst)]:
+                for raw in good:
+                    send(raw)
             return True
         vnet = lane.src.vnet
         direction = lane.direction
@@ -349,8 +361,9 @@ class Bridge:
                 process(frame, direction, now)
             if self._deadline is not None and self._deadline <= now:
                 self.chain.run_timers(now)
-            self._flush()
+            output = self._take_output()
             self._deadline = self.chain.next_deadline()
+        self._send_output(output)
         return True
 
     def _pin_mac(self, mac: bytes, until: float | None) -> None:
@@ -397,15 +410,36 @@ class Bridge:
 
     def _flush(self) -> None:
         """Write what the chain produced to the ports (called with the lock held)."""
+        self._send_output(self._take_output())
+
+    def _take_output(self) -> _Output:
+        """What the chain produced, with the write lock of each port it goes to held
+        (called with the chain lock held; :meth:`_send_output` may run after it is
+        released, and releases the write locks)."""
         chain = self.chain
+        up = gu = None
         if chain.out_uplink:
-            frames, chain.out_uplink = chain.out_uplink, []
-            for frame in frames:
-                self._write(self.uplink, frame)
+            up, chain.out_uplink = chain.out_uplink, []
+            self._wlocks[id(self.uplink)].acquire()
         if chain.out_guest:
-            frames, chain.out_guest = chain.out_guest, []
-            for frame in frames:
-                self._write(self.guest, frame)
+            gu, chain.out_guest = chain.out_guest, []
+            self._wlocks[id(self.guest)].acquire()
+        return up, gu
+
+    def _send_output(self, output: _Output) -> None:
+        up, gu = output
+        if up is not None:
+            try:
+                for frame in up:
+                    self._write(self.uplink, frame)
+            finally:
+                self._wlocks[id(self.uplink)].release()
+        if gu is not None:
+            try:
+                for frame in gu:
+                    self._write(self.guest, frame)
+            finally:
+                self._wlocks[id(self.guest)].release()
 
     def _write(self, port: Port, frame: Frame) -> None:
         try:

@@ -86,12 +86,20 @@ class Frame:
 
     @classmethod
     def from_wire(cls, raw: bytes | bytearray, has_vnet: bool) -> Frame:
-        """Build a frame from what a port read (with its virtio header if it has one)."""
+        """Build a frame from what a port read (with its virtio header if it has one).
+
+        A ``bytearray`` is taken over, not copied (the tap and packet ports hand out
+        fresh ones): the frame owns it from then on, its virtio header cut off in
+        place (deleting from the front of a bytearray moves a pointer in CPython)."""
+        owned = type(raw) is bytearray
         if not has_vnet:
-            return cls(bytearray(raw))
+            return cls(raw if owned else bytearray(raw))  # type: ignore[arg-type]
         if len(raw) < VNET_HDR_LEN:
             raise PacketError("frame shorter than its virtio-net header")
         vnet = None if raw[:VNET_HDR_LEN] == NO_OFFLOAD else VnetHeader.unpack(raw)
+        if owned:
+            del raw[:VNET_HDR_LEN]  # type: ignore[union-attr]
+            return cls(raw, vnet)  # type: ignore[arg-type]
         # one copy, not two: slicing ``raw`` itself would copy 64 KB GSO frames twice
         return cls(bytearray(memoryview(raw)[VNET_HDR_LEN:]), vnet)
 

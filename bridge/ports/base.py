@@ -11,8 +11,10 @@ socket or a libpcap handle). The engine waits for readiness on
 Invariants every port keeps:
 
 - ``recv_batch`` never blocks and returns ``[]`` when nothing is ready. Each
-  item is one frame as ``bytes``; it starts with the 10-byte virtio-net header
-  exactly when ``port.vnet`` is true (see :mod:`vtl.frame`).
+  item is one frame as ``bytes``, or a fresh ``bytearray`` the caller may keep
+  and change (tap and packet ports: the engine's frame takes it over without a
+  copy); it starts with the 10-byte virtio-net header exactly when
+  ``port.vnet`` is true (see :mod:`vtl.frame`).
 - ``send`` takes the same layout back. It never raises for a problem with one
   frame (full queue, frame too big, malformed virtio header, link down): it
   returns ``False`` and counts the frame in ``counters.tx_dropped``.
@@ -23,9 +25,8 @@ Invariants every port keeps:
   idempotent and safe after a failed ``open``. The only run-time raise is
   ``recv_batch`` raising ``SetupError`` when the device itself has gone away
   (deleted underneath us); a transient read error is counted in ``rx_errors``.
-- One reader thread per port and any number of senders is fine (the engine
-  reads a port in one thread and may write it from both); counters are plain
-  ints updated under the GIL, exact enough for reporting.
+- One reader thread per port and any number of senders is fine; the engine
+  reads a port in one thread and serialises its writes with a lock per port.
 
 What ports deliberately do not do: no parsing, no filtering, no switching, no
 checksum work. Offloads (virtio-net headers, GSO) are negotiated here and the
@@ -110,7 +111,7 @@ class Port(abc.ABC):
         """A file descriptor that polls readable when frames may be waiting."""
 
     @abc.abstractmethod
-    def recv_batch(self, max_frames: int = 64) -> list[bytes]:
+    def recv_batch(self, max_frames: int = 64) -> list[bytes | bytearray]:
         """Up to ``max_frames`` frames, without blocking; ``[]`` when none is ready."""
 
     @abc.abstractmethod

@@ -123,7 +123,7 @@ class PcapPort(Port):
         self._batch.append(data)
         c.rx_bytes += len(data)
 
-    def recv_batch(self, max_frames: int = 64) -> list[bytes]:
+    def recv_batch(self, max_frames: int = 64) -> list[bytes | bytearray]:
         handle = self._pcap
         if handle is None:
             return []
