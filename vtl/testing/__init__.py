@@ -12,7 +12,8 @@ that records what it asked for, and by playing the bridge's part by hand.
 - :class:`FakeContext` implements :class:`vtl.ServiceContext`: ``emitted``
   holds ``(frame, direction)`` in order (``emitted_at`` the clock at each),
   ``streams`` a :class:`FakeStream` per ``open_stream``, ``listeners`` a
-  :class:`FakeListener` per ``listen_streams``, ``sinks``/``files`` what
+  :class:`FakeListener` per ``listen_streams``, ``datagrams`` a
+  :class:`FakeDatagramSocket` per ``open_datagram``, ``sinks``/``files`` what
   ``open_pcap``/``open_file`` gave. ``ctx.now`` is the clock the fakes use when
   they call the service back (stream events).
 - :class:`FakeStream` records what the service does with a stream (``written``,
@@ -51,6 +52,7 @@ or do any I/O (scapy is imported only by the helpers that convert).
 
 from vtl.testing.fakes import (
     FakeContext,
+    FakeDatagramSocket,
     FakeListener,
     FakeOffer,
     FakeStream,
@@ -65,7 +67,8 @@ from vtl.testing.fakes import (
 from vtl.testing.harness import Out, ServiceHarness, as_frame, call_report
 
 __all__ = [
-    "FakeContext", "FakeListener", "FakeOffer", "FakeStream", "FakeWatch", "MemorySink", "Out",
+    "FakeContext", "FakeDatagramSocket", "FakeListener", "FakeOffer", "FakeStream", "FakeWatch",
+    "MemorySink", "Out",
     "ScapySink",
     "ServiceHarness", "as_frame", "call_report", "run_timers", "tag_of", "tagged_frame",
     "udp_frame",

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from vtl.datagram import DatagramHandler, DatagramRequest
 from vtl.frame import Frame
 from vtl.hypervisor import VmEvent, VmEventHandler
 from vtl.service import Direction, Service, ServiceCounters
@@ -272,6 +273,50 @@ class FakeWatch:
         self.closed = True
 
 
+class FakeDatagramSocket:
+    """A :class:`vtl.datagram.DatagramSocket` for tests: ``sent`` holds ``(bytes, dest)``
+    per :meth:`send`; :meth:`deliver` calls the service's handler as the bridge would.
+    ``fail_sends`` makes :meth:`send` return False (a full socket buffer)."""
+
+    def __init__(self, request: DatagramRequest, handler: DatagramHandler):
+        self.request = request
+        self.handler = handler
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.closed = False
+        self.fail_sends = False
+        self._counters = {"rx": 0, "rx_bytes": 0, "rx_oversize": 0, "rx_errors": 0,
+                          "tx": 0, "tx_bytes": 0, "tx_dropped": 0}
+
+    @property
+    def local(self) -> tuple[str, int]:
+        return self.request.host, self.request.port or 40000
+
+    def send(self, parts: Sequence[bytes | bytearray | memoryview],
+             dest: tuple[str, int]) -> bool:
+        assert not self.closed, "send() on a closed datagram socket"
+        data = b"".join(bytes(p) for p in parts)
+        if self.fail_sends:
+            self._counters["tx_dropped"] += 1
+            return False
+        self.sent.append((data, dest))
+        self._counters["tx"] += 1
+        self._counters["tx_bytes"] += len(data)
+        return True
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counters)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def deliver(self, data: bytes, source: tuple[str, int], now: float) -> None:
+        """A datagram arrives from ``source`` (nothing once closed, as with the bridge)."""
+        if self.closed:
+            return
+        self._counters["rx"] += 1
+        self.handler(bytearray(data), source, now)
+
+
 class FakeContext:
     """Implements :class:`vtl.ServiceContext` for tests.
 
@@ -297,6 +342,7 @@ class FakeContext:
         self.listeners: list[FakeListener] = []
         self.accepted: list[FakeStream] = []
         self.watches: list[FakeWatch] = []
+        self.datagrams: list[FakeDatagramSocket] = []
         self.pins: dict[bytes, float | None] = {}  # ctx.pin_mac: MAC -> until
         self.on_emit: Callable[[Frame, Direction], None] | None = None
 
@@ -342,6 +388,13 @@ class FakeContext:
         watch = FakeWatch(path, on_event)
         self.watches.append(watch)
         return watch
+
+    def open_datagram(self, request: DatagramRequest,
+                      handler: DatagramHandler) -> FakeDatagramSocket:
+        assert isinstance(request, DatagramRequest)
+        sock = FakeDatagramSocket(request, handler)
+        self.datagrams.append(sock)
+        return sock
 
     def deliver_local_closes(self) -> None:
         """Deliver StreamClosed("local") to every stream the service closed or aborted."""
