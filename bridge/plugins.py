@@ -28,6 +28,7 @@ BUILTINS: dict[str, str] = {
     "socks": "vtl.services.socks:Socks",
     "udt": "vtl.services.udt:Udt",
     "keepalive": "vtl.services.keepalive:Keepalive",
+    "tunnel": "vtl.services.tunnel:Tunnel",
 }
 
 

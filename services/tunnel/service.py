@@ -1,0 +1,508 @@
+"""tunnel: carry a VM's traffic to other sites over VXLAN, bypassing the routers.
+
+Synopsis
+    [[services]]
+    use = "tunnel"
+    local = "10.63.0.1"            # this site's tunnel endpoint: ADDR or ADDR:PORT (4789)
+    vni = 42
+    gateway = ["10.61.1.1", "fd61::1"]      # this subnet's gateway addresses
+    peers = [{prefix = "10.62.2.0/24", remote = "10.63.0.2"},
+             {prefix = "fd62::/64", remote = "10.63.0.2"}]   # longest prefix wins
+
+What it does to frames
+    From the guest, an IPv4 or IPv6 packet whose destination falls in a peer's prefix
+    (whatever its destination MAC: typically the gateway's) is taken off the chain and
+    sent to that peer's endpoint in a VXLAN datagram (RFC 7348) through a UDP socket of
+    the host, so the host's routing picks the fast path link. On the way it is treated
+    as the bypassed router would treat it: the TTL / hop limit is decremented
+    (``ttl_decrement``; a packet that expires gets ICMP time exceeded from the gateway
+    address, so traceroute shows the gateway as the one hop), a SYN's MSS is clamped to
+    the tunnel MTU, a packet larger than the tunnel MTU with DF set (any IPv6 packet)
+    gets ICMP fragmentation needed / packet too big with the tunnel MTU, and a GSO
+    frame is cut into segments. Its destination MAC becomes the remote VM's: learnt
+    from the tunnel, or asked for with an ARP request / neighbour solicitation sent
+    through the tunnel as the guest (the frames wait meanwhile, like a router's), or a
+    peer's fixed ``mac``. ARP and neighbour discovery about peer addresses (the
+    guest's answers to the far side's questions) go through the tunnel too.
+
+    From the tunnel, a datagram on the local endpoint is checked (a known peer's
+    address, the I flag, this VNI; the inner source address in that peer's prefixes)
+    and decapsulated; an IP packet gets this subnet's gateway MAC as source and the
+    VM's MAC as destination and goes toward the guest from this service's position.
+    ARP and neighbour discovery from the far side teach the remote MACs and are
+    delivered too (the guest answers questions about its own addresses).
+
+    Everything else passes untouched: traffic to other destinations still goes
+    through the gateway. VLAN-tagged frames pass untouched.
+
+Notes
+    - The tunnel MTU (``mtu``) is the largest inner IP packet: 1450 by default over an
+      IPv4 underlay (the encapsulation costs 50 bytes), 1430 over IPv6 (70).
+    - ``answer_arp``: answer ARP and neighbour solicitations for the gateway addresses
+      (with ``gateway_mac``, or 02:76:74:6c:00:01), for a site that has no gateway.
+    - A Linux ``vxlan`` device interoperates as a peer (``ip link add vx type vxlan id
+      VNI local ... remote ... dstport 4789``): it sends from a port hashed per flow,
+      so only the peer's address is checked.
+    - The peer table sits behind one small interface (``peers.PeerDirectory``) so a
+      shared directory can replace the static one later.
+    - Bounded: learnt MACs (``max_neighbors``, least recently used forgotten), frames
+      waiting for a MAC (8 per address, 256 addresses, 3 s), guest addresses (256).
+
+See also
+    docs/tunnel.md (sites, the fast path, a kernel vxlan peer), RFC 7348 (VXLAN).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from vtl.services.tunnel import wire
+from vtl.services.tunnel.neighbors import LocalHosts, Resolver
+from vtl.services.tunnel.peers import Peer, StaticPeers, parse_endpoint
+from vtl.services.tunnel.wire import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6
+
+from vtl import CONSUMED, PASS, Direction, Frame, Service, ServiceContext, ServiceOptions, Verdict
+from vtl.datagram import Address, DatagramRequest, DatagramSocket
+from vtl.errors import PacketError
+from vtl.packet import build
+from vtl.packet.addr import mac_bytes, mac_str
+from vtl.packet.offload import complete_offloads
+from vtl.packet.packet import Packet
+
+TO_UPLINK, TO_GUEST = Direction.TO_UPLINK, Direction.TO_GUEST
+DEFAULT_GATEWAY_MAC = "02:76:74:6c:00:01"
+ROUTE_CACHE = 4096  # destinations whose peer (or none) is remembered
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+ND_TYPES = range(133, 138)
+
+
+class PeerEntry(BaseModel):
+    """One row of ``peers``: a prefix behind a remote tunnel endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+    prefix: str = Field(description="IPv4 or IPv6 prefix behind the peer, e.g. 10.62.2.0/24")
+    remote: str = Field(description="the peer's tunnel endpoint, ADDR or ADDR:PORT")
+    mac: str | None = Field(None, pattern=_MAC.pattern,
+                            description="inner destination MAC for this site (default: "
+                                        "resolved through the tunnel)")
+
+
+class TunnelOptions(ServiceOptions):
+    """Options of the ``tunnel`` service."""
+
+    local: str = Field(description="this site's tunnel endpoint, ADDR or ADDR:PORT "
+                                   "(UDP 4789 by default); must be an address of this host")
+    vni: int = Field(ge=0, le=0xFFFFFF, description="VXLAN network identifier")
+    gateway: list[str] = Field(min_length=1, description="this subnet's gateway addresses")
+    peers: list[PeerEntry] = Field(min_length=1, description="remote prefixes and the "
+                                                             "endpoints they sit behind")
+    answer_arp: bool = Field(False, description="answer ARP/ND for the gateway addresses "
+                                                "(a site without a gateway)")
+    gateway_mac: str | None = Field(None, pattern=_MAC.pattern,
+                                    description="the gateway's MAC when answering for it "
+                                                f"(default {DEFAULT_GATEWAY_MAC})")
+    learn: bool = Field(True, description="learn remote MACs from the tunnel and resolve "
+                                          "unknown ones through it (needed for a kernel "
+                                          "vxlan peer)")
+    learn_timeout_s: float = Field(300.0, gt=0, description="forget a learnt MAC after "
+                                                            "this long unseen")
+    max_neighbors: int = Field(4096, ge=1, le=1_000_000, description="remote MACs learnt "
+                                                                     "at most")
+    ttl_decrement: bool = Field(True, description="decrement the TTL / hop limit as the "
+                                                  "bypassed router would")
+    mtu: int | None = Field(None, ge=576, le=65000, description="tunnel MTU (largest inner "
+                                                               "IP packet); default 1450, "
+                                                               "1430 over IPv6")
+
+    @field_validator("local")
+    @classmethod
+    def _local(cls, v: str) -> str:
+        parse_endpoint(v, "local")
+        return v
+
+    @field_validator("gateway")
+    @classmethod
+    def _gateway(cls, v: list[str]) -> list[str]:
+        for i, g in enumerate(v):
+            try:
+                ipaddress.ip_address(g)
+            except ValueError:
+                raise ValueError(f"gateway[{i}]: {g!r} is not an IP address") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TunnelOptions:
+        table = StaticPeers([(p.prefix, p.remote, None) for p in self.peers])
+        local = ipaddress.ip_address(parse_endpoint(self.local, "local")[0])
+        for peer in table.peers():
+            if ipaddress.ip_address(peer.remote[0]).version != local.version:
+                raise ValueError(f"peers: remote {peer.name} is not of the family of local "
+                                 f"{self.local}")
+        have = {ipaddress.ip_address(g).version for g in self.gateway}
+        for v in table.families() - have:
+            raise ValueError(f"gateway: no IPv{v} address, needed for the IPv{v} peer prefixes "
+                             "(ICMP errors come from it)")
+        if self.mtu is not None and self.mtu < 1280 and 6 in table.families():
+            raise ValueError("mtu: IPv6 needs at least 1280")
+        return self
+
+
+class Tunnel(Service):
+    name = "tunnel"
+    summary = "carry traffic for other sites' subnets over VXLAN, bypassing the routers"
+    Options = TunnelOptions
+
+    options: TunnelOptions
+
+    def __init__(self, options: TunnelOptions, ctx: ServiceContext):
+        super().__init__(options, ctx)
+        o = options
+        self.peers = StaticPeers([(p.prefix, p.remote, None if p.mac is None else
+                                   mac_bytes(p.mac)) for p in o.peers])
+        self.local = parse_endpoint(o.local, "local")
+        v6_underlay = ":" in self.local[0]
+        self.mtu = o.mtu or (1430 if v6_underlay else 1450)
+        self.mss = {4: self.mtu - 40, 6: self.mtu - 60}
+        gw = [ipaddress.ip_address(g) for g in o.gateway]
+        self.gateway_ip = {v: next((a.packed for a in gw if a.version == v), None)
+                           for v in (4, 6)}
+        self.gateway_ips = {a.packed for a in gw}
+        fixed = o.gateway_mac or (DEFAULT_GATEWAY_MAC if o.answer_arp else None)
+        self.hosts = LocalHosts(None if fixed is None else mac_bytes(fixed))
+        self.resolver = Resolver(o.max_neighbors, o.learn_timeout_s)
+        self.header = wire.vxlan_header(o.vni)
+        self.sock: DatagramSocket | None = None
+        self.routes: dict[bytes, Peer | None] = {}  # destination -> peer (cache)
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        host, port = self.local
+        self.sock = self.ctx.open_datagram(DatagramRequest(host, port), self.on_datagram)
+
+    def stop(self, now: float) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
+        data = frame.data
+        if len(data) < 34:
+            return PASS
+        et = (data[12] << 8) | data[13]
+        if direction is TO_GUEST:
+            if et in (ETH_P_ARP, ETH_P_IPV6):
+                self._gateway_said(data, et)
+            return PASS
+        if et == ETH_P_IP:
+            dst = bytes(data[30:34])
+            version = 4
+        elif et == ETH_P_IPV6:
+            if len(data) < 54:
+                return PASS
+            dst = bytes(data[38:54])
+            version = 6
+            if data[20] == 58 and len(data) >= 78 and data[54] in ND_TYPES:
+                return self._nd_out(frame)
+        elif et == ETH_P_ARP:
+            return self._arp_out(frame)
+        else:
+            return PASS
+        peer = self._route(version, dst)
+        if peer is None:
+            return PASS
+        if version == 4:
+            self.hosts.learn(bytes(data[26:30]), bytes(data[6:12]))
+        else:
+            self.hosts.learn(bytes(data[22:38]), bytes(data[6:12]))
+        self.hosts.learn_gateway(version, bytes(data[0:6]))
+        v = frame.vnet
+        if v is not None:
+            if v.is_gso and v.hdr_len - 14 + v.gso_size > self.mtu:
+                self._too_big(frame, version)
+                return CONSUMED
+            try:
+                segments = complete_offloads(frame)
+            except PacketError:
+                self.ctx.count("malformed")
+                return CONSUMED
+            if len(segments) > 1:
+                self.ctx.count("segmented")
+            for seg in segments:
+                self._out(seg, version, dst, peer, now)
+        else:
+            self._out(frame, version, dst, peer, now)
+        return CONSUMED
+
+    def poll_at(self) -> float | None:
+        return self.resolver.poll_at()
+
+    def on_timer(self, now: float) -> None:
+        self.resolver.expire(now)
+        self._count_unresolved()
+
+    def _count_unresolved(self) -> None:
+        """Frames the resolver gave up on (no answer in time, or its queue full)."""
+        n = self.resolver.dropped - self.ctx.counters.extra.get("unresolved_dropped", 0)
+        if n:
+            self.ctx.count("unresolved_dropped", n)
+
+    def report(self, now: float) -> dict[str, Any]:
+        return {
+            "local": self.options.local, "vni": self.options.vni, "mtu": self.mtu,
+            "peers": [p.report() for p in self.peers.peers()],
+            "learnt": len(self.resolver.macs), "waiting": len(self.resolver.waiting),
+            "guest_addresses": len(self.hosts.macs),
+            "gateway_mac": {f"ipv{v}": mac_str(m) if m else None
+                            for v, m in self.hosts.gateway_mac.items()},
+            "socket": self.sock.counters() if self.sock is not None else {},
+        }
+
+    # -- toward the tunnel ------------------------------------------------------------
+
+    def _route(self, version: int, dst: bytes) -> Peer | None:
+        try:
+            return self.routes[dst]
+        except KeyError:
+            pass
+        peer = self.peers.route(version, dst)
+        if len(self.routes) >= ROUTE_CACHE:
+            self.routes.clear()
+        self.routes[dst] = peer
+        return peer
+
+    def _out(self, frame: Frame, version: int, dst: bytes, peer: Peer, now: float) -> None:
+        """One wire-size frame (checksums complete) for ``peer``: the router's work, the
+        destination MAC, then the tunnel."""
+        data = frame.data
+        if version == 4:
+            size = (data[16] << 8) | data[17]
+            if size > self.mtu and data[20] & 0x40:  # DF
+                self._too_big(frame, 4)
+                return
+            proto, l4 = data[23], 14 + ((data[14] & 15) << 2)
+        else:
+            if len(data) - 14 > self.mtu:
+                self._too_big(frame, 6)
+                return
+            proto, l4 = data[20], 54
+        if self.options.ttl_decrement and not wire.decrement_ttl(data, version):
+            self._icmp(frame, version, time_exceeded=True)
+            return
+        if proto == 6 and len(data) > l4 + 13 and data[l4 + 13] & wire.TCP_SYN \
+                and wire.clamp_mss(data, l4, self.mss[version]):
+            self.ctx.count("mss_clamped")
+        mac = peer.mac or self.resolver.lookup(dst, now)
+        if mac is None and self.options.learn:
+            if self.resolver.wait(dst, frame, peer, now):
+                self._ask(frame, version, dst, peer)
+            self._count_unresolved()
+            return
+        if mac is not None:
+            data[0:6] = mac
+        self._send(peer, data)
+
+    def _send(self, peer: Peer, data: bytearray) -> None:
+        sock = self.sock
+        if sock is not None and sock.send((self.header, data), peer.remote):
+            peer.encapsulated += 1
+            peer.encapsulated_bytes += len(data)
+        else:
+            peer.send_failed += 1
+            self.ctx.count("send_failed")
+
+    def _ask(self, frame: Frame, version: int, dst: bytes, peer: Peer) -> None:
+        """Ask the far side for ``dst``'s MAC, as the guest that sent ``frame``."""
+        data = frame.data
+        if version == 4:
+            req = wire.arp_request(bytes(data[6:12]), bytes(data[26:30]), dst)
+        else:
+            req = wire.neighbor_solicitation(bytes(data[6:12]), bytes(data[22:38]), dst)
+        self.ctx.count("resolve_sent")
+        self._send(peer, req)
+
+    def _too_big(self, frame: Frame, version: int) -> None:
+        self._icmp(frame, version, time_exceeded=False)
+
+    def _icmp(self, frame: Frame, version: int, *, time_exceeded: bool) -> None:
+        """ICMP time exceeded or too big toward the guest, from the gateway address."""
+        src = self.gateway_ip[version]
+        try:
+            pkt = Packet(frame)
+            if version == 4:
+                reply = build.icmp_error(pkt, 11 if time_exceeded else 3,
+                                         0 if time_exceeded else 4,
+                                         rest=0 if time_exceeded else self.mtu, src_ip=src)
+            else:
+                reply = build.icmp6_error(pkt, 3 if time_exceeded else 2, 0,
+                                          param=0 if time_exceeded else self.mtu, src_ip=src)
+        except PacketError:
+            self.ctx.count("malformed")
+            return
+        self.ctx.count("ttl_expired" if time_exceeded else "too_big_sent")
+        self.ctx.emit(Frame(reply), TO_GUEST)
+
+    def _arp_out(self, frame: Frame) -> Verdict:
+        """An ARP frame from the guest: a question for the gateway (answered with
+        ``answer_arp``), an answer about a peer address (tunnelled), or neither."""
+        data = frame.data
+        if len(data) < 42 or (data[12] << 8 | data[13]) != ETH_P_ARP or data[14:20] != \
+                b"\x00\x01\x08\x00\x06\x04":
+            return PASS
+        op, spa, tpa = data[21], bytes(data[28:32]), bytes(data[38:42])
+        self.hosts.learn(spa, bytes(data[22:28]))
+        if op == 1 and self.options.answer_arp and tpa in self.gateway_ips:
+            mac = self.hosts.gateway_mac[4]
+            assert mac is not None  # answer_arp fixes it
+            self.ctx.emit(Frame(build.arp_reply(Packet(frame), mac)), TO_GUEST)
+            self.ctx.count("arp_answered")
+            return CONSUMED
+        peer = self._route(4, tpa)
+        if peer is None:
+            return PASS
+        self._send(peer, data)
+        return CONSUMED
+
+    def _nd_out(self, frame: Frame) -> Verdict:
+        """Neighbour discovery from the guest: a question for the gateway (answered with
+        ``answer_arp``), a solicitation or advertisement about a peer address (tunnelled)."""
+        data = frame.data
+        target = bytes(data[62:78])
+        if data[54] == 135 and self.options.answer_arp and target in self.gateway_ips:
+            mac = self.hosts.gateway_mac[6]
+            assert mac is not None
+            try:
+                reply = build.neighbor_advertisement(Packet(frame), mac, router=True)
+            except PacketError:
+                self.ctx.count("malformed")
+                return CONSUMED
+            self.ctx.emit(Frame(reply), TO_GUEST)
+            self.ctx.count("nd_answered")
+            return CONSUMED
+        if data[54] not in (135, 136):
+            return PASS
+        peer = self._route(6, target)
+        if peer is None:
+            return PASS
+        self._send(peer, data)
+        return CONSUMED
+
+    def _gateway_said(self, data: bytearray, et: int) -> None:
+        """A frame from the uplink: the gateway's own ARP or neighbour advertisement
+        tells us its MAC."""
+        if et == ETH_P_ARP:
+            if len(data) >= 42 and bytes(data[28:32]) in self.gateway_ips:
+                self.hosts.learn_gateway(4, bytes(data[22:28]))
+        elif len(data) >= 78 and data[20] == 58 and data[54] == 136 \
+                and bytes(data[62:78]) in self.gateway_ips:
+            self.hosts.learn_gateway(6, bytes(data[6:12]))
+
+    # -- from the tunnel --------------------------------------------------------------
+
+    def on_datagram(self, data: bytearray, source: Address, now: float) -> None:
+        peer = self.peers.by_source(source[0])
+        if peer is None:
+            self.ctx.count("unknown_peer")
+            return
+        if len(data) < wire.VXLAN_HLEN + 14:
+            self.ctx.count("malformed")
+            return
+        vni = wire.vxlan_vni(data)
+        if vni is None:
+            self.ctx.count("bad_flags")
+            return
+        if vni != self.options.vni:
+            self.ctx.count("bad_vni")
+            return
+        del data[:wire.VXLAN_HLEN]
+        et = (data[12] << 8) | data[13]
+        if et == ETH_P_IP and len(data) >= 34:
+            src, dst, version = bytes(data[26:30]), bytes(data[30:34]), 4
+        elif et == ETH_P_IPV6 and len(data) >= 54:
+            src, dst, version = bytes(data[22:38]), bytes(data[38:54]), 6
+        elif et == ETH_P_ARP and len(data) >= 42:
+            self._arp_in(data, peer, now)
+            return
+        else:
+            self.ctx.count("malformed" if et in (ETH_P_IP, ETH_P_IPV6) else "other_dropped")
+            return
+        if version == 6 and data[20] == 58 and len(data) >= 78 and data[54] in ND_TYPES:
+            self._nd_in(data, peer, now)
+            return
+        if self._route(version, src) is not peer:
+            self.ctx.count("spoofed")
+            return
+        if self.options.learn:
+            self._learnt(src, bytes(data[6:12]), now)
+        gw = self.hosts.gateway_mac[version]
+        if gw is not None:
+            data[6:12] = gw
+        guest = self.hosts.macs.get(dst)
+        if guest is not None:
+            data[0:6] = guest
+        if version == 4:
+            proto, l4 = data[23], 14 + ((data[14] & 15) << 2)
+        else:
+            proto, l4 = data[20], 54
+        if proto == 6 and len(data) > l4 + 13 and data[l4 + 13] & wire.TCP_SYN \
+                and wire.clamp_mss(data, l4, self.mss[version]):
+            self.ctx.count("mss_clamped")
+        peer.decapsulated += 1
+        peer.decapsulated_bytes += len(data)
+        self.ctx.emit(Frame(data), TO_GUEST)
+
+    def _learnt(self, addr: bytes, mac: bytes, now: float) -> None:
+        """``addr`` (behind a peer) is at ``mac``: send what waited for it."""
+        if mac[0] & 1:
+            return
+        released = self.resolver.learn(addr, mac, now)
+        if released is not None:
+            peer, frames = released
+            for f in frames:
+                f.data[0:6] = mac
+                self._send(peer, f.data)
+
+    def _arp_in(self, data: bytearray, peer: Peer, now: float) -> None:
+        if data[14:20] != b"\x00\x01\x08\x00\x06\x04":
+            self.ctx.count("other_dropped")
+            return
+        spa = bytes(data[28:32])
+        if self._route(4, spa) is not peer:
+            self.ctx.count("spoofed")
+            return
+        self._learnt(spa, bytes(data[22:28]), now)
+        peer.decapsulated += 1
+        peer.decapsulated_bytes += len(data)
+        self.ctx.emit(Frame(data), TO_GUEST)
+
+    def _nd_in(self, data: bytearray, peer: Peer, now: float) -> None:
+        """A solicitation or advertisement from the far side: learn, then deliver."""
+        kind = data[54]
+        if kind not in (135, 136):
+            self.ctx.count("other_dropped")
+            return
+        addr = bytes(data[62:78]) if kind == 136 else bytes(data[22:38])
+        if self._route(6, addr) is not peer:
+            self.ctx.count("spoofed")
+            return
+        self._learnt(addr, _lladdr_option(data, 2 if kind == 136 else 1) or bytes(data[6:12]),
+                     now)
+        peer.decapsulated += 1
+        peer.decapsulated_bytes += len(data)
+        self.ctx.emit(Frame(data), TO_GUEST)
+
+
+def _lladdr_option(data: bytearray, kind: int) -> bytes | None:
+    """The link-layer address option ``kind`` (1 source, 2 target) of an NS/NA."""
+    i, end = 78, len(data)
+    while i + 8 <= end:
+        t, n = data[i], data[i + 1] * 8
+        if n == 0:
+            return None
+        if t == kind and n >= 8:
+            return bytes(data[i + 2:i + 8])
+        i += n
+    return None

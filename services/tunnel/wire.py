@@ -1,0 +1,102 @@
+"""The tunnel's wire formats and in-place frame edits, kept apart from its logic.
+
+- VXLAN (RFC 7348): an 8-byte header ``flags(8) reserved(24) VNI(24) reserved(8)``;
+  the I flag (0x08) says the VNI is valid; other bits are sent as zero and
+  ignored on receipt. The outer UDP/IP headers are the host's (the bridge's
+  datagram socket).
+- In-place edits of an untagged IPv4/IPv6 frame, with incremental checksum
+  updates (RFC 1624): the TTL / hop-limit decrement a bypassed router would
+  make, and the MSS clamp of a TCP SYN.
+- The ARP request and IPv6 neighbour solicitation sent through the tunnel to
+  resolve a remote VM's MAC.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vtl.packet import build
+from vtl.packet.checksum import csum_replace16
+
+VXLAN_HLEN = 8
+VXLAN_I = 0x08
+#: the encapsulation's cost in bytes beyond the inner IP packet: inner Ethernet 14,
+#: VXLAN 8, UDP 8, outer IPv4 20 (IPv6 40)
+OVERHEAD_V4, OVERHEAD_V6 = 50, 70
+ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86DD
+TCP_SYN = 0x02
+
+
+def vxlan_header(vni: int) -> bytes:
+    return struct.pack("!B3xI", VXLAN_I, vni << 8)
+
+
+def vxlan_vni(data: bytes | bytearray) -> int | None:
+    """The VNI of a VXLAN datagram, or None when its I flag is clear."""
+    if not data[0] & VXLAN_I:
+        return None
+    return int.from_bytes(data[4:7], "big")
+
+
+def decrement_ttl(data: bytearray, version: int) -> bool:
+    """Decrement the IPv4 TTL (fixing the header checksum) or the IPv6 hop limit of an
+    untagged frame; False (frame unchanged) when it is 1 or 0: the packet expires here."""
+    if version == 4:
+        ttl = data[22]
+        if ttl <= 1:
+            return False
+        old = (ttl << 8) | data[23]
+        data[22] = ttl - 1
+        c = csum_replace16(int.from_bytes(data[24:26], "big"), old, old - 0x100)
+        data[24:26] = c.to_bytes(2, "big")
+        return True
+    hl = data[21]
+    if hl <= 1:
+        return False
+    data[21] = hl - 1
+    return True
+
+
+def clamp_mss(data: bytearray, tcp_off: int, mss: int) -> bool:
+    """Lower the MSS option of the TCP SYN at ``tcp_off`` to ``mss``, fixing the TCP
+    checksum; True if it was changed. A SYN without the option is left alone."""
+    if len(data) < tcp_off + 20 or not data[tcp_off + 13] & TCP_SYN:
+        return False
+    end = min(len(data), tcp_off + ((data[tcp_off + 12] >> 4) << 2))
+    i = tcp_off + 20
+    while i < end:
+        kind = data[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= end:
+            break
+        n = data[i + 1]
+        if n < 2 or i + n > end:
+            break
+        if kind == 2 and n == 4:
+            old = int.from_bytes(data[i + 2:i + 4], "big")
+            if old <= mss:
+                return False
+            data[i + 2:i + 4] = mss.to_bytes(2, "big")
+            c = int.from_bytes(data[tcp_off + 16:tcp_off + 18], "big")
+            data[tcp_off + 16:tcp_off + 18] = csum_replace16(c, old, mss).to_bytes(2, "big")
+            return True
+        i += n
+    return False
+
+
+def arp_request(src_mac: bytes, src_ip: bytes, target_ip: bytes) -> bytearray:
+    """Who-has ``target_ip``, asked as the guest (so the answer comes to the guest's MAC)."""
+    return build.arp_request(src_mac, src_ip, target_ip)
+
+
+def neighbor_solicitation(src_mac: bytes, src_ip: bytes, target: bytes) -> bytearray:
+    """An IPv6 neighbour solicitation for ``target`` to its solicited-node group, from the
+    guest's address with its link-layer address option (RFC 4861 7.2.2)."""
+    group = b"\xff\x02" + bytes(9) + b"\x01\xff" + target[13:]
+    mac = b"\x33\x33" + group[12:]
+    body = struct.pack("!BBHI", 135, 0, 0, 0) + target + bytes((1, 1)) + src_mac
+    return build.ip_frame(src_mac, mac, src_ip, group, 58, body, 2, ttl=255)
