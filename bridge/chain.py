@@ -16,6 +16,10 @@ project's remote-error types, :class:`~vtl.errors.PacketError` or
 an error, and logged without a traceback; the failure policy still applies.
 The chain is not thread-safe; the engine holds a lock around it.
 
+UDP sockets (``ctx.open_datagram``) come from ``chain.open_datagram``, a factory
+the bridge sets (:func:`vtl.bridge.datagram.opener`); their handlers run under
+the same lock, and a handler that raises is counted like a service error.
+
 Upstream streams (``ctx.open_stream``, ``ctx.listen_streams``) are delegated
 to ``chain.streams``, a
 :class:`~vtl.bridge.streams.StreamManager` the bridge sets; its I/O thread
@@ -36,6 +40,7 @@ from vtl.bridge.filter import MatchFilter
 from vtl.bridge.pcapfile import PcapSink
 from vtl.bridge.streams import StreamManager
 
+from vtl.datagram import DatagramHandler, DatagramRequest, DatagramSocket
 from vtl.errors import LocalProtocolError, PacketError, RemoteProtocolError
 from vtl.frame import Frame
 from vtl.hypervisor import VmEvent, VmEventHandler, Watch
@@ -73,7 +78,8 @@ class SlotContext:
         self.name = name
         self.log = log
         self.counters = ServiceCounters()
-        self.resources: list[PcapSink | BinaryIO | Listener | Watch] = []  # closed at stop
+        #: closed at stop
+        self.resources: list[PcapSink | BinaryIO | Listener | Watch | DatagramSocket] = []
         self.slot: Slot | None = None  # set by the Slot made with this context
 
     def emit(self, frame: Frame, direction: Direction) -> None:
@@ -141,6 +147,23 @@ class SlotContext:
         watch = factory(path, guarded, self.log)
         self.resources.append(watch)
         return watch
+
+    def open_datagram(self, request: DatagramRequest, handler: DatagramHandler
+                      ) -> DatagramSocket:
+        """A UDP socket of the host through the bridge (see :mod:`vtl.datagram`); it closes
+        at chain stop. A handler that raises is counted like a service error."""
+        factory = self._chain.open_datagram
+        if factory is None:
+            raise LocalProtocolError(f"{self.name}: open_datagram() needs a bridge; this "
+                                     "chain has none (set chain.open_datagram)")
+
+        def on_error(now: float) -> None:
+            if self.slot is not None:  # the slot, not its index: a reload may move it
+                self.slot.failed("datagram handler", now)
+
+        sock = factory(request, handler, on_error, self.log)
+        self.resources.append(sock)
+        return sock
 
     def pin_mac(self, mac: bytes, until: float | None) -> None:
         """Keep frames for the guest ``mac`` deliverable until ``until`` (see
@@ -230,6 +253,11 @@ class Chain:
         self.streams: StreamManager | None = None  # set by the bridge
         #: follows a QEMU monitor for a service: (path, handler, log) -> Watch (the bridge)
         self.watch_qmp: Callable[[str, VmEventHandler, logging.Logger], Watch] | None = None
+        #: binds a UDP socket for a service: (request, handler, on_error(now), log) ->
+        #: DatagramSocket; its handler runs under the chain lock (the bridge)
+        self.open_datagram: Callable[[DatagramRequest, DatagramHandler,
+                                      Callable[[float], None], logging.Logger],
+                                     DatagramSocket] | None = None
         #: keeps a guest MAC deliverable (ctx.pin_mac): (mac, until) -> None (the bridge)
         self.pin_mac: Callable[[bytes, float | None], None] | None = None
         self.log = log

@@ -55,7 +55,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vtl.bridge import reconfig
+from vtl.bridge import datagram, reconfig
 from vtl.bridge.chain import Chain
 from vtl.bridge.config import BridgeConfig
 from vtl.bridge.egress import EgressPolicy
@@ -157,6 +157,8 @@ class Bridge:
             self.streams.policy = self.egress
             self.chain.streams = self.streams
             self.chain.watch_qmp = self._watch_qmp
+            self.chain.open_datagram = datagram.opener(
+                self._lock, lambda: self._started, self._after_external, self._send_output)
             self.chain.pin_mac = self._pin_mac
             self.streams.start()
             now = time.monotonic()
@@ -398,8 +400,13 @@ class Bridge:
 
     def _after_stream_events(self, now: float) -> None:
         """After stream handlers ran (lock held): forward what they injected, re-arm."""
+        self._send_output(self._after_external(now))
+
+    def _after_external(self, now: float) -> _Output:
+        """After handlers outside ``process`` ran (lock held): walk what they injected and
+        re-arm the timers; returns the output for :meth:`_send_output`."""
         self.chain.after_external(now)
-        self._flush()
+        output = self._take_output()
         before = self._deadline
         after = self._deadline = self.chain.next_deadline()
         if after is not None and (before is None or after < before):
@@ -407,6 +414,7 @@ class Bridge:
                 os.write(self._tick_w, b"t")
             except OSError:
                 pass  # full: a tick is already pending
+        return output
 
     def _flush(self) -> None:
         """Write what the chain produced to the ports (called with the lock held)."""
@@ -473,41 +481,12 @@ class Bridge:
     def set_options(self, service: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Retune one service's run-time options (``vtl ctl NAME set``); ConfigError, and
         nothing changed, when a key is unknown, not tunable or its value invalid."""
-        with self._lock:
-            slot = next((s for s in self.chain.slots if s.ctx.name == service), None)
-            if slot is None:
-                names = ", ".join(s.ctx.name for s in self.chain.slots) or "none"
-                raise ConfigError(f"service: no service named {service[:40]!r} (services: "
-                                  f"{names})")
-            spec = reconfig.check_set(slot, changes)
-            now = time.monotonic()
-            reconfig.apply_set(slot, spec, now)
-            self._chain_changed(now)
-        shown = {k: (spec.match_expression if k == "match" else getattr(spec.options, k))
-                 for k in changes}
-        self.log.warning("set %s %s (control socket)", service,
-                         " ".join(f"{k}={v}" for k, v in shown.items()))
-        return {"service": service, "options": shown}
+        return reconfig.set_options(self, service, changes)
 
     def reload(self, config: BridgeConfig) -> dict[str, Any]:
         """Apply ``config`` to the running bridge without closing its ports (see
         :mod:`vtl.bridge.reconfig`); ConfigError, and nothing changed, when it cannot."""
-        with self._lock:
-            plan = reconfig.plan(self.chain, self.config, config)
-            now = time.monotonic()
-            summary = reconfig.apply(self.chain, plan, now, self.log)
-            live = plan.bridge_changes
-            if "log_level" in live:
-                self.log.setLevel(live["log_level"].upper())
-            if ("deny" in live or "allow" in live) and self.egress is not None:
-                self.egress.set_prefixes(config.bridge.deny, config.bridge.allow)
-            self.config = config
-            self._chain_changed(now)
-        self.log.warning("reloaded %s: %s", config.path or "a config", ", ".join(
-            f"{k} {', '.join(str(n if isinstance(n, str) else n['name']) for n in v)}"
-            for k, v in summary.items()
-            if k in ("added", "removed", "replaced", "retuned") and v) or "no change")
-        return summary
+        return reconfig.reload(self, config)
 
     def actions(self) -> dict[str, list[str]]:
         """The actions the chain's services offer (``vtl ctl NAME ACTION``): name -> the
@@ -567,11 +546,13 @@ class Bridge:
                 for slot in self.chain.slots
             }
             streams = self.streams.snapshot() if self.streams is not None else {}
+            datagrams = datagram.snapshot(self.chain)
         return {
             "bridge": {**self.counters.as_dict(), "macs": len(self.macs)},
             "ports": {p.role: _port_counters(p) for p in (self.guest, self.uplink)},
             "services": services,
             "streams": streams,
+            "datagrams": datagrams,
             "egress": self.egress.snapshot() if self.egress is not None else {},
         }
 

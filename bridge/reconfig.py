@@ -37,11 +37,14 @@ so no frame is processed while the chain changes and none is lost by it.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from vtl.bridge.chain import Chain, Slot
 from vtl.bridge.config import BridgeConfig, BridgeSection, ServiceSpec, tuned
+from vtl.bridge.egress import EgressPolicy
 
 from vtl.errors import ConfigError
 
@@ -251,5 +254,61 @@ def apply(chain: Chain, plan: Plan, now: float, log: logging.Logger) -> dict[str
     return summary
 
 
+# -- on a running bridge (its methods of the same names) ----------------------------------
+
+class Bridge(Protocol):
+    """What :func:`set_options` and :func:`reload` use of a :class:`vtl.bridge.engine.Bridge`
+    (a Protocol: the engine imports this module)."""
+
+    chain: Chain
+    config: BridgeConfig
+    log: logging.Logger
+    egress: EgressPolicy | None
+    _lock: threading.Lock
+
+    def _chain_changed(self, now: float) -> None: ...
+
+
+def set_options(bridge: Bridge, service: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Retune one service of ``bridge`` (``vtl ctl NAME set``); ConfigError, and
+    nothing changed, when a key is unknown, not tunable or its value invalid."""
+    with bridge._lock:
+        slot = next((s for s in bridge.chain.slots if s.ctx.name == service), None)
+        if slot is None:
+            names = ", ".join(s.ctx.name for s in bridge.chain.slots) or "none"
+            raise ConfigError(f"service: no service named {service[:40]!r} (services: "
+                              f"{names})")
+        spec = check_set(slot, changes)
+        now = time.monotonic()
+        apply_set(slot, spec, now)
+        bridge._chain_changed(now)
+    shown = {k: (spec.match_expression if k == "match" else getattr(spec.options, k))
+             for k in changes}
+    bridge.log.warning("set %s %s (control socket)", service,
+                       " ".join(f"{k}={v}" for k, v in shown.items()))
+    return {"service": service, "options": shown}
+
+
+def reload(bridge: Bridge, config: BridgeConfig) -> dict[str, Any]:
+    """Apply ``config`` to the running ``bridge`` without closing its ports (see the
+    module's docstring); ConfigError, and nothing changed, when it cannot."""
+    with bridge._lock:
+        the_plan = plan(bridge.chain, bridge.config, config)
+        now = time.monotonic()
+        summary = apply(bridge.chain, the_plan, now, bridge.log)
+        live = the_plan.bridge_changes
+        if "log_level" in live:
+            bridge.log.setLevel(live["log_level"].upper())
+        if ("deny" in live or "allow" in live) and bridge.egress is not None:
+            bridge.egress.set_prefixes(config.bridge.deny, config.bridge.allow)
+        bridge.config = config
+        bridge._chain_changed(now)
+    bridge.log.warning("reloaded %s: %s", config.path or "a config", ", ".join(
+        f"{k} {', '.join(str(n if isinstance(n, str) else n['name']) for n in v)}"
+        for k, v in summary.items()
+        if k in ("added", "removed", "replaced", "retuned") and v) or "no change")
+    return summary
+
+
 __all__ = ["LIVE_BRIDGE_KEYS", "Plan", "Step", "apply", "apply_set", "bridge_changes",
-           "changed_options", "check_set", "plan"]
+           "changed_options", "check_set", "plan", "reload", "set_options"]

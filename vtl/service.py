@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from vtl.datagram import DatagramHandler, DatagramRequest, DatagramSocket
 from vtl.frame import Frame
 from vtl.hypervisor import VmEventHandler, Watch
 from vtl.stream import (
@@ -160,6 +161,14 @@ class ServiceContext(Protocol):
         """Follow the QEMU monitor at unix socket ``path`` (see :mod:`vtl.hypervisor`):
         ``on_event(event, now)`` is called under the chain lock; reconnects when QEMU
         restarts; stops at chain stop."""
+
+    def open_datagram(self, request: DatagramRequest, handler: DatagramHandler
+                      ) -> DatagramSocket:
+        """Bind a UDP socket of the host at ``request``'s address (see
+        :mod:`vtl.datagram`): ``handler(data, source, now)`` is called for each datagram
+        under the chain lock; ``send(parts, dest)`` on the handle sends without blocking.
+        Raises :class:`~vtl.errors.SetupError` when the address cannot be bound; the
+        socket closes at chain stop."""
 
 
 class Service:
