@@ -152,6 +152,21 @@ class DatagramEndpoint:
     def counters(self) -> dict[str, int]:
         return asdict(self._c)
 
+    def snapshot(self) -> dict[str, int]:
+        """The counters, the socket buffers the kernel gave (``rcvbuf``, ``sndbuf``) and
+        the datagrams it dropped because the receive buffer was full
+        (``rx_kernel_drops``, from ``/proc/net/udp``; -1 when not found)."""
+        out = self.counters()
+        with self._io_lock:
+            if self.closed:
+                return out
+            sock = self._sock
+            out["rcvbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            out["sndbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            inode = str(os.fstat(sock.fileno()).st_ino)
+        out["rx_kernel_drops"] = _kernel_drops(sock.family, inode)
+        return out
+
     def close(self) -> None:
         with self._io_lock:
             if self.closed:
@@ -265,6 +280,20 @@ def _set_buffer(sock: socket.socket, opt: int, force: int, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, opt, size)
 
 
+def _kernel_drops(family: int, inode: str) -> int:
+    """The ``drops`` column of the socket with ``inode`` in /proc/net/udp(6); -1 if absent."""
+    name = "/proc/net/udp6" if family == socket.AF_INET6 else "/proc/net/udp"
+    try:
+        with open(name) as f:
+            for line in f:
+                cols = line.split()
+                if len(cols) > 12 and cols[9] == inode:
+                    return int(cols[12])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
 def _show(addr: Address) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -317,6 +346,6 @@ def opener(lock: threading.Lock, started: Callable[[], bool],
 def snapshot(chain: Chain) -> dict[str, dict[str, int]]:
     """The counters of every open endpoint of ``chain``'s services, keyed
     ``"SERVICE HOST:PORT"`` (chain lock held)."""
-    return {f"{slot.ctx.name} {_show(r.local)}": r.counters()
+    return {f"{slot.ctx.name} {_show(r.local)}": r.snapshot()
             for slot in chain.slots for r in slot.ctx.resources
             if isinstance(r, DatagramEndpoint) and not r.closed}

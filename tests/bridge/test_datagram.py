@@ -127,6 +127,21 @@ def test_longer_than_max_size_is_dropped_and_counted(endpoints):
     assert e.counters()["rx_oversize"] == 1 and e.counters()["rx"] == 1
 
 
+def test_the_kernels_drops_show_in_the_snapshot(endpoints):
+    heard = Heard()
+    gate = threading.Event()
+    heard.on_batch = lambda: gate.wait(3.0)  # a handler that cannot keep up
+    e = endpoint(endpoints, heard, rcvbuf=4096, batch=1)
+    snap = e.snapshot()
+    assert snap["rx_kernel_drops"] == 0 and 0 < snap["rcvbuf"] < 65536
+    with client("127.0.0.1") as c:
+        for _ in range(100):
+            c.sendto(b"x" * 1000, e.local)
+        drops = e.snapshot()["rx_kernel_drops"]
+        gate.set()
+    assert drops > 0 and drops + len(heard.got) <= 100
+
+
 def test_bind_failures_name_the_address_and_the_reason(endpoints):
     with pytest.raises(SetupError) as exc:
         DatagramEndpoint(DatagramRequest("192.0.2.1", 4789), Heard(), LOG)
@@ -340,6 +355,8 @@ def test_a_service_gets_datagrams_and_its_frames_reach_the_guest(bridge_of, host
         shown = f"[{host}]" if ":" in host else host
         key = f"relay {shown}:{sock.local[1]}"
         assert snap[key]["rx"] == 3 and snap[key]["tx"] == 2
+        assert snap[key]["rx_kernel_drops"] == 0
+        assert snap[key]["rcvbuf"] >= 4 << 20, "root asks beyond the system's cap"
 
         sock.close()  # outside the chain lock: no handler call after it returns
         assert sock.join(0)
