@@ -168,7 +168,7 @@ def render(cmd: str, result: Any, console: Console | None = None) -> None:
         for section in ("bridge", "streams", "egress"):
             if result.get(section):
                 console.print(_kv_table(section, result[section]))
-        for group in ("ports", "services"):
+        for group in ("ports", "services", "datagrams"):
             for name, counters in result.get(group, {}).items():
                 console.print(_kv_table(f"{group[:-1]} {name}", counters))
     elif cmd == "connections":
