@@ -206,7 +206,7 @@ class Tunnel(Service):
             dst = bytes(data[38:54])
             version = 6
             if data[20] == 58 and len(data) >= 78 and data[54] in ND_TYPES:
-                return self._nd_out(frame)
+                return self._nd_out(frame, now)
         elif et == ETH_P_ARP:
             return self._arp_out(frame)
         else:
@@ -366,7 +366,7 @@ class Tunnel(Service):
         self._send(peer, data)
         return CONSUMED
 
-    def _nd_out(self, frame: Frame) -> Verdict:
+    def _nd_out(self, frame: Frame, now: float) -> Verdict:
         """Neighbour discovery from the guest: a question for the gateway (answered with
         ``answer_arp``), a solicitation or advertisement about a peer address (tunnelled)."""
         data = frame.data
@@ -382,11 +382,27 @@ class Tunnel(Service):
             self.ctx.emit(Frame(reply), TO_GUEST)
             self.ctx.count("nd_answered")
             return CONSUMED
-        if data[54] not in (135, 136):
+        kind = data[54]
+        if kind == 136:  # an answer: goes where it is addressed
+            peer = self._route(6, bytes(data[38:54]))
+        elif kind == 135:  # a question: goes where its target lives
+            peer = self._route(6, target)
+        else:
             return PASS
-        peer = self._route(6, target)
         if peer is None:
             return PASS
+        if kind == 135 and _is_link_local(data[22:24]):
+            # a reachability probe from a link-local source: its answer could not be
+            # routed back by address, so the service answers from what it learnt
+            mac = peer.mac or self.resolver.lookup(target, now)
+            if mac is not None:
+                try:
+                    self.ctx.emit(Frame(build.neighbor_advertisement(Packet(frame), mac)),
+                                  TO_GUEST)
+                    self.ctx.count("nd_answered")
+                except PacketError:
+                    self.ctx.count("malformed")
+            return CONSUMED
         self._send(peer, data)
         return CONSUMED
 
@@ -485,6 +501,9 @@ class Tunnel(Service):
             self.ctx.count("other_dropped")
             return
         addr = bytes(data[62:78]) if kind == 136 else bytes(data[22:38])
+        if kind == 135 and _is_link_local(data[22:24]):
+            self._probe_in(data, peer)
+            return
         if self._route(6, addr) is not peer:
             self.ctx.count("spoofed")
             return
@@ -493,6 +512,25 @@ class Tunnel(Service):
         peer.decapsulated += 1
         peer.decapsulated_bytes += len(data)
         self.ctx.emit(Frame(data), TO_GUEST)
+
+    def _probe_in(self, data: bytearray, peer: Peer) -> None:
+        """A far VM's reachability probe (from its link-local address) for a guest
+        address: answered through the tunnel with the guest's MAC, since the guest's own
+        answer to a link-local address could not be routed back."""
+        mac = self.hosts.macs.get(bytes(data[62:78]))
+        if mac is None:
+            self.ctx.count("other_dropped")
+            return
+        try:
+            self._send(peer, build.neighbor_advertisement(Packet(data), mac))
+        except PacketError:
+            self.ctx.count("malformed")
+            return
+        self.ctx.count("nd_answered")
+
+
+def _is_link_local(addr: bytes) -> bool:
+    return addr[0] == 0xFE and addr[1] & 0xC0 == 0x80
 
 
 def _lladdr_option(data: bytearray, kind: int) -> bytes | None:

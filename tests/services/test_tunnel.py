@@ -346,3 +346,30 @@ def test_random_frames_from_the_guest_never_raise(tail: bytes, et: int) -> None:
         body[16:20] = bytes([10, 62, 2, 20])  # toward the peer
     h.send(head + bytes(body), UP)
     h.send(head + bytes(body), DOWN)
+
+
+def test_neighbour_answers_go_by_destination_and_link_local_probes_are_answered_here() -> None:
+    h = harness()
+    h.send(bytes(Ether(src=VM_A, dst=GW_A_MAC) / IPv6(src=A6, dst=B6) / UDP()), UP)  # NS sent
+    # the guest's answer to the far VM's question: target is the guest's own address
+    na = Ether(src=VM_A, dst=VM_B) / IPv6(src=A6, dst=B6, hlim=255) / \
+        ICMPv6ND_NA(tgt=A6, S=1, O=1) / ICMPv6NDOptDstLLAddr(lladdr=VM_A)
+    assert h.send(bytes(na), UP) is CONSUMED
+    assert sent(h)[-1][0][ICMPv6ND_NA].tgt == A6
+    # learn VM-B, then the guest's reachability probe from fe80:: is answered by the service
+    reply = Ether(src=VM_B, dst=VM_A) / IPv6(src=B6, dst=A6, hlim=255) / \
+        ICMPv6ND_NA(tgt=B6, S=1, O=1) / ICMPv6NDOptDstLLAddr(lladdr=VM_B)
+    h.ctx.datagrams[0].deliver(datagram(bytes(reply)), PEER, 0.1)
+    probe = Ether(src=VM_A, dst=VM_B) / IPv6(src="fe80::5054:ff:fe00:a0a", dst=B6, hlim=255) / \
+        ICMPv6ND_NS(tgt=B6)
+    n = len(sent(h))
+    assert h.send(bytes(probe), UP, now=0.2) is CONSUMED
+    assert len(sent(h)) == n  # not tunnelled
+    ans = Ether(bytes(h.emitted(DOWN)[-1].data))
+    assert ans[ICMPv6ND_NA].tgt == B6 and ans.src == VM_B
+    # and the far VM's probe from its link-local address is answered for the guest
+    far = Ether(src=VM_B, dst=VM_A) / IPv6(src="fe80::1", dst=A6, hlim=255) / ICMPv6ND_NS(tgt=A6)
+    h.ctx.datagrams[0].deliver(datagram(bytes(far)), PEER, 0.3)
+    back = sent(h)[-1][0]
+    assert back[ICMPv6ND_NA].tgt == A6 and back[IPv6].dst == "fe80::1" and back.src == VM_A
+    assert h.extra("spoofed") == 0 and h.extra("nd_answered") == 2
