@@ -25,8 +25,8 @@ host namespace and moves into the VM's namespace as ``eth0``; its uplink is a
 ``packet`` port on the veth to its router's LAN. The fast path is a veth
 between the two host namespaces, with static neighbour entries and no IPv6, so
 that a capture on it sees nothing but what the bridges send (the tunnel's
-VXLAN); its transmit checksum offload is off, so captured UDP checksums are
-final and tshark can check them.
+VXLAN); its transmit checksum offload is off (unless ``fast_tx_csum``, as the
+benchmark has it), so captured UDP checksums are final and tshark can check them.
 
 A site can instead be ``kernel`` (:meth:`TunnelNet.kernel_vxlan`): no bridge;
 the VM's ``eth0`` is a veth into a kernel bridge in the host namespace that
@@ -123,8 +123,10 @@ def config_toml(name: str, vm_ns: str, vm_mac: str, services: list[dict[str, Any
 class TunnelNet:
     """The two sites (see the module docstring)."""
 
-    def __init__(self, topo: Topology, tag: str, tmp: Path, wan_delay_ms: float = 5.0):
+    def __init__(self, topo: Topology, tag: str, tmp: Path, wan_delay_ms: float = 5.0,
+                 fast_tx_csum: bool = False):
         self.topo, self.tag, self.tmp = topo, tag, tmp
+        self.fast_tx_csum = fast_tx_csum
         self.ns = {role: topo.netns(f"{tag}-{role}")
                    for role in ("vma", "ha", "ra", "rb", "hb", "vmb")}
         self.vma, self.vmb = self.ns["vma"], self.ns["vmb"]
@@ -187,8 +189,8 @@ class TunnelNet:
             ip("-n", ns, "link", "set", dev, "up")
         ip("-n", ns, "neigh", "replace", far["fast"], "lladdr", far["fastmac"], "dev", "fast",
            "nud", "permanent")
-        # final UDP checksums in what a capture of the fast path sees
-        self.run("h" + s, ["ethtool", "-K", "fast", "tx", "off"])
+        if not self.fast_tx_csum:  # final UDP checksums in what a capture there sees
+            self.run("h" + s, ["ethtool", "-K", "fast", "tx", "off"])
 
     def _vm_addresses(self, s: str, mtu: int | None = None, onlink: bool = False) -> None:
         site, far = SITES[s], SITES[other(s)]
@@ -436,13 +438,14 @@ def require_root() -> None:
 
 
 @contextmanager
-def open_sites(tmp: Path, wan_delay_ms: float = 5.0) -> Iterator[TunnelNet]:
+def open_sites(tmp: Path, wan_delay_ms: float = 5.0,
+               fast_tx_csum: bool = False) -> Iterator[TunnelNet]:
     """A :class:`TunnelNet` with a fresh tag, torn down (bridges, namespaces) on exit."""
     tag = "tn" + secrets.token_hex(2)
     topo = Topology(tag)
     net: TunnelNet | None = None
     try:
-        net = TunnelNet(topo, tag, tmp, wan_delay_ms)
+        net = TunnelNet(topo, tag, tmp, wan_delay_ms, fast_tx_csum)
         yield net
     finally:
         if net is not None:

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Benchmark: subnet tunneling between two sites, against the routed path and the kernel's vxlan.
+
+The topology is ``tests/integration/tunnelnet.py`` without WAN delay: VM-A
+(10.61.1.10) behind router A, VM-B (10.62.2.20) behind router B, a bridge host
+per site with a fast-path link between them. Three ways across, measured in
+the same run on the same namespaces:
+
+1. ``empty``: both bridges with an empty chain; VM-A's packets take the routed
+   slow path (VM-A -> bridge A -> router A -> router B -> bridge B -> VM-B);
+2. ``tunnel``: both bridges with the ``tunnel`` service (VXLAN over the fast path);
+3. ``kernel``: no VTL; each VM's eth0 (MTU 1450) is a veth into a kernel bridge
+   with a Linux ``vxlan`` device over the fast path (the kernel's own VXLAN).
+
+For each: iperf3 TCP throughput VM-A -> VM-B and VM-B -> VM-A (``-R``), and the
+ping RTT median; medians of ``--repeat`` runs. Closing rows: tunnel/empty and
+tunnel/kernel (issue 14's goal: at least 0.5 and 0.3 for TCP). Needs root;
+removes everything it made.
+
+    .venv/bin/python benchmarks/tunnel.py [--seconds 5] [--repeat 3] [--ipv6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent / "tests" / "integration")]
+
+from tunnelnet import VM_B, VM_B6, TunnelNet, open_sites  # noqa: E402
+from vtl.bridge.topology import parse_ping_rtts, require_root  # noqa: E402
+
+PORT = 5301
+CONFIGS = ("empty", "tunnel", "kernel")
+
+
+def iperf_tcp(net: TunnelNet, dest: str, seconds: int, reverse: bool) -> float:
+    args = ["iperf3", "-c", dest, "-p", str(PORT), "-t", str(seconds), "-O", "1", "-J"]
+    if reverse:
+        args.append("-R")
+    out = net.vm_a(args, timeout=seconds + 30).stdout
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def ping_median_us(net: TunnelNet, dest: str) -> float:
+    v6 = ["-6"] if ":" in dest else []
+    out = net.vm_a(["ping", *v6, "-c", "100", "-i", "0.01", "-W", "1", dest], timeout=60,
+                   check=False).stdout
+    rtts = parse_ping_rtts(out)
+    return statistics.median(rtts) * 1000 if rtts else float("nan")
+
+
+def setup(net: TunnelNet, config: str) -> None:
+    if config == "kernel":
+        net.kernel_vxlan("a")
+        net.kernel_vxlan("b")
+        net.warm_up()
+    else:
+        net.chains(tunnel=config == "tunnel")
+
+
+def measure(net: TunnelNet, config: str, seconds: int, repeat: int,
+            ipv6: bool) -> dict[str, float]:
+    setup(net, config)
+    dests = [("", VM_B)] + ([("6", VM_B6)] if ipv6 else [])
+    server = net.topo.spawn(net.vmb, ["iperf3", "-s", "-p", str(PORT)])
+    try:
+        net.topo.wait_tcp(net.vmb, "*", PORT)
+        for _, dest in dests:  # resolve the far side's MACs (through the tunnel) first
+            v6 = ["-6"] if ":" in dest else []
+            net.vm_a(["ping", *v6, "-c", "3", "-i", "0.2", "-W", "2", dest], timeout=20)
+        runs: dict[str, list[float]] = {}
+        for _ in range(repeat):
+            for suffix, dest in dests:
+                runs.setdefault("a2b" + suffix, []).append(iperf_tcp(net, dest, seconds, False))
+                runs.setdefault("b2a" + suffix, []).append(iperf_tcp(net, dest, seconds, True))
+                runs.setdefault("rtt" + suffix, []).append(ping_median_us(net, dest))
+    finally:
+        net.topo.stop_proc(server)
+    if config == "tunnel":
+        tunnel = net.counters("a")["services"]["tunnel"]
+        print(f"  bridge A's tunnel: segmented={tunnel.get('segmented', 0)} "
+              f"mss_clamped={tunnel.get('mss_clamped', 0)} "
+              f"too_big_sent={tunnel.get('too_big_sent', 0)} "
+              f"send_failed={tunnel.get('send_failed', 0)}", file=sys.stderr)
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+ROWS = [
+    ("a2b", "iperf3 TCP VM-A -> VM-B (Gbit/s)"),
+    ("b2a", "iperf3 TCP VM-B -> VM-A (Gbit/s)"),
+    ("rtt", "ping RTT median (us)"),
+    ("a2b6", "iperf3 TCP v6 VM-A -> VM-B (Gbit/s)"),
+    ("b2a6", "iperf3 TCP v6 VM-B -> VM-A (Gbit/s)"),
+    ("rtt6", "ping6 RTT median (us)"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ipv6", action="store_true", help="also measure over IPv6")
+    args = ap.parse_args()
+    require_root("the benchmark")
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, \
+            open_sites(Path(tmp), wan_delay_ms=0, fast_tx_csum=True) as net:
+        for config in CONFIGS:
+            print(f"measuring {config}...", file=sys.stderr)
+            results[config] = measure(net, config, args.seconds, args.repeat, args.ipv6)
+    e, t, k = (results[c] for c in CONFIGS)
+    print(f"\n{'measure':38} {'empty/routed':>12} {'tunnel':>8} {'kernel vxlan':>12} "
+          f"{'tun/empty':>9} {'tun/kernel':>10}")
+    for key, label in ROWS:
+        if key not in t:
+            continue
+        ratios = [t[key] / ref[key] if ref[key] else float("nan") for ref in (e, k)]
+        print(f"{label:38} {e[key]:12.2f} {t[key]:8.2f} {k[key]:12.2f} "
+              f"{ratios[0]:9.2f} {ratios[1]:10.2f}")
+    print(f"\n(median of {args.repeat} runs of {args.seconds} s each; {os.cpu_count()} CPUs; "
+          "no WAN delay; higher is better except RTT. Goal of issue 14: tunnel at least "
+          "0.5 of the empty chain and 0.3 of the kernel vxlan path for TCP)")
+
+
+if __name__ == "__main__":
+    main()
