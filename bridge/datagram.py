@@ -21,6 +21,21 @@ buffer, ``tx_unreachable`` for no route, ``tx_too_big`` for EMSGSIZE,
 ``tx_other``) and ``False`` is returned; it never raises OSError. ``dest`` must
 be an IP literal (a name would be resolved by the kernel call, blocking the chain).
 
+:meth:`DatagramEndpoint.send_train` sends many datagrams to one destination with
+UDP GSO (``UDP_SEGMENT``, Linux 4.18): a run of units of one size (the last of a
+run may be shorter) goes out in one ``sendmsg`` of all their parts with a
+``UDP_SEGMENT`` control message of that size, and the kernel (or the NIC) cuts it
+into the datagrams, each with its own UDP header and checksum. A run holds at
+most :data:`GSO_MAX_UNITS` units and :data:`GSO_MAX_BYTES` (IPv4) or
+:data:`GSO_MAX_BYTES_V6` bytes. Support is probed at bind (``getsockopt``
+``UDP_SEGMENT``: an older kernel would ignore the control message and send one
+big datagram); when the kernel refuses a GSO send (EINVAL: a unit longer than the
+path MTU allows, or checksums off; EIO: no checksum offload on the route, or
+xfrm; ENOPROTOOPT, EOPNOTSUPP) the endpoint logs it once, sends that run one
+``sendmsg`` per unit and never tries GSO again. Sending stops at the first
+failure: the units not sent are counted as dropped of that kind, so the units
+sent are always the first ``n``. ``tx`` and ``tx_bytes`` count datagrams.
+
 Closing. :meth:`DatagramEndpoint.close` is called with the chain lock held (at
 chain stop) or without it, from any thread, the reader's own included (a handler
 closing its socket). It marks the endpoint closed and closes the socket under a
@@ -44,6 +59,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +75,11 @@ if TYPE_CHECKING:
 Batch = list[tuple[bytearray, Address]]
 Deliver = Callable[[Batch], bool]  # False: end the reader
 ErrorHandler = Callable[[float], None]  # a handler raised (the slot's failure policy)
+UDP_SEGMENT = 103  # linux/udp.h: the GSO segment size, a socket option and a cmsg
+GSO_MAX_UNITS = 64  # UDP_MAX_SEGMENTS of Linux before 6.9 (later 128)
+GSO_MAX_BYTES = 65535 - 20 - 8  # the UDP payload of one IPv4 datagram at most
+GSO_MAX_BYTES_V6 = 65535 - 8  # IPv6: the payload length field covers the UDP header
+_GSO_REFUSED = (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 _LOCK_SLICE = 0.02  # the reader waits for the chain lock in slices this long
 _JOIN_TIMEOUT = 1.0
 
@@ -124,6 +145,8 @@ class DatagramEndpoint:
                              f"{_BIND_HINT.get(exc.errno or 0, '')}") from None
         self._sock = sock
         self._sendmsg = sock.sendmsg
+        self.gso = _probe_gso(sock)  # UDP GSO for send_train (False once refused)
+        self._gso_max = GSO_MAX_BYTES_V6 if family == socket.AF_INET6 else GSO_MAX_BYTES
         self._local: Address = tuple(sock.getsockname()[:2])  # type: ignore[assignment]
         self._io_lock = threading.Lock()  # the socket's and the pipe's life; held briefly
         self._stop_r, self._stop_w = os.pipe()
@@ -148,6 +171,54 @@ class DatagramEndpoint:
         c.tx += 1
         c.tx_bytes += n
         return True
+
+    def send_train(self, units: Sequence[Sequence[Buffer]], dest: Address) -> int:
+        c = self._c
+        sendmsg = self._sendmsg
+        total = len(units)
+        i = 0
+        while i < total:
+            parts = units[i]
+            size = sum(map(len, parts))
+            j = i + 1
+            if self.gso:
+                # the run: units of ``size`` (the last may be shorter), bounded
+                room = self._gso_max - size
+                end = min(total, i + GSO_MAX_UNITS)
+                while j < end:
+                    n = sum(map(len, units[j]))
+                    if n > size or n > room or n == 0:
+                        break
+                    room -= n
+                    j += 1
+                    if n < size:
+                        break
+            if j - i == 1:
+                try:
+                    n = sendmsg(parts, (), 0, dest)
+                except (OSError, OverflowError) as exc:
+                    self._tx_failed(exc, dest, total - i)
+                    return i
+                c.tx += 1
+                c.tx_bytes += n
+                i = j
+                continue
+            flat = [p for u in units[i:j] for p in u]
+            try:
+                n = sendmsg(flat, [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))],
+                            0, dest)
+            except (OSError, OverflowError) as exc:
+                if isinstance(exc, OSError) and exc.errno in _GSO_REFUSED:
+                    self.gso = False
+                    self.log.info("udp %s: the kernel refused UDP GSO (%s); sending one "
+                                  "datagram per syscall from now on", _show(self._local), exc)
+                    continue  # the same run again, unit by unit
+                self._tx_failed(exc, dest, total - i)
+                return i
+            c.tx += j - i
+            c.tx_bytes += n
+            i = j
+        return total
 
     def counters(self) -> dict[str, int]:
         return asdict(self._c)
@@ -199,12 +270,13 @@ class DatagramEndpoint:
     def __repr__(self) -> str:
         return f"<DatagramEndpoint udp {_show(self._local)}{' closed' if self.closed else ''}>"
 
-    def _tx_failed(self, exc: BaseException, dest: Address) -> None:
+    def _tx_failed(self, exc: BaseException, dest: Address, count: int = 1) -> None:
+        """``count`` datagrams to ``dest`` were not sent because of ``exc``."""
         code = exc.errno if isinstance(exc, OSError) else None
         kind = _TX_KIND.get(code or 0, "tx_other")
         c = self._c
-        c.tx_dropped += 1
-        setattr(c, kind, getattr(c, kind) + 1)
+        c.tx_dropped += count
+        setattr(c, kind, getattr(c, kind) + count)
         if kind not in self._tx_logged:  # the first of each kind; the counters say the rest
             self._tx_logged.add(kind)
             self.log.info("udp %s: a datagram to %s was not sent: %s (counted as %s)",
@@ -278,6 +350,15 @@ def _set_buffer(sock: socket.socket, opt: int, force: int, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, force, size)
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, opt, size)
+
+
+def _probe_gso(sock: socket.socket) -> bool:
+    """Whether the kernel knows ``UDP_SEGMENT`` (Linux 4.18 and later)."""
+    try:
+        sock.getsockopt(socket.SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
 
 
 def _kernel_drops(family: int, inode: str) -> int:

@@ -21,6 +21,15 @@ and returns a :class:`DatagramSocket` handle.
   out without a copy) to ``dest`` at once, without blocking. It returns
   ``False`` when the datagram was not sent (socket buffer full, no route,
   message too long); the reason is counted, never raised.
+  :meth:`DatagramSocket.send_train` sends several datagrams (units, each the
+  parts of one datagram) to one ``dest`` with as few system calls as the
+  kernel allows: the bridge uses UDP GSO (``UDP_SEGMENT``), one ``sendmsg`` for
+  up to 64 units of equal size (the last may be shorter) and 64 KB, and falls
+  back to one ``sendmsg`` per unit on a kernel that refuses it. The receiver
+  gets the same datagrams as from ``send`` one by one, in order. It returns how
+  many were sent: always the first ones (sending stops at the first failure;
+  the rest are counted as dropped). A tunnel sends the segments of one GSO
+  frame so.
 - **Closing**: the handle closes at chain stop (or with :meth:`close`); no
   handler is called after that.
 
@@ -64,6 +73,10 @@ class DatagramSocket(Protocol):
 
     def send(self, parts: Sequence[Buffer], dest: Address) -> bool:
         """Send ``b"".join(parts)`` as one datagram to ``dest``; False when not sent."""
+
+    def send_train(self, units: Sequence[Sequence[Buffer]], dest: Address) -> int:
+        """Send each unit (``b"".join(unit)``) as one datagram to ``dest``, in order, in
+        few system calls; returns ``n``: ``units[:n]`` were sent, the rest were not."""
 
     def counters(self) -> dict[str, int]:
         """rx, rx_bytes, rx_oversize, rx_errors, tx, tx_bytes, tx_dropped."""

@@ -5,10 +5,13 @@ emits frames toward the guest and sends from ``process``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +27,7 @@ from vtl.errors import LocalProtocolError, SetupError
 LOG = logging.getLogger("vtl.dgramtest")
 pytestmark = pytest.mark.timeout(30)
 ETHERTYPE = 0x88B5  # IEEE local experimental: the kernel leaves these frames alone
+SO_NO_CHECK = 11  # asm-generic/socket.h: send UDP over IPv4 without checksums
 
 
 def wait_for(pred: Callable[[], object], timeout: float = 3.0) -> None:
@@ -170,6 +174,88 @@ def test_send_failures_return_false_and_are_counted_by_kind(endpoints, caplog):
     e.close()
     assert not e.send([b"x"], ("127.0.0.1", 9))
     assert e.counters()["tx_dropped"] == 4
+
+
+class CountCalls:
+    """Wraps an endpoint's real ``sendmsg`` and records how many units each call carried
+    (1 without a UDP_SEGMENT control message, else the bytes over the segment size)."""
+
+    def __init__(self, e: DatagramEndpoint):
+        self.real = e._sendmsg
+        self.calls: list[int] = []
+        e._sendmsg = self  # type: ignore[method-assign]
+
+    def __call__(self, parts, cmsgs, flags, dest):  # noqa: ANN001, ANN204
+        n = self.real(parts, cmsgs, flags, dest)
+        size = int.from_bytes(cmsgs[0][2], sys.byteorder) if cmsgs else 0
+        self.calls.append(-(-n // size) if size else 1)
+        return n
+
+
+def receive(s: socket.socket, n: int) -> list[bytes]:
+    return [s.recv(70000) for _ in range(n)]
+
+
+def test_a_train_arrives_as_its_datagrams_in_few_syscalls(endpoints, host):
+    e = endpoint(endpoints, Heard(), host)
+    assert e.gso, "this kernel has UDP GSO (4.18 and later)"
+    calls = CountCalls(e)
+    units = [[b"HDR-%03d:" % i, os.urandom(1464)] for i in range(150)]
+    units += [[os.urandom(700)], [os.urandom(3000)], [b""], [os.urandom(9)]]
+    with client(host) as c:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        assert e.send_train(units, c.getsockname()[:2]) == len(units)
+        assert receive(c, len(units)) == [b"".join(u) for u in units]
+    # 150 equal units in runs of 44 (64 KB), the 700-byte one ends the fourth run
+    assert calls.calls == [44, 44, 44, 19, 1, 1, 1]
+    cnt = e.counters()
+    assert cnt["tx"] == len(units) and cnt["tx_bytes"] == sum(len(b"".join(u)) for u in units)
+    assert e.gso
+
+
+def test_a_run_is_at_most_one_udp_datagrams_worth(endpoints, host):
+    most = 65527 if ":" in host else 65507  # the UDP payload of one IPv6 / IPv4 datagram
+    e = endpoint(endpoints, Heard(), host)
+    calls = CountCalls(e)
+    half = (most + 1) // 2
+    units = [[os.urandom(half)], [os.urandom(most - half)],  # exactly the most: one call
+             [os.urandom(half)], [os.urandom(most - half + 1)]]  # one byte more: two
+    with client(host) as c:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        assert e.send_train(units, c.getsockname()[:2]) == 4
+        assert receive(c, 4) == [u[0] for u in units]
+    assert calls.calls == [2, 1, 1]
+
+
+def test_a_kernel_refusing_gso_gets_one_datagram_per_call_from_then_on(endpoints, caplog):
+    caplog.set_level(logging.INFO, logger=LOG.name)
+    e = endpoint(endpoints, Heard())
+    e._sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)  # GSO needs checksums: EINVAL
+    calls = CountCalls(e)
+    units = [[os.urandom(1000)] for _ in range(5)]
+    with client("127.0.0.1") as c:
+        assert e.send_train(units, c.getsockname()) == 5
+        assert receive(c, 5) == [u[0] for u in units]
+        assert not e.gso and "refused UDP GSO" in caplog.text
+        assert e.send_train(units, c.getsockname()) == 5
+        assert receive(c, 5) == [u[0] for u in units]
+    assert calls.calls == [1] * 10  # the refused call raised: not counted
+    assert e.counters()["tx"] == 10 and e.counters()["tx_dropped"] == 0
+
+
+def test_a_train_stops_at_the_first_failure_and_counts_the_rest(endpoints):
+    e = endpoint(endpoints, Heard())
+    units = [[b"a" * 100], [b"b" * 100], [b"c" * 70000], [b"d" * 100]]
+    with client("127.0.0.1") as c:
+        assert e.send_train(units, c.getsockname()) == 2
+        assert receive(c, 2) == [b"a" * 100, b"b" * 100]
+    cnt = e.counters()
+    assert cnt["tx"] == 2 and cnt["tx_dropped"] == 2 and cnt["tx_too_big"] == 2
+    assert e.send_train(units, ("127.0.0.1", 70000)) == 0  # the whole first run fails
+    assert e.counters()["tx_dropped"] == 6 and e.counters()["tx_other"] == 4
+    assert e.send_train([], ("127.0.0.1", 9)) == 0
+    e.close()
+    assert e.send_train(units[:2], ("127.0.0.1", 9)) == 0
 
 
 def test_close_is_idempotent_stops_the_reader_and_frees_the_port(endpoints):
@@ -396,3 +482,57 @@ def test_a_bind_failure_stops_the_bridge_from_opening():
         bridge.open()
     bridge.close()
     assert not os.path.exists(f"/sys/class/net/vtdg{tag}g"), "the ports were closed"
+
+
+# -- across a veth pair ---------------------------------------------------------------------
+
+RECEIVER = """
+import hashlib, json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.bind((sys.argv[1], 4789))
+s.settimeout(5.0)
+print("ready", flush=True)
+got = []
+try:
+    for _ in range(int(sys.argv[2])):
+        got.append(hashlib.sha256(s.recv(70000)).hexdigest())
+except TimeoutError:
+    pass
+print(json.dumps(got), flush=True)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("tx_csum", ["on", "off"])
+def test_a_train_crosses_a_veth_into_another_namespace_intact(endpoints, tx_csum):
+    """The sender here, a plain UDP socket in a namespace behind a veth (MTU 1500): each
+    1472-byte unit (a VXLAN datagram of a 1450-byte packet) arrives whole, in order,
+    with a valid checksum (the receiving socket drops bad ones), with the veth's transmit
+    checksum offload on or off."""
+    import hashlib
+
+    from vtl.bridge.topology import Topology, ip
+
+    needs_root()
+    tag = secrets.token_hex(3)
+    net = f"198.18.{secrets.randbelow(250)}"
+    with Topology(f"vtgso{tag}") as topo:
+        ns = topo.netns(f"vtgso{tag}")
+        topo.veth(f"vtgso{tag}a", "peer0", ns)
+        ip("addr", "add", f"{net}.1/30", "dev", f"vtgso{tag}a")
+        topo.addr(ns, "peer0", f"{net}.2/30")
+        subprocess.run(["ethtool", "-K", f"vtgso{tag}a", "tx", tx_csum], capture_output=True,
+                       check=True)
+        units = [[os.urandom(8), os.urandom(1464)] for _ in range(200)] + [[os.urandom(99)]]
+        proc = topo.spawn(ns, [sys.executable, "-c", RECEIVER, f"{net}.2", str(len(units))],
+                          stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        e = endpoint(endpoints, Heard(), f"{net}.1")
+        calls = CountCalls(e)
+        assert e.send_train(units, (f"{net}.2", 4789)) == len(units)
+        out, _ = proc.communicate(timeout=10)
+        got = json.loads(out)
+    assert got == [hashlib.sha256(b"".join(u)).hexdigest() for u in units]
+    assert calls.calls == [44, 44, 44, 44, 25], "one sendmsg per 64 KB"
+    assert e.counters()["tx"] == len(units) and e.gso

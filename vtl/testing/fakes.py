@@ -275,13 +275,16 @@ class FakeWatch:
 
 class FakeDatagramSocket:
     """A :class:`vtl.datagram.DatagramSocket` for tests: ``sent`` holds ``(bytes, dest)``
-    per :meth:`send`; :meth:`deliver` calls the service's handler as the bridge would.
+    per datagram sent (:meth:`send`, or each unit of :meth:`send_train`; the unit
+    count of each train is in ``trains``); :meth:`deliver` calls the service's handler
+    as the bridge would.
     ``fail_sends`` makes :meth:`send` return False (a full socket buffer)."""
 
     def __init__(self, request: DatagramRequest, handler: DatagramHandler):
         self.request = request
         self.handler = handler
         self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.trains: list[int] = []
         self.closed = False
         self.fail_sends = False
         self._counters = {"rx": 0, "rx_bytes": 0, "rx_oversize": 0, "rx_errors": 0,
@@ -302,6 +305,17 @@ class FakeDatagramSocket:
         self._counters["tx"] += 1
         self._counters["tx_bytes"] += len(data)
         return True
+
+    def send_train(self, units: Sequence[Sequence[bytes | bytearray | memoryview]],
+                   dest: tuple[str, int]) -> int:
+        """Each unit as :meth:`send` would (one entry in ``sent`` per unit); ``trains``
+        holds the number of units of each call. Stops at the first unit not sent."""
+        self.trains.append(len(units))
+        for i, parts in enumerate(units):
+            if not self.send(parts, dest):
+                self._counters["tx_dropped"] += len(units) - i - 1
+                return i
+        return len(units)
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
