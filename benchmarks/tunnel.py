@@ -17,7 +17,13 @@ ping RTT median; medians of ``--repeat`` runs. Closing rows: tunnel/empty and
 tunnel/kernel (issue 14's goal: at least 0.5 and 0.3 for TCP). Needs root;
 removes everything it made.
 
+With ``--guest-offloads off`` the bridges' guest TAPs are opened without virtio-net
+headers (``vnet_hdr = false``): the VMs' kernels then segment and checksum
+their TCP themselves and VTL sees only wire-size frames (the alternative to
+cutting GSO frames in Python before encapsulation).
+
     .venv/bin/python benchmarks/tunnel.py [--seconds 5] [--repeat 3] [--ipv6]
+        [--guest-offloads on|off]
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "tests" / "integration")]
 
+import tunnelnet  # noqa: E402
 from tunnelnet import VM_B, VM_B6, TunnelNet, open_sites  # noqa: E402
 from vtl.bridge.topology import parse_ping_rtts, require_root  # noqa: E402
 
@@ -102,13 +110,30 @@ ROWS = [
 ]
 
 
+def guest_offloads_off() -> None:
+    """Every bridge config tunnelnet writes from now on opens the guest TAP without
+    virtio-net headers (no checksum or TSO offloads from the VM)."""
+    config_toml = tunnelnet.config_toml
+
+    def without_vnet(*args: Any, **kw: Any) -> str:
+        return config_toml(*args, **kw).replace('kind = "tap"\n',
+                                                'kind = "tap"\nvnet_hdr = false\n', 1)
+
+    tunnelnet.config_toml = without_vnet
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ipv6", action="store_true", help="also measure over IPv6")
+    ap.add_argument("--guest-offloads", choices=("on", "off"), default="on",
+                    help="off: the guest TAPs without virtio-net headers (vnet_hdr = false), "
+                         "so the VMs' kernels segment and checksum; default on")
     args = ap.parse_args()
     require_root("the benchmark")
+    if args.guest_offloads == "off":
+        guest_offloads_off()
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp, \
             open_sites(Path(tmp), wan_delay_ms=0, fast_tx_csum=True) as net:
@@ -125,8 +150,9 @@ def main() -> None:
         print(f"{label:38} {e[key]:12.2f} {t[key]:8.2f} {k[key]:12.2f} "
               f"{ratios[0]:9.2f} {ratios[1]:10.2f}")
     print(f"\n(median of {args.repeat} runs of {args.seconds} s each; {os.cpu_count()} CPUs; "
-          "no WAN delay; higher is better except RTT. Goal of issue 14: tunnel at least "
-          "0.5 of the empty chain and 0.3 of the kernel vxlan path for TCP)")
+          f"guest TAP offloads {args.guest_offloads}; no WAN delay; higher is better except "
+          "RTT. Goal of issue 14: tunnel at least 0.5 of the empty chain and 0.3 of the "
+          "kernel vxlan path for TCP)")
 
 
 if __name__ == "__main__":
