@@ -231,8 +231,14 @@ class Tunnel(Service):
                 return CONSUMED
             if len(segments) > 1:
                 self.ctx.count("segmented")
+            header = self.header
+            train: list[tuple[bytes, bytearray]] = []
             for seg in segments:
-                self._out(seg, version, dst, peer, now)
+                ready = self._ready(seg, version, dst, peer, now)
+                if ready is not None:
+                    train.append((header, ready))
+            if train:
+                self._send_train(peer, train)
         else:
             self._out(frame, version, dst, peer, now)
         return CONSUMED
@@ -277,21 +283,29 @@ class Tunnel(Service):
     def _out(self, frame: Frame, version: int, dst: bytes, peer: Peer, now: float) -> None:
         """One wire-size frame (checksums complete) for ``peer``: the router's work, the
         destination MAC, then the tunnel."""
+        data = self._ready(frame, version, dst, peer, now)
+        if data is not None:
+            self._send(peer, data)
+
+    def _ready(self, frame: Frame, version: int, dst: bytes, peer: Peer,
+               now: float) -> bytearray | None:
+        """The router's work and the destination MAC on ``frame``: its data, ready for the
+        tunnel, or None when it was answered (ICMP) or waits for the MAC."""
         data = frame.data
         if version == 4:
             size = (data[16] << 8) | data[17]
             if size > self.mtu and data[20] & 0x40:  # DF
                 self._too_big(frame, 4)
-                return
+                return None
             proto, l4 = data[23], 14 + ((data[14] & 15) << 2)
         else:
             if len(data) - 14 > self.mtu:
                 self._too_big(frame, 6)
-                return
+                return None
             proto, l4 = data[20], 54
         if self.options.ttl_decrement and not wire.decrement_ttl(data, version):
             self._icmp(frame, version, time_exceeded=True)
-            return
+            return None
         if proto == 6 and len(data) > l4 + 13 and data[l4 + 13] & wire.TCP_SYN \
                 and wire.clamp_mss(data, l4, self.mss[version]):
             self.ctx.count("mss_clamped")
@@ -300,10 +314,10 @@ class Tunnel(Service):
             if self.resolver.wait(dst, frame, peer, now):
                 self._ask(frame, version, dst, peer)
             self._count_unresolved()
-            return
+            return None
         if mac is not None:
             data[0:6] = mac
-        self._send(peer, data)
+        return data
 
     def _send(self, peer: Peer, data: bytearray) -> None:
         sock = self.sock
@@ -313,6 +327,17 @@ class Tunnel(Service):
         else:
             peer.send_failed += 1
             self.ctx.count("send_failed")
+
+    def _send_train(self, peer: Peer, train: list[tuple[bytes, bytearray]]) -> None:
+        """The segments of one GSO frame to ``peer``, in few system calls."""
+        sock = self.sock
+        n = sock.send_train(train, peer.remote) if sock is not None else 0
+        if n:
+            peer.encapsulated += n
+            peer.encapsulated_bytes += sum(len(d) for _, d in train[:n])
+        if n < len(train):
+            peer.send_failed += len(train) - n
+            self.ctx.count("send_failed", len(train) - n)
 
     def _ask(self, frame: Frame, version: int, dst: bytes, peer: Peer) -> None:
         """Ask the far side for ``dst``'s MAC, as the guest that sent ``frame``."""

@@ -209,7 +209,43 @@ def test_a_gso_frame_is_cut_to_the_tunnel_mtu() -> None:
     assert all(len(e[IP]) <= 1450 for e in segs)
     assert b"".join(bytes(e[TCP].payload) for e in segs) == payload
     assert all(verify_checksums(Packet(bytes(e))) for e in segs)
+    assert all(e.dst == VM_B and e[IP].ttl == 63 for e in segs)
     assert h.extra("segmented") == 1
+    sock = h.ctx.datagrams[0]
+    assert sock.trains == [8], "the segments went out in one train"
+    peer = h.service.peers.peers()[0]
+    assert peer.encapsulated == 10 and peer.send_failed == 0
+    assert peer.encapsulated_bytes == sum(len(d) - 8 for d, _ in sock.sent)
+
+
+def gso_frame(payload: bytes) -> Frame:
+    return Frame(bytearray(to_b(payload, flags="DF")),
+                 VnetHeader(flags=1, gso_type=1, hdr_len=54, gso_size=1398, csum_start=34,
+                            csum_offset=16))
+
+
+def test_a_gso_frame_waiting_for_the_mac_goes_out_once_it_is_learnt() -> None:
+    h = harness()
+    payload = bytes(range(256)) * 16  # 4096 bytes: 3 segments
+    assert h.send(gso_frame(payload), UP) is CONSUMED
+    asked = sent(h)
+    assert len(asked) == 1 and ARP in asked[0][0], "only the question went out"
+    assert h.ctx.datagrams[0].trains == []
+    resolve_b(h)
+    segs = [e for e, _ in sent(h)[1:]]
+    assert b"".join(bytes(e[TCP].payload) for e in segs) == payload
+    assert all(e.dst == VM_B for e in segs)
+
+
+def test_a_train_that_is_not_sent_counts_each_segment() -> None:
+    h = harness()
+    h.send(to_b(b"a"), UP)
+    resolve_b(h)
+    h.ctx.datagrams[0].fail_sends = True
+    assert h.send(gso_frame(bytes(4096)), UP) is CONSUMED
+    assert h.extra("send_failed") == 3
+    peer = h.service.peers.peers()[0]
+    assert peer.send_failed == 3 and peer.encapsulated == 2
 
 
 def test_answer_arp_and_nd_for_a_site_without_a_gateway() -> None:
