@@ -23,6 +23,8 @@ What it does not do: IPv4 fragmentation; BIG TCP (IP length fields > 64 KB).
 
 from __future__ import annotations
 
+import struct
+
 from vtl.errors import PacketError
 from vtl.frame import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -34,12 +36,15 @@ from vtl.frame import (
     Frame,
     VnetHeader,
 )
-from vtl.packet.checksum import checksum, fold, ones_sum
+from vtl.packet.checksum import fold, ones_sum
 from vtl.packet.ethernet import ETH_P_8021Q, VlanTagValue, insert_vlan, remove_vlan
 from vtl.packet.packet import Packet
 from vtl.packet.tcp import CWR, FIN, PSH
 
 ETH_HLEN = 14
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_U16X2 = struct.Struct("!HH")
 
 
 def complete_checksum(frame: Frame) -> None:
@@ -92,6 +97,11 @@ def complete_offloads(frame: Frame) -> list[Frame]:
 
 
 def _segment(pkt: Packet, mss: int, tcp: bool) -> list[Frame]:
+    """Cut ``pkt``'s L4 payload into pieces of ``mss``: one frame each, the headers copied
+    and patched, the checksums computed incrementally: the IPv4 header's from the sum of
+    its fixed words plus length and id, the L4 one from the pseudo-header's and the
+    header's fixed words plus the changed fields plus the ones' sum of the piece (the
+    only pass over the payload)."""
     d = pkt.data
     ip = pkt.ip
     l4 = pkt.tcp if tcp else pkt.udp
@@ -106,38 +116,59 @@ def _segment(pkt: Packet, mss: int, tcp: bool) -> list[Frame]:
     ip_id = ip.id if v4 else 0
     seq = l4.seq if tcp else 0  # type: ignore[union-attr]
     flags = d[l4off + 13] if tcp else 0
-    n = max(1, -(-len(payload) // mss))
+    # the fixed parts' sums: the fields that change per segment zeroed
+    if v4:
+        header[l3 + 2 : l3 + 6] = b"\0\0\0\0"  # total length, id
+        header[l3 + 10 : l3 + 12] = b"\0\0"
+        ip_base = ones_sum(header, l3, l3 + ip.header_len)
+        len_base = -l3
+    else:
+        ip_base = 0
+        len_base = -l3 - 40
+    if tcp:
+        header[l4off + 4 : l4off + 8] = b"\0\0\0\0"
+        header[l4off + 13] = 0
+        cpos = l4off + 16
+    else:
+        header[l4off + 4 : l4off + 6] = b"\0\0"
+        cpos = l4off + 6
+    header[cpos : cpos + 2] = b"\0\0"
+    l4_base = ones_sum(header, l4off) + ip.pseudo_sum(ip.l4_proto, 0)
+    hlen = hdr_end - l4off
+    total = len(payload)
+    n = max(1, -(-total // mss))
+    last_flags = flags & ~CWR if n > 1 else flags
+    mid_flags = flags & ~(FIN | PSH | CWR)
     out: list[Frame] = []
     for i in range(n):
-        chunk = payload[i * mss : (i + 1) * mss]
-        seg = bytearray(header)
-        seg += chunk
-        l4len = len(seg) - l4off
+        off = i * mss
+        chunk = payload[off : off + mss]
+        seg = header + chunk
+        clen = len(chunk)
+        l4len = hlen + clen
+        word = int.from_bytes(chunk, "big")
+        if clen & 1:
+            word <<= 8
         if v4:
-            seg[l3 + 2 : l3 + 4] = (len(seg) - l3).to_bytes(2, "big")
-            seg[l3 + 4 : l3 + 6] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
-            seg[l3 + 10 : l3 + 12] = b"\0\0"
-            seg[l3 + 10 : l3 + 12] = checksum(seg, l3, l3 + ip.header_len).to_bytes(2, "big")
+            size = hdr_end + clen + len_base
+            pid = (ip_id + i) & 0xFFFF
+            _U16X2.pack_into(seg, l3 + 2, size, pid)
+            _U16.pack_into(seg, l3 + 10, ~fold(ip_base + size + pid) & 0xFFFF)
         else:
-            seg[l3 + 4 : l3 + 6] = (len(seg) - l3 - 40).to_bytes(2, "big")
+            _U16.pack_into(seg, l3 + 4, hdr_end + clen + len_base)
         if tcp:
-            seg[l4off + 4 : l4off + 8] = ((seq + i * mss) & 0xFFFFFFFF).to_bytes(4, "big")
-            f = flags
-            if i != n - 1:
-                f &= ~(FIN | PSH)
-            if i:
-                f &= ~CWR
+            s = (seq + off) & 0xFFFFFFFF
+            f = flags if n == 1 else last_flags if i == n - 1 else \
+                mid_flags | (flags & CWR if i == 0 else 0)
+            _U32.pack_into(seg, l4off + 4, s)
             seg[l4off + 13] = f
-            cpos = l4off + 16
+            c = ~fold(l4_base + word + l4len + (s >> 16) + (s & 0xFFFF) + f) & 0xFFFF
         else:
-            seg[l4off + 4 : l4off + 6] = l4len.to_bytes(2, "big")
-            cpos = l4off + 6
-        seg[cpos : cpos + 2] = b"\0\0"
-        ps = ip.pseudo_sum(ip.l4_proto, l4len)
-        c = ~fold(ones_sum(seg, l4off) + ps) & 0xFFFF
-        if not tcp and c == 0:
-            c = 0xFFFF
-        seg[cpos : cpos + 2] = c.to_bytes(2, "big")
+            _U16.pack_into(seg, l4off + 4, l4len)
+            c = ~fold(l4_base + word + l4len + l4len) & 0xFFFF  # the length: pseudo and UDP
+            if c == 0:
+                c = 0xFFFF
+        _U16.pack_into(seg, cpos, c)
         out.append(Frame(seg, None))
     return out
 
