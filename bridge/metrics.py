@@ -20,7 +20,11 @@ The snapshot's sections map as follows (every family carries a ``bridge`` label)
   integer as ``vtl_service_events_total{counter}`` (connections_opened, bytes_up, ...);
   non-numeric and nested report entries are not exposed;
 - ``streams``: ``vtl_streams_open`` and ``vtl_stream_*_total``;
-- ``egress``: ``vtl_egress_refused_total{class}``.
+- ``egress``: ``vtl_egress_refused_total{class}``;
+- ``datagrams`` (UDP sockets of services, e.g. the tunnel's): ``vtl_datagrams_total`` and
+  ``vtl_datagram_bytes_total`` by ``socket`` and ``direction``, and
+  ``vtl_datagram_dropped_total{socket,reason}`` (``tx_dropped``, ``rx_oversize``,
+  ``rx_errors``, ``rx_kernel_drops``).
 
 Plus ``vtl_build_info{version}`` and ``vtl_uptime_seconds``. The HTTP server is
 prometheus-client's own, on a dedicated registry, stopped with the bridge.
@@ -89,6 +93,7 @@ class BridgeCollector(Collector):
         yield from self._services(b, snap.get("services", {}))
         yield from self._streams(b, snap.get("streams", {}))
         yield from self._egress(b, snap.get("egress", {}))
+        yield from self._datagrams(b, snap.get("datagrams", {}))
 
     def _ports(self, b: str, ports: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
         lab = ["bridge", "port", "direction"]
@@ -171,6 +176,25 @@ class BridgeCollector(Collector):
         for cls, value in (egress.get("refused_by_class") or {}).items():
             fam.add_metric([b, str(cls)], value)
         yield fam
+
+
+    def _datagrams(self, b: str, sockets: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
+        if not sockets:
+            return
+        lab = ["bridge", "socket", "direction"]
+        count = CounterMetricFamily("vtl_datagrams", "datagrams a service socket read (rx) or "
+                                    "sent (tx)", labels=lab)
+        nbytes = CounterMetricFamily("vtl_datagram_bytes", "bytes of those datagrams",
+                                     labels=lab)
+        dropped = CounterMetricFamily("vtl_datagram_dropped", "datagrams lost, by reason",
+                                      labels=["bridge", "socket", "reason"])
+        for sock, c in sockets.items():
+            for d in ("rx", "tx"):
+                count.add_metric([b, sock, d], c.get(d, 0))
+                nbytes.add_metric([b, sock, d], c.get(f"{d}_bytes", 0))
+            for reason in ("tx_dropped", "rx_oversize", "rx_errors", "rx_kernel_drops"):
+                dropped.add_metric([b, sock, reason], c.get(reason, 0))
+        yield from (count, nbytes, dropped)
 
 
 class MetricsServer:

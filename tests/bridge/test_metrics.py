@@ -36,6 +36,9 @@ SNAPSHOT = {
                 "bytes_up": 12345, "bytes_down": 54321},
     "egress": {"refused": 3, "refused_by_class": {"loopback": 2, "link-local": 1},
                "own_prefixes": 4, "refreshes": 1},
+    "datagrams": {"tunnel 10.63.0.1:4789": {
+        "rx": 40, "rx_bytes": 58000, "rx_oversize": 1, "rx_errors": 2, "tx": 30,
+        "tx_bytes": 43500, "tx_dropped": 3, "rx_kernel_drops": 5, "rcvbuf": 8388608}},
 }
 
 
@@ -104,6 +107,12 @@ def test_values_equal_the_snapshot() -> None:
     assert get(m, "vtl_stream_bytes_down_total") == 54321
     assert get(m, "vtl_egress_refused_total", **{"class": "loopback"}) == 2
     assert get(m, "vtl_egress_refused_total", **{"class": "link-local"}) == 1
+    sock = "tunnel 10.63.0.1:4789"
+    assert get(m, "vtl_datagrams_total", socket=sock, direction="rx") == 40
+    assert get(m, "vtl_datagram_bytes_total", socket=sock, direction="tx") == 43500
+    for reason, n in (("tx_dropped", 3), ("rx_oversize", 1), ("rx_errors", 2),
+                      ("rx_kernel_drops", 5)):
+        assert get(m, "vtl_datagram_dropped_total", socket=sock, reason=reason) == n
     assert get(m, "vtl_build_info", version=__import__("vtl").__version__) == 1
     assert get(m, "vtl_uptime_seconds") >= 0
 
@@ -119,7 +128,7 @@ def test_empty_sections() -> None:
     m = scrape({"bridge": {"macs": 0}, "ports": {}, "services": {}, "streams": {},
                 "egress": {}})
     assert get(m, "vtl_macs") == 0
-    assert not any(k[0].startswith("vtl_stream") for k in m)
+    assert not any(k[0].startswith(("vtl_stream", "vtl_datagram")) for k in m)
 
 
 def test_each_scrape_takes_a_fresh_snapshot() -> None:
