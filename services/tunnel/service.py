@@ -55,16 +55,15 @@ See also
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from vtl.services.tunnel import wire
 from vtl.services.tunnel.neighbors import LocalHosts, Resolver
+from vtl.services.tunnel.options import DEFAULT_GATEWAY_MAC, TunnelOptions
 from vtl.services.tunnel.peers import Peer, StaticPeers, parse_endpoint
 from vtl.services.tunnel.wire import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6
 
-from vtl import CONSUMED, PASS, Direction, Frame, Service, ServiceContext, ServiceOptions, Verdict
+from vtl import CONSUMED, PASS, Direction, Frame, Service, ServiceContext, Verdict
 from vtl.datagram import Address, DatagramRequest, DatagramSocket
 from vtl.errors import PacketError
 from vtl.packet import build
@@ -73,108 +72,54 @@ from vtl.packet.offload import complete_offloads
 from vtl.packet.packet import Packet
 
 TO_UPLINK, TO_GUEST = Direction.TO_UPLINK, Direction.TO_GUEST
-DEFAULT_GATEWAY_MAC = "02:76:74:6c:00:01"
 ROUTE_CACHE = 4096  # destinations whose peer (or none) is remembered
-_MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 ND_TYPES = range(133, 138)
-
-
-class PeerEntry(BaseModel):
-    """One row of ``peers``: a prefix behind a remote tunnel endpoint."""
-
-    model_config = ConfigDict(extra="forbid")
-    prefix: str = Field(description="IPv4 or IPv6 prefix behind the peer, e.g. 10.62.2.0/24")
-    remote: str = Field(description="the peer's tunnel endpoint, ADDR or ADDR:PORT")
-    mac: str | None = Field(None, pattern=_MAC.pattern,
-                            description="inner destination MAC for this site (default: "
-                                        "resolved through the tunnel)")
-
-
-class TunnelOptions(ServiceOptions):
-    """Options of the ``tunnel`` service."""
-
-    local: str = Field(description="this site's tunnel endpoint, ADDR or ADDR:PORT "
-                                   "(UDP 4789 by default); must be an address of this host")
-    vni: int = Field(ge=0, le=0xFFFFFF, description="VXLAN network identifier")
-    gateway: list[str] = Field(min_length=1, description="this subnet's gateway addresses")
-    peers: list[PeerEntry] = Field(min_length=1, description="remote prefixes and the "
-                                                             "endpoints they sit behind")
-    answer_arp: bool = Field(False, description="answer ARP/ND for the gateway addresses "
-                                                "(a site without a gateway)")
-    gateway_mac: str | None = Field(None, pattern=_MAC.pattern,
-                                    description="the gateway's MAC when answering for it "
-                                                f"(default {DEFAULT_GATEWAY_MAC})")
-    learn: bool = Field(True, description="learn remote MACs from the tunnel and resolve "
-                                          "unknown ones through it (needed for a kernel "
-                                          "vxlan peer)")
-    learn_timeout_s: float = Field(300.0, gt=0, description="forget a learnt MAC after "
-                                                            "this long unseen")
-    max_neighbors: int = Field(4096, ge=1, le=1_000_000, description="remote MACs learnt "
-                                                                     "at most")
-    ttl_decrement: bool = Field(True, description="decrement the TTL / hop limit as the "
-                                                  "bypassed router would")
-    mtu: int | None = Field(None, ge=576, le=65000, description="tunnel MTU (largest inner "
-                                                               "IP packet); default 1450, "
-                                                               "1430 over IPv6")
-
-    @field_validator("local")
-    @classmethod
-    def _local(cls, v: str) -> str:
-        parse_endpoint(v, "local")
-        return v
-
-    @field_validator("gateway")
-    @classmethod
-    def _gateway(cls, v: list[str]) -> list[str]:
-        for i, g in enumerate(v):
-            try:
-                ipaddress.ip_address(g)
-            except ValueError:
-                raise ValueError(f"gateway[{i}]: {g!r} is not an IP address") from None
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TunnelOptions:
-        table = StaticPeers([(p.prefix, p.remote, None) for p in self.peers])
-        local = ipaddress.ip_address(parse_endpoint(self.local, "local")[0])
-        for peer in table.peers():
-            if ipaddress.ip_address(peer.remote[0]).version != local.version:
-                raise ValueError(f"peers: remote {peer.name} is not of the family of local "
-                                 f"{self.local}")
-        have = {ipaddress.ip_address(g).version for g in self.gateway}
-        for v in table.families() - have:
-            raise ValueError(f"gateway: no IPv{v} address, needed for the IPv{v} peer prefixes "
-                             "(ICMP errors come from it)")
-        if self.mtu is not None and self.mtu < 1280 and 6 in table.families():
-            raise ValueError("mtu: IPv6 needs at least 1280")
-        return self
 
 
 class Tunnel(Service):
     name = "tunnel"
     summary = "carry traffic for other sites' subnets over VXLAN, bypassing the routers"
     Options = TunnelOptions
+    tunable = frozenset(TunnelOptions.model_fields) - {"local"}
 
     options: TunnelOptions
 
     def __init__(self, options: TunnelOptions, ctx: ServiceContext):
         super().__init__(options, ctx)
-        o = options
+        self.local = parse_endpoint(options.local, "local")
+        self.sock: DatagramSocket | None = None
+        self.hosts = LocalHosts(None)
+        self.resolver = Resolver(options.max_neighbors, options.learn_timeout_s)
+        self._configure(options)
+
+    def _configure(self, o: TunnelOptions) -> None:
+        """The state the options decide (at start and at each retune; cannot fail, the
+        options were validated)."""
+        old = {p.remote: p for p in getattr(self, "peers", StaticPeers([])).peers()}
         self.peers = StaticPeers([(p.prefix, p.remote, None if p.mac is None else
                                    mac_bytes(p.mac)) for p in o.peers])
-        self.local = parse_endpoint(o.local, "local")
-        v6_underlay = ":" in self.local[0]
-        self.mtu = o.mtu or (1430 if v6_underlay else 1450)
+        for peer in self.peers.peers():  # a peer that stays keeps its counters
+            if (was := old.get(peer.remote)) is not None:
+                for key in ("encapsulated", "encapsulated_bytes", "decapsulated",
+                            "decapsulated_bytes", "send_failed"):
+                    setattr(peer, key, getattr(was, key))
+        self.mtu = o.mtu or (1430 if ":" in self.local[0] else 1450)
         self.mss = {4: self.mtu - 40, 6: self.mtu - 60}
         gw = [ipaddress.ip_address(g) for g in o.gateway]
         self.gateway_ip = {v: next((a.packed for a in gw if a.version == v), None)
                            for v in (4, 6)}
         self.gateway_ips = {a.packed for a in gw}
         fixed = o.gateway_mac or (DEFAULT_GATEWAY_MAC if o.answer_arp else None)
-        self.hosts = LocalHosts(None if fixed is None else mac_bytes(fixed))
-        self.resolver = Resolver(o.max_neighbors, o.learn_timeout_s)
+        hosts = LocalHosts(None if fixed is None else mac_bytes(fixed))
+        hosts.macs = self.hosts.macs
+        if fixed is None and self.hosts.fixed_gateway is False:
+            hosts.gateway_mac = self.hosts.gateway_mac  # what was learnt stays
+        self.hosts = hosts
+        r = self.resolver
+        if (r.macs.max_entries, r.macs.timeout) != (o.max_neighbors, o.learn_timeout_s):
+            self.resolver = Resolver(o.max_neighbors, o.learn_timeout_s)
+            self.resolver.dropped = r.dropped + sum(len(w.frames) for w in r.waiting.values())
         self.header = wire.vxlan_header(o.vni)
-        self.sock: DatagramSocket | None = None
         self.routes: dict[bytes, Peer | None] = {}  # destination -> peer (cache)
 
     # -- hooks ------------------------------------------------------------------------
@@ -182,6 +127,14 @@ class Tunnel(Service):
     def start(self, now: float) -> None:
         host, port = self.local
         self.sock = self.ctx.open_datagram(DatagramRequest(host, port), self.on_datagram)
+
+    def retune(self, options: TunnelOptions, now: float) -> None:
+        """Every option but ``local`` changes at run time (``vtl ctl NAME set`` or a
+        reload): the socket stays, learnt addresses stay (unless the table's bounds
+        changed), peers that stay keep their counters."""
+        self._configure(options)
+        self.options = options
+        self._count_unresolved()
 
     def stop(self, now: float) -> None:
         if self.sock is not None:

@@ -409,3 +409,21 @@ def test_neighbour_answers_go_by_destination_and_link_local_probes_are_answered_
     back = sent(h)[-1][0]
     assert back[ICMPv6ND_NA].tgt == A6 and back[IPv6].dst == "fe80::1" and back.src == VM_A
     assert h.extra("spoofed") == 0 and h.extra("nd_answered") == 2
+
+
+def test_every_option_but_local_changes_at_run_time() -> None:
+    h = harness()
+    h.send(to_b(), UP)
+    resolve_b(h)
+    sock = h.ctx.datagrams[0]
+    assert "local" not in Tunnel.tunable and "peers" in Tunnel.tunable
+    new = Tunnel.Options(**{**OPTS, "mtu": 1400, "peers": OPTS["peers"] + [
+        {"prefix": "10.70.0.0/16", "remote": "10.63.0.3"}]})
+    h.service.retune(new, 1.0)
+    assert h.ctx.datagrams == [sock] and not sock.closed  # the socket stays
+    assert h.service.peers.route(4, bytes([10, 70, 1, 1])).remote == ("10.63.0.3", 4789)
+    assert h.service.peers.by_source("10.63.0.2").encapsulated == 2  # counters kept
+    h.send(to_b(b"z" * 1380, flags="DF"), UP, now=1.1)  # 1420 bytes: now too big
+    assert Ether(bytes(h.emitted(DOWN)[-1].data))[ICMP].nexthopmtu == 1400
+    h.send(to_b(), UP, now=1.2)
+    assert sent(h)[-1][0].dst == VM_B  # learnt MACs stay
