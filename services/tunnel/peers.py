@@ -43,11 +43,6 @@ class Peer:
         h = f"[{host}]" if ":" in host else host
         return h if port == VXLAN_PORT else f"{h}:{port}"
 
-    def holds(self, version: int, addr: bytes) -> bool:
-        """True if ``addr`` (4 or 16 bytes) is in one of this peer's prefixes."""
-        ip = ipaddress.ip_address(addr)
-        return any(p.version == version and ip in p for p in self.prefixes)
-
     def report(self) -> dict[str, object]:
         return {"remote": self.name, "prefixes": [str(p) for p in self.prefixes],
                 "encapsulated": self.encapsulated, "encapsulated_bytes": self.encapsulated_bytes,

@@ -90,12 +90,13 @@ class Tunnel(Service):
         self.sock: DatagramSocket | None = None
         self.hosts = LocalHosts(None)
         self.resolver = Resolver(options.max_neighbors, options.learn_timeout_s)
+        self.peers = StaticPeers([])
         self._configure(options)
 
     def _configure(self, o: TunnelOptions) -> None:
         """The state the options decide (at start and at each retune; cannot fail, the
         options were validated)."""
-        old = {p.remote: p for p in getattr(self, "peers", StaticPeers([])).peers()}
+        old = {p.remote: p for p in self.peers.peers()}
         self.peers = StaticPeers([(p.prefix, p.remote, None if p.mac is None else
                                    mac_bytes(p.mac)) for p in o.peers])
         for peer in self.peers.peers():  # a peer that stays keeps its counters
@@ -296,7 +297,8 @@ class Tunnel(Service):
         """Ask the far side for ``dst``'s MAC, as the guest that sent ``frame``."""
         data = frame.data
         if version == 4:
-            req = wire.arp_request(bytes(data[6:12]), bytes(data[26:30]), dst)
+            # asked as the guest, so the answer comes to the guest's MAC
+            req = build.arp_request(bytes(data[6:12]), bytes(data[26:30]), dst)
         else:
             req = wire.neighbor_solicitation(bytes(data[6:12]), bytes(data[22:38]), dst)
         self.ctx.count("resolve_sent")

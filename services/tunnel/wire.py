@@ -7,8 +7,8 @@
 - In-place edits of an untagged IPv4/IPv6 frame, with incremental checksum
   updates (RFC 1624): the TTL / hop-limit decrement a bypassed router would
   make, and the MSS clamp of a TCP SYN.
-- The ARP request and IPv6 neighbour solicitation sent through the tunnel to
-  resolve a remote VM's MAC.
+- The IPv6 neighbour solicitation sent through the tunnel to resolve a remote VM's
+  MAC (the ARP request is :func:`vtl.packet.build.arp_request`).
 """
 
 from __future__ import annotations
@@ -86,11 +86,6 @@ def clamp_mss(data: bytearray, tcp_off: int, mss: int) -> bool:
             return True
         i += n
     return False
-
-
-def arp_request(src_mac: bytes, src_ip: bytes, target_ip: bytes) -> bytearray:
-    """Who-has ``target_ip``, asked as the guest (so the answer comes to the guest's MAC)."""
-    return build.arp_request(src_mac, src_ip, target_ip)
 
 
 def neighbor_solicitation(src_mac: bytes, src_ip: bytes, target: bytes) -> bytearray:

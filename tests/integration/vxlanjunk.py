@@ -22,6 +22,8 @@ import struct
 import sys
 from collections.abc import Callable
 
+from vtl.packet.checksum import checksum
+
 PORT = 4789
 VNI = 42
 MARKER = b"VTLJUNK-0123456789"
@@ -29,15 +31,6 @@ VM_A_MAC = bytes.fromhex("0200003d010a")
 VM_B_MAC = bytes.fromhex("0200003e0214")
 VM_A, VM_B = socket.inet_aton("10.61.1.10"), socket.inet_aton("10.62.2.20")
 VM_A6 = socket.inet_pton(socket.AF_INET6, "fd61::10")
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def vxlan(vni: int = VNI, flags: int = 0x08) -> bytes:

@@ -16,6 +16,8 @@ import subprocess
 import time
 from collections.abc import Iterator
 
+from vtl.packet.checksum import checksum
+
 ETH = struct.Struct("!6s6sH")
 ARP = struct.Struct("!HHBBH6s4s6s4s")
 VNET_LEN = 10
@@ -69,15 +71,6 @@ def veth_into(ns: str, addr: str) -> Iterator[tuple[str, str]]:
 
 def mac_bytes(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def parse_arp(frame: bytes) -> tuple[int, bytes, bytes, bytes, bytes] | None:
