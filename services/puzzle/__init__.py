@@ -1,0 +1,1 @@
+"""The ``puzzle`` service (IP puzzles): its wire formats and cryptography so far."""
