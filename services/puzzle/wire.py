@@ -352,7 +352,7 @@ def syn_without_ack(buf: bytearray, l3: int) -> bool:
     """Is the IPv4 packet at ``l3`` a first-fragment TCP SYN without ACK? (The server's
     default ``require``; any frame it says False to needs no check.) Never raises."""
     try:
-        if buf[l3 + 9] != 6 or ((buf[l3 + 6] << 8) | buf[l3 + 7]) & 0x1FFF:
+        if buf[l3 + 9] != 6 or buf[l3 + 6] & 0x1F or buf[l3 + 7]:
             return False
         return buf[l3 + ((buf[l3] & 15) << 2) + 13] & 0x12 == 0x02
     except IndexError:
