@@ -8,13 +8,17 @@ the same run on the same namespaces:
 
 1. ``empty``: both bridges with an empty chain; VM-A's packets take the routed
    slow path (VM-A -> bridge A -> router A -> router B -> bridge B -> VM-B);
-2. ``tunnel``: both bridges with the ``tunnel`` service (VXLAN over the fast path);
-3. ``kernel``: no VTL; each VM's eth0 (MTU 1450) is a veth into a kernel bridge
+2. ``tunnel``: both bridges with the ``tunnel`` service (VXLAN over the fast path)
+   and its default ``datapath = "kernel"`` (the bridge's vxlan device encapsulates
+   and segments whole GSO frames);
+3. ``socket``: the same with ``datapath = "socket"`` (the service encapsulates each
+   segment and sends it through a UDP socket);
+4. ``kernel``: no VTL; each VM's eth0 (MTU 1450) is a veth into a kernel bridge
    with a Linux ``vxlan`` device over the fast path (the kernel's own VXLAN).
 
 For each: iperf3 TCP throughput VM-A -> VM-B and VM-B -> VM-A (``-R``), and the
-ping RTT median; medians of ``--repeat`` runs. Closing rows: tunnel/empty and
-tunnel/kernel (issue 14's goal: at least 0.5 and 0.3 for TCP). Needs root;
+ping RTT median; medians of ``--repeat`` runs. Ratio columns: tunnel/empty and
+tunnel/kernel (issue 14's goal: at least 0.5 and 0.3 for TCP), socket/empty. Needs root;
 removes everything it made.
 
 With ``--guest-offloads off`` the bridges' guest TAPs are opened without virtio-net
@@ -23,7 +27,7 @@ their TCP themselves and VTL sees only wire-size frames (the alternative to
 cutting GSO frames in Python before encapsulation).
 
     .venv/bin/python benchmarks/tunnel.py [--seconds 5] [--repeat 3] [--ipv6]
-        [--guest-offloads on|off]
+        [--guest-offloads on|off] [--configs empty,tunnel,socket,kernel]
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from tunnelnet import VM_B, VM_B6, TunnelNet, open_sites  # noqa: E402
 from vtl.bridge.topology import parse_ping_rtts, require_root  # noqa: E402
 
 PORT = 5301
-CONFIGS = ("empty", "tunnel", "kernel")
+CONFIGS = ("empty", "tunnel", "socket", "kernel")
 
 
 def iperf_tcp(net: TunnelNet, dest: str, seconds: int, reverse: bool) -> float:
@@ -70,7 +74,8 @@ def setup(net: TunnelNet, config: str) -> None:
         net.kernel_vxlan("b")
         net.warm_up()
     else:
-        net.chains(tunnel=config == "tunnel")
+        net.chains(tunnel=config != "empty",
+                   **({"datapath": "socket"} if config == "socket" else {}))
 
 
 def measure(net: TunnelNet, config: str, seconds: int, repeat: int,
@@ -91,7 +96,7 @@ def measure(net: TunnelNet, config: str, seconds: int, repeat: int,
                 runs.setdefault("rtt" + suffix, []).append(ping_median_us(net, dest))
     finally:
         net.topo.stop_proc(server)
-    if config == "tunnel":
+    if config in ("tunnel", "socket"):
         tunnel = net.counters("a")["services"]["tunnel"]
         print(f"  bridge A's tunnel: segmented={tunnel.get('segmented', 0)} "
               f"mss_clamped={tunnel.get('mss_clamped', 0)} "
@@ -130,25 +135,34 @@ def main() -> None:
     ap.add_argument("--guest-offloads", choices=("on", "off"), default="on",
                     help="off: the guest TAPs without virtio-net headers (vnet_hdr = false), "
                          "so the VMs' kernels segment and checksum; default on")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="which of empty,tunnel,socket,kernel to measure (default: all)")
     args = ap.parse_args()
+    configs = [c for c in CONFIGS if c in args.configs.split(",")]
     require_root("the benchmark")
     if args.guest_offloads == "off":
         guest_offloads_off()
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp, \
             open_sites(Path(tmp), wan_delay_ms=0, fast_tx_csum=True) as net:
-        for config in CONFIGS:
+        for config in configs:
             print(f"measuring {config}...", file=sys.stderr)
             results[config] = measure(net, config, args.seconds, args.repeat, args.ipv6)
-    e, t, k = (results[c] for c in CONFIGS)
-    print(f"\n{'measure':38} {'empty/routed':>12} {'tunnel':>8} {'kernel vxlan':>12} "
-          f"{'tun/empty':>9} {'tun/kernel':>10}")
+    nan: dict[str, float] = {}
+    e, t, so, k = (results.get(c, nan) for c in CONFIGS)
+    cols = ("empty/routed", "tunnel", "socket", "kernel vxlan")
+    print(f"\n{'measure':38} " + " ".join(f"{c:>12}" for c in cols)
+          + f" {'tun/empty':>9} {'tun/kernel':>10} {'sock/empty':>10}")
+
+    def ratio(a: dict[str, float], b: dict[str, float], key: str) -> float:
+        return a[key] / b[key] if a.get(key) and b.get(key) else float("nan")
+
     for key, label in ROWS:
-        if key not in t:
+        if not any(key in r for r in results.values()):
             continue
-        ratios = [t[key] / ref[key] if ref[key] else float("nan") for ref in (e, k)]
-        print(f"{label:38} {e[key]:12.2f} {t[key]:8.2f} {k[key]:12.2f} "
-              f"{ratios[0]:9.2f} {ratios[1]:10.2f}")
+        vals = " ".join(f"{r.get(key, float('nan')):12.2f}" for r in (e, t, so, k))
+        print(f"{label:38} {vals} {ratio(t, e, key):9.2f} {ratio(t, k, key):10.2f} "
+              f"{ratio(so, e, key):10.2f}")
     print(f"\n(median of {args.repeat} runs of {args.seconds} s each; {os.cpu_count()} CPUs; "
           f"guest TAP offloads {args.guest_offloads}; no WAN delay; higher is better except "
           "RTT. Goal of issue 14: tunnel at least 0.5 of the empty chain and 0.3 of the "

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from vtl.bridge.config import ServiceSpec
 from vtl.bridge.filter import MatchFilter
@@ -60,6 +60,7 @@ from vtl.stream import (
     StreamHandler,
     StreamRequest,
 )
+from vtl.vxlan import FrameHandler, VxlanLink, VxlanRequest
 
 TO_UPLINK = Direction.TO_UPLINK
 TO_GUEST = Direction.TO_GUEST
@@ -152,18 +153,28 @@ class SlotContext:
                       ) -> DatagramSocket:
         """A UDP socket of the host through the bridge (see :mod:`vtl.datagram`); it closes
         at chain stop. A handler that raises is counted like a service error."""
-        factory = self._chain.open_datagram
+        return self._open(self._chain.open_datagram, "open_datagram", request, handler)
+
+    def open_vxlan(self, request: VxlanRequest, handler: FrameHandler) -> VxlanLink:
+        """A kernel VXLAN link through the bridge (see :mod:`vtl.vxlan`); it is removed
+        at chain stop. A handler that raises is counted like a service error."""
+        return self._open(self._chain.open_vxlan, "open_vxlan", request, handler)
+
+    def _open(self, factory: Callable[..., Any] | None, what: str, request: object,
+              handler: Callable[..., None]) -> Any:
+        """A resource from the bridge's ``factory`` whose ``handler`` runs under the chain
+        lock; a handler that raises counts against the slot's failure policy."""
         if factory is None:
-            raise LocalProtocolError(f"{self.name}: open_datagram() needs a bridge; this "
-                                     "chain has none (set chain.open_datagram)")
+            raise LocalProtocolError(f"{self.name}: {what}() needs a bridge; this chain has "
+                                     f"none (set chain.{what})")
 
         def on_error(now: float) -> None:
             if self.slot is not None:  # the slot, not its index: a reload may move it
-                self.slot.failed("datagram handler", now)
+                self.slot.failed(f"{what} handler", now)
 
-        sock = factory(request, handler, on_error, self.log)
-        self.resources.append(sock)
-        return sock
+        resource = factory(request, handler, on_error, self.log)
+        self.resources.append(resource)
+        return resource
 
     def pin_mac(self, mac: bytes, until: float | None) -> None:
         """Keep frames for the guest ``mac`` deliverable until ``until`` (see
@@ -258,6 +269,10 @@ class Chain:
         self.open_datagram: Callable[[DatagramRequest, DatagramHandler,
                                       Callable[[float], None], logging.Logger],
                                      DatagramSocket] | None = None
+        #: creates a kernel VXLAN link for a service: (request, handler, on_error(now),
+        #: log) -> VxlanLink; its handler runs under the chain lock (the bridge)
+        self.open_vxlan: Callable[[VxlanRequest, FrameHandler, Callable[[float], None],
+                                   logging.Logger], VxlanLink] | None = None
         #: keeps a guest MAC deliverable (ctx.pin_mac): (mac, until) -> None (the bridge)
         self.pin_mac: Callable[[bytes, float | None], None] | None = None
         self.log = log

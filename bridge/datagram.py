@@ -382,42 +382,65 @@ def _show(addr: Address) -> str:
 
 # -- the bridge's factory --------------------------------------------------------------------
 
+def run_locked(lock: threading.Lock, started: Callable[[], bool],
+               after_external: Callable[[float], Any], send_output: Callable[[Any], None],
+               closed: Callable[[], bool], work: Callable[[float], None]) -> bool:
+    """Run ``work(now)`` for a reader thread of the bridge (a service's socket or link)
+    as a forwarding thread runs ``process``: with the chain ``lock`` held while
+    ``started()``, then ``after_external(now)`` walks what it emitted and re-arms the
+    timers, and ``send_output`` writes that to the ports once the lock is released. The
+    lock is waited for in short slices, so a ``closed()`` resource gives up at once
+    (closed by someone holding the lock). Returns False once ``closed()``."""
+    while not lock.acquire(timeout=_LOCK_SLICE):
+        if closed():
+            return False
+    try:
+        if not started():
+            return not closed()
+        now = time.monotonic()
+        work(now)
+        output = after_external(now)
+    finally:
+        lock.release()
+    send_output(output)
+    return not closed()
+
+
+def batch_runner(lock: threading.Lock, started: Callable[[], bool],
+                 after_external: Callable[[float], Any], send_output: Callable[[Any], None],
+                 closed: Callable[[], bool], handler: Callable[..., None],
+                 on_error: ErrorHandler) -> Callable[[Sequence[tuple[Any, ...]]], bool]:
+    """``deliver(batch)`` for a reader thread: ``handler(*item, now)`` for each item of
+    the batch through :func:`run_locked` (``on_error(now)`` when it raises; nothing more
+    once ``closed()``); False once ``closed()``."""
+
+    def deliver(batch: Sequence[tuple[Any, ...]]) -> bool:
+        def work(now: float) -> None:
+            for item in batch:
+                if closed():
+                    break
+                try:
+                    handler(*item, now)
+                except Exception:  # noqa: BLE001 - the slot's failure policy counts it
+                    on_error(now)
+
+        return run_locked(lock, started, after_external, send_output, closed, work)
+
+    return deliver
+
+
 def opener(lock: threading.Lock, started: Callable[[], bool],
            after_external: Callable[[float], Any], send_output: Callable[[Any], None]
            ) -> Callable[[DatagramRequest, DatagramHandler, ErrorHandler, logging.Logger],
                          DatagramEndpoint]:
     """``chain.open_datagram`` for a bridge: binds an endpoint whose datagrams are handed
-    to ``handler`` with the chain ``lock`` held while ``started()`` (``on_error(now)``
-    when it raises); then ``after_external(now)`` walks what the handlers emitted,
-    re-arms the timers and returns the output, which ``send_output`` writes to the
-    ports once the lock is released (the engine's methods of those names)."""
+    to ``handler`` through :func:`batch_runner`."""
 
     def open_datagram(request: DatagramRequest, handler: DatagramHandler,
                       on_error: ErrorHandler, log: logging.Logger) -> DatagramEndpoint:
-
-        def deliver(batch: Batch) -> bool:
-            """Run the handlers on ``batch``; False once the endpoint was closed."""
-            while not lock.acquire(timeout=_LOCK_SLICE):
-                if endpoint.closed:  # closed by someone holding the chain lock
-                    return False
-            try:
-                if not started():
-                    return not endpoint.closed
-                now = time.monotonic()
-                for data, source in batch:
-                    if endpoint.closed:
-                        break
-                    try:
-                        handler(data, source, now)
-                    except Exception:  # noqa: BLE001 - the slot's failure policy counts it
-                        on_error(now)
-                output = after_external(now)
-            finally:
-                lock.release()
-            send_output(output)
-            return not endpoint.closed
-
-        endpoint = DatagramEndpoint(request, deliver, log)
+        endpoint = DatagramEndpoint(request, lambda batch: deliver(batch), log)
+        deliver = batch_runner(lock, started, after_external, send_output,
+                               lambda: endpoint.closed, handler, on_error)
         endpoint.start()
         return endpoint
 

@@ -57,7 +57,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vtl.bridge import datagram, reconfig
+from vtl.bridge import datagram, reconfig, vxlan
 from vtl.bridge.chain import Chain
 from vtl.bridge.config import BridgeConfig
 from vtl.bridge.egress import EgressPolicy
@@ -161,6 +161,8 @@ class Bridge:
             self.chain.streams = self.streams
             self.chain.watch_qmp = self._watch_qmp
             self.chain.open_datagram = datagram.opener(
+                self._lock, lambda: self._started, self._after_external, self._send_output)
+            self.chain.open_vxlan = vxlan.opener(
                 self._lock, lambda: self._started, self._after_external, self._send_output)
             self.chain.pin_mac = self._pin_mac
             self.streams.start()
@@ -552,6 +554,9 @@ class Bridge:
             }
             streams = self.streams.snapshot() if self.streams is not None else {}
             datagrams = datagram.snapshot(self.chain)
+            links = vxlan.links(self.chain)
+        for key, link in links.items():  # runs nft: not under the chain lock
+            datagrams[key] = {**link.counters(), **link.filter_counters()}
         return {
             "bridge": {**self.counters.as_dict(), "macs": len(self.macs)},
             "ports": {p.role: _port_counters(p) for p in (self.guest, self.uplink)},

@@ -42,6 +42,7 @@ from vtl.stream import (
     StreamHandler,
     StreamRequest,
 )
+from vtl.vxlan import FrameHandler, VxlanLink, VxlanRequest
 
 FailPolicy = Literal["open", "closed"]
 
@@ -169,6 +170,13 @@ class ServiceContext(Protocol):
         under the chain lock; ``send(parts, dest)`` on the handle sends without blocking.
         Raises :class:`~vtl.errors.SetupError` when the address cannot be bound; the
         socket closes at chain stop."""
+
+    def open_vxlan(self, request: VxlanRequest, handler: FrameHandler) -> VxlanLink:
+        """Create a kernel VXLAN device for the service (see :mod:`vtl.vxlan`):
+        ``send(frame, remote)`` on the handle hands a frame to the kernel, which
+        encapsulates and segments it; ``handler(frame, now)`` gets the decapsulated
+        frames under the chain lock. Raises :class:`~vtl.errors.SetupError` when the
+        device or its filter cannot be made; removed at chain stop."""
 
 
 class Service:

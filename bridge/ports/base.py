@@ -89,7 +89,7 @@ class Port(abc.ABC):
     counters: PortCounters
 
     def __init__(self, role: str, ifname: str, vnet: bool, mtu: int = 1500):
-        if role not in ("guest", "uplink"):
+        if role not in ("guest", "uplink", "link"):  # link: a service's (vtl.bridge.vxlan)
             raise ValueError(f"port role must be 'guest' or 'uplink', not {role!r}")
         self.role = role
         self.ifname = ifname

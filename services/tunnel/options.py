@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from vtl.services.tunnel.peers import StaticPeers, parse_endpoint
@@ -48,6 +49,10 @@ class TunnelOptions(ServiceOptions):
                                                                      "at most")
     ttl_decrement: bool = Field(True, description="decrement the TTL / hop limit as the "
                                                   "bypassed router would")
+    datapath: Literal["kernel", "socket"] = Field(
+        "kernel", description="who encapsulates: the host kernel's vxlan device, which the "
+                              "bridge creates (fast: GSO frames whole; needs nft), or a UDP "
+                              "socket and the service itself")
     mtu: int | None = Field(None, ge=576, le=65000, description="tunnel MTU (largest inner "
                                                                "IP packet); default 1450, "
                                                                "1430 over IPv6")
@@ -80,6 +85,13 @@ class TunnelOptions(ServiceOptions):
         for v in table.families() - have:
             raise ValueError(f"gateway: no IPv{v} address, needed for the IPv{v} peer prefixes "
                              "(ICMP errors come from it)")
+        if self.datapath == "kernel":
+            port = parse_endpoint(self.local, "local")[1]
+            for peer in table.peers():
+                if peer.remote[1] != port:
+                    raise ValueError(f"peers: remote {peer.name}: the kernel datapath sends "
+                                     f"to one UDP port, local's ({port}); use datapath = "
+                                     '"socket" for peers on other ports')
         if self.mtu is not None and self.mtu < 1280 and 6 in table.families():
             raise ValueError("mtu: IPv6 needs at least 1280")
         return self

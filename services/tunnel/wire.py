@@ -57,9 +57,11 @@ def decrement_ttl(data: bytearray, version: int) -> bool:
     return True
 
 
-def clamp_mss(data: bytearray, tcp_off: int, mss: int) -> bool:
+def clamp_mss(data: bytearray, tcp_off: int, mss: int, partial: bool = False) -> bool:
     """Lower the MSS option of the TCP SYN at ``tcp_off`` to ``mss``, fixing the TCP
-    checksum; True if it was changed. A SYN without the option is left alone."""
+    checksum (unless ``partial``: a checksum the kernel completes later holds only the
+    pseudo-header's sum, which the option does not change); True if it was changed. A
+    SYN without the option is left alone."""
     if len(data) < tcp_off + 20 or not data[tcp_off + 13] & TCP_SYN:
         return False
     end = min(len(data), tcp_off + ((data[tcp_off + 12] >> 4) << 2))
@@ -81,6 +83,8 @@ def clamp_mss(data: bytearray, tcp_off: int, mss: int) -> bool:
             if old <= mss:
                 return False
             data[i + 2:i + 4] = mss.to_bytes(2, "big")
+            if partial:
+                return True
             c = int.from_bytes(data[tcp_off + 16:tcp_off + 18], "big")
             data[tcp_off + 16:tcp_off + 18] = csum_replace16(c, old, mss).to_bytes(2, "big")
             return True
@@ -95,3 +99,21 @@ def neighbor_solicitation(src_mac: bytes, src_ip: bytes, target: bytes) -> bytea
     mac = b"\x33\x33" + group[12:]
     body = struct.pack("!BBHI", 135, 0, 0, 0) + target + bytes((1, 1)) + src_mac
     return build.ip_frame(src_mac, mac, src_ip, group, 58, body, 2, ttl=255)
+
+
+def is_link_local(addr: bytes | bytearray) -> bool:
+    """Is the IPv6 address starting with these bytes link-local (fe80::/10)?"""
+    return addr[0] == 0xFE and addr[1] & 0xC0 == 0x80
+
+
+def lladdr_option(data: bytearray, kind: int) -> bytes | None:
+    """The link-layer address option ``kind`` (1 source, 2 target) of an untagged NS/NA."""
+    i, end = 78, len(data)
+    while i + 8 <= end:
+        t, n = data[i], data[i + 1] * 8
+        if n == 0:
+            return None
+        if t == kind and n >= 8:
+            return bytes(data[i + 2:i + 8])
+        i += n
+    return None

@@ -32,7 +32,7 @@ VM_B = "52:54:00:00:0b:14"
 A_IP, B_IP, GW_A = "10.61.1.10", "10.62.2.20", "10.61.1.1"
 A6, B6, GW_A6 = "fd61::10", "fd62::20", "fd61::1"
 PEER = ("10.63.0.2", 4789)
-OPTS = {"local": "10.63.0.1", "vni": 42, "gateway": [GW_A, GW_A6],
+OPTS = {"local": "10.63.0.1", "vni": 42, "gateway": [GW_A, GW_A6], "datapath": "socket",
         "peers": [{"prefix": "10.62.2.0/24", "remote": "10.63.0.2"},
                   {"prefix": "fd62::/64", "remote": "10.63.0.2"}]}
 
@@ -310,6 +310,7 @@ def test_two_sites_talk_through_their_services() -> None:
     """Site A's and site B's services wired datagram to datagram: a round trip."""
     a = harness()
     b = ServiceHarness(Tunnel, {"local": "10.63.0.2", "vni": 42, "gateway": ["10.62.2.1"],
+                                "datapath": "socket",
                                 "peers": [{"prefix": "10.61.1.0/24", "remote": "10.63.0.1"}]})
     b.start(0.0)
 

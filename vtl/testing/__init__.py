@@ -13,7 +13,8 @@ that records what it asked for, and by playing the bridge's part by hand.
   holds ``(frame, direction)`` in order (``emitted_at`` the clock at each),
   ``streams`` a :class:`FakeStream` per ``open_stream``, ``listeners`` a
   :class:`FakeListener` per ``listen_streams``, ``datagrams`` a
-  :class:`FakeDatagramSocket` per ``open_datagram``, ``sinks``/``files`` what
+  :class:`FakeDatagramSocket` per ``open_datagram``, ``links`` a
+  :class:`FakeVxlanLink` per ``open_vxlan``, ``sinks``/``files`` what
   ``open_pcap``/``open_file`` gave. ``ctx.now`` is the clock the fakes use when
   they call the service back (stream events).
 - :class:`FakeStream` records what the service does with a stream (``written``,
@@ -56,6 +57,7 @@ from vtl.testing.fakes import (
     FakeListener,
     FakeOffer,
     FakeStream,
+    FakeVxlanLink,
     FakeWatch,
     MemorySink,
     ScapySink,
@@ -67,7 +69,8 @@ from vtl.testing.fakes import (
 from vtl.testing.harness import Out, ServiceHarness, as_frame, call_report
 
 __all__ = [
-    "FakeContext", "FakeDatagramSocket", "FakeListener", "FakeOffer", "FakeStream", "FakeWatch",
+    "FakeContext", "FakeDatagramSocket", "FakeListener", "FakeOffer", "FakeStream", "FakeVxlanLink",
+    "FakeWatch",
     "MemorySink", "Out",
     "ScapySink",
     "ServiceHarness", "as_frame", "call_report", "run_timers", "tag_of", "tagged_frame",
