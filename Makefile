@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := libpcap-dev libudt-dev iproute2 iputils-ping iperf3 curl tcpdump tshark \
 	dante-server dnsmasq-base netcat-openbsd ethtool procps gcc g++ make python3-dev python3-venv \
-	qemu-system-x86 busybox-static traceroute iputils-tracepath
+	qemu-system-x86 busybox-static traceroute iputils-tracepath nftables
 PYTEST_ARGS ?=
 
 .PHONY: all setup system-deps guest demo test lint bench clean
