@@ -14,11 +14,15 @@ on it with the virtio-net header (:class:`~vtl.bridge.ports.packet.PacketPort`):
   It learns nothing itself: the service decides. A device of that name left
   behind by a bridge that was killed is removed first.
 - **The filter**: an nftables table ``inet vtl_vtlvx<VNI>`` with one input chain
-  ahead of the kernel's UDP delivery drops, and counts in named counters,
-  datagrams to ``LOCAL:PORT`` that come from an address outside the set of
-  remotes (``unknown_peer``), lack the I flag (``bad_flags``) or carry another
-  VNI (``bad_vni``). The set is replaced in one transaction when the service's
-  peers change. It needs the ``nft`` program (Debian's ``nftables``).
+  ahead of the kernel's UDP delivery, with named counters. It drops datagrams to
+  ``LOCAL:PORT`` without the I flag (``bad_flags``), and datagrams of this VNI to
+  ``PORT`` on *any* address of the host from an address outside the set of remotes
+  (``unknown_peer``): the kernel's vxlan socket is bound to the wildcard address,
+  so the device would take them from any local address. It counts datagrams to
+  ``LOCAL:PORT`` of another VNI (``bad_vni``) and leaves them to the kernel, which
+  drops them unless another vxlan device of the host has that VNI. The set is
+  replaced in one transaction when the service's peers change. It needs the
+  ``nft`` program (Debian's ``nftables``).
 - **The port** reads the inner frames the kernel decapsulated, coalesced by the
   device's GRO into frames of up to 64 KB, in a reader thread of its own, and
   hands each batch to ``deliver`` (the bridge runs the handler under the chain
@@ -238,17 +242,22 @@ class VxlanEndpoint:
             return (f"flush set inet {self.table} peers\n" +
                     (f"add element inet {self.table} peers {{ {', '.join(self.remotes)} }}\n"
                      if self.remotes else ""))
-        match = f"{ip} daddr {req.local} udp dport {req.port}"
-        return f"""table inet {self.table} {{
+        here = f"{ip} daddr {req.local} udp dport {req.port}"
+        ours = f"udp dport {req.port} @th,96,24 == {req.vni}"
+        # "table; delete table; table {...}": one transaction that also replaces a table
+        # a killed bridge left behind
+        return f"""table inet {self.table}
+delete table inet {self.table}
+table inet {self.table} {{
   counter unknown_peer {{}}
   counter bad_flags {{}}
   counter bad_vni {{}}
   set peers {{ type {kind};{elements} }}
   chain input {{
     type filter hook input priority -150; policy accept;
-    {match} {ip} saddr != @peers counter name "unknown_peer" drop
-    {match} @th,64,8 & 0x08 != 0x08 counter name "bad_flags" drop
-    {match} @th,96,24 != {req.vni} counter name "bad_vni" drop
+    {here} @th,64,8 & 0x08 != 0x08 counter name "bad_flags" drop
+    {ours} {ip} saddr != @peers counter name "unknown_peer" drop
+    {here} @th,96,24 != {req.vni} counter name "bad_vni"
   }}
 }}
 """

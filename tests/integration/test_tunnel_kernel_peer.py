@@ -25,10 +25,11 @@ pytestmark = pytest.mark.integration
 MB = 1_000_000
 
 
-@pytest.fixture
-def kpeer(root: None, tmp_path: Path) -> Iterator[TunnelNet]:
+@pytest.fixture(params=["kernel", "socket"])
+def kpeer(root: None, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TunnelNet]:
+    """Bridge A with either datapath (the socket one is the service's own VXLAN)."""
     with open_sites(tmp_path, wan_delay_ms=0) as net:
-        net.start("a", [tunnel_service("a")])
+        net.start("a", [tunnel_service("a", datapath=request.param)])
         net.kernel_vxlan("b")
         net.warm_up()
         yield net

@@ -3,7 +3,8 @@
 The topology is :mod:`tunnelnet` (two subnets behind two routers whose WAN link
 has 5 ms each way; the bridge hosts share a fast-path link). Without the
 service, VM-A reaches VM-B through both routers; with ``tunnel`` on both
-bridges the frames cross the fast path as VXLAN and no router sees them. One
+bridges the frames cross the fast path as VXLAN and no router sees them (with
+either datapath: the kernel's vxlan device or the service's own socket). One
 topology serves the whole module; each test asks for the chains it needs
 (:meth:`TunnelNet.chains` restarts the bridges only when they change).
 """
@@ -43,6 +44,8 @@ pytestmark = pytest.mark.integration
 
 MB = 1_000_000
 WAN_DELAY_MS = 5.0
+# the kernel's vxlan device (the default) and the service's own encapsulation
+DATAPATHS = pytest.mark.parametrize("datapath", ["kernel", "socket"])
 ROUTER_LINKS = [("ra", "lan"), ("ra", "wan"), ("rb", "lan"), ("rb", "wan")]
 
 
@@ -105,8 +108,10 @@ def test_with_the_service_one_hop_and_the_routers_see_nothing(sites: TunnelNet) 
     assert peer["encapsulated"] > 0 and peer["decapsulated"] > 0, peer
 
 
-def test_the_fast_path_carries_only_vxlan_that_tshark_decodes(sites: TunnelNet) -> None:
-    sites.chains(tunnel=True)
+@DATAPATHS
+def test_the_fast_path_carries_only_vxlan_that_tshark_decodes(sites: TunnelNet,
+                                                             datapath: str) -> None:
+    sites.chains(tunnel=True, datapath=datapath)
     ensure_http_server(sites, host=VM_B6)
     cap = sites.capture("ha", "fast", "fastpath")
     ping_rtts(sites, VM_B, 3)
@@ -144,8 +149,9 @@ def test_the_fast_path_carries_only_vxlan_that_tshark_decodes(sites: TunnelNet) 
     assert inner.get("ipv6:tcp") and inner.get("ipv6:icmpv6"), inner
 
 
-def test_200_mb_each_way_intact(sites: TunnelNet) -> None:
-    sites.chains(tunnel=True)
+@DATAPATHS
+def test_200_mb_each_way_intact(sites: TunnelNet, datapath: str) -> None:
+    sites.chains(tunnel=True, datapath=datapath)
     caps = [sites.capture(r, dev, f"bulk-{r}-{dev}", vm_pair_filter(), snaplen=96)
             for r, dev in ROUTER_LINKS]
     t0 = time.monotonic()
@@ -160,8 +166,9 @@ def test_200_mb_each_way_intact(sites: TunnelNet) -> None:
     assert all(not lines for lines in seen.values()), {k: v[:5] for k, v in seen.items()}
 
 
-def test_ipv6_20_mb_each_way_intact(sites: TunnelNet) -> None:
-    sites.chains(tunnel=True)
+@DATAPATHS
+def test_ipv6_20_mb_each_way_intact(sites: TunnelNet, datapath: str) -> None:
+    sites.chains(tunnel=True, datapath=datapath)
     caps = [sites.capture(r, dev, f"bulk6-{r}-{dev}", vm_pair_filter(), snaplen=96)
             for r, dev in ROUTER_LINKS]
     rtts6 = ping_rtts(sites, VM_B6)
@@ -174,8 +181,9 @@ def test_ipv6_20_mb_each_way_intact(sites: TunnelNet) -> None:
     assert all(not lines for lines in seen.values()), {k: v[:5] for k, v in seen.items()}
 
 
-def test_path_mtu_is_the_tunnel_mtu(sites: TunnelNet) -> None:
-    sites.chains(tunnel=True)
+@DATAPATHS
+def test_path_mtu_is_the_tunnel_mtu(sites: TunnelNet, datapath: str) -> None:
+    sites.chains(tunnel=True, datapath=datapath)
     for cmd in (["ip", "route", "flush", "cache"], ["ip", "-6", "route", "flush", "cache"]):
         sites.vm_a(cmd)
     payload = TUNNEL_MTU - 28
@@ -209,8 +217,9 @@ def syn_mss(net: TunnelNet, role: str, name: str, dests: list[tuple[str, int]]) 
                          "tcp.flags.syn == 1")
 
 
-def test_tcp_syns_arrive_with_the_mss_clamped(sites: TunnelNet) -> None:
-    sites.chains(tunnel=True)
+@DATAPATHS
+def test_tcp_syns_arrive_with_the_mss_clamped(sites: TunnelNet, datapath: str) -> None:
+    sites.chains(tunnel=True, datapath=datapath)
     for host, at, (vm_a, vm_b), limit in ((VM_B, 21, (VM_A, VM_B), 1410),
                                            (VM_B6, 23, (VM_A6, VM_B6), 1390)):
         seen_b = syn_mss(sites, "vmb", f"syn-at-b-{at}", [(host, at)])
