@@ -75,7 +75,8 @@ TO_UPLINK = Direction.TO_UPLINK
 TO_GUEST = Direction.TO_GUEST
 _MAX_SLEEP = 0.5
 MAX_PINS = 64  # MAC addresses services may pin at once (ctx.pin_mac)
-_Output = tuple[list[Frame] | None, list[Frame] | None]  # to the uplink, to the guest
+# to the uplink, to the guest, to the services' VXLAN links (their queued frames)
+_Output = tuple[list[Frame] | None, list[Frame] | None, list[tuple[Any, list[Any]]] | None]
 
 
 @dataclass(slots=True)
@@ -129,6 +130,7 @@ class Bridge:
         # after the writes: frames leave in the order the chain produced them, but the
         # send() syscalls run outside the chain lock (the other direction goes on)
         self._wlocks = {id(self.guest): threading.Lock(), id(self.uplink): threading.Lock()}
+        self._links: list[vxlan.VxlanEndpoint] = []  # written after the chain lock, too
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -163,7 +165,8 @@ class Bridge:
             self.chain.open_datagram = datagram.opener(
                 self._lock, lambda: self._started, self._after_external, self._send_output)
             self.chain.open_vxlan = vxlan.opener(
-                self._lock, lambda: self._started, self._after_external, self._send_output)
+                self._lock, lambda: self._started, self._after_external, self._send_output,
+                self._links)
             self.chain.pin_mac = self._pin_mac
             self.streams.start()
             now = time.monotonic()
@@ -437,10 +440,18 @@ class Bridge:
         if chain.out_guest:
             gu, chain.out_guest = chain.out_guest, []
             self._wlocks[id(self.guest)].acquire()
-        return up, gu
+        links = None
+        if self._links:
+            links = [(link, q) for link in self._links if (q := link.take())] or None
+            if any(link.closed for link in self._links):
+                self._links[:] = [link for link in self._links if not link.closed]
+        return up, gu, links
 
     def _send_output(self, output: _Output) -> None:
-        up, gu = output
+        up, gu, links = output
+        if links is not None:
+            for link, queued in links:
+                link.flush(queued)
         if up is not None:
             try:
                 for frame in up:

@@ -26,10 +26,17 @@ on it with the virtio-net header (:class:`~vtl.bridge.ports.packet.PacketPort`):
 - **The port** reads the inner frames the kernel decapsulated, coalesced by the
   device's GRO into frames of up to 64 KB, in a reader thread of its own, and
   hands each batch to ``deliver`` (the bridge runs the handler under the chain
-  lock, :func:`vtl.bridge.datagram.run_locked`). ``send`` writes a frame with
-  its virtio-net header from the caller's thread (a service's ``process``, under
-  the chain lock): the kernel encapsulates it, segments a GSO frame and fills
-  the checksums in the same system call.
+  lock, :func:`vtl.bridge.datagram.batch_runner`). ``send`` (a service's
+  ``process``, under the chain lock) checks the frame, binds its MAC and queues it
+  with its virtio-net header; the bridge takes the queue with the chain lock held
+  (:meth:`VxlanEndpoint.take`, which also takes the link's write lock, so frames
+  keep their order) and writes it after releasing the chain lock
+  (:meth:`VxlanEndpoint.flush`), as it writes its ports: the kernel encapsulates
+  each frame, segments a GSO frame and fills the checksums within that system
+  call (and, over a veth, often runs the receiver too), which must not hold up
+  the other direction. A frame the kernel refuses then is counted in
+  ``tx_dropped``; ``send`` has already returned True for it. Without a bridge
+  engine to flush it (``deferred = False``), ``send`` writes at once.
 
 Reading the filter's counters runs ``nft``, a process: :meth:`filter_counters` is
 called by the bridge's snapshot outside the chain lock, never by a service.
@@ -77,8 +84,12 @@ Deliver = Callable[[list[Frame]], bool]  # False: end the reader
 class VxlanEndpoint:
     """A :class:`vtl.vxlan.VxlanLink`: the device, its filter, a port and a reader."""
 
-    def __init__(self, request: VxlanRequest, deliver: Deliver, log: logging.Logger):
+    def __init__(self, request: VxlanRequest, deliver: Deliver, log: logging.Logger,
+                 deferred: bool = False):
         self.request = request
+        self.deferred = deferred
+        self._queue: list[tuple[bytes, bytearray]] = []
+        self._wlock = threading.Lock()
         self.log = log
         self.closed = False
         self._deliver = deliver
@@ -133,7 +144,33 @@ class VxlanEndpoint:
             self.c["tx_dropped"] += 1
             return False
         vnet = frame.vnet
-        return self._send_parts(NO_OFFLOAD if vnet is None else vnet.pack(), data)
+        hdr = NO_OFFLOAD if vnet is None else vnet.pack()
+        if self.deferred:
+            self._queue.append((hdr, data))
+            return True
+        return self._send_parts(hdr, data)
+
+    def take(self) -> list[tuple[bytes, bytearray]]:
+        """The frames queued since the last call (chain lock held); when there are any,
+        the write lock is taken too, and :meth:`flush` releases it."""
+        if not self._queue:
+            return []
+        queued, self._queue = self._queue, []
+        self._wlock.acquire()
+        return queued
+
+    def flush(self, queued: list[tuple[bytes, bytearray]]) -> None:
+        """Write what :meth:`take` returned (chain lock released), then release the
+        write lock."""
+        try:
+            if self.closed:  # a port closed meanwhile fails its sends: counted too
+                self.c["tx_dropped"] += len(queued)
+                return
+            send = self._send_parts
+            for hdr, data in queued:
+                send(hdr, data)
+        finally:
+            self._wlock.release()
 
     def set_remotes(self, remotes: Sequence[str]) -> None:
         remotes = tuple(remotes)
@@ -365,7 +402,8 @@ def _mac(mac: bytes) -> str:
 # -- the bridge's factory --------------------------------------------------------------------
 
 def opener(lock: threading.Lock, started: Callable[[], bool],
-           after_external: Callable[[float], Any], send_output: Callable[[Any], None]
+           after_external: Callable[[float], Any], send_output: Callable[[Any], None],
+           registry: list[VxlanEndpoint]
            ) -> Callable[[VxlanRequest, FrameHandler, ErrorHandler, logging.Logger],
                          VxlanEndpoint]:
     """``chain.open_vxlan`` for a bridge: creates a link whose frames are handed to
@@ -373,7 +411,9 @@ def opener(lock: threading.Lock, started: Callable[[], bool],
 
     def open_vxlan(request: VxlanRequest, handler: FrameHandler, on_error: ErrorHandler,
                    log: logging.Logger) -> VxlanEndpoint:
-        link = VxlanEndpoint(request, lambda frames: deliver([(f,) for f in frames]), log)
+        link = VxlanEndpoint(request, lambda frames: deliver([(f,) for f in frames]), log,
+                             deferred=True)
+        registry.append(link)  # the bridge takes and flushes its queue (chain lock held)
         deliver = batch_runner(lock, started, after_external, send_output,
                                lambda: link.closed, handler, on_error)
         link.start()
