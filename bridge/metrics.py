@@ -21,10 +21,11 @@ The snapshot's sections map as follows (every family carries a ``bridge`` label)
   non-numeric and nested report entries are not exposed;
 - ``streams``: ``vtl_streams_open`` and ``vtl_stream_*_total``;
 - ``egress``: ``vtl_egress_refused_total{class}``;
-- ``datagrams`` (UDP sockets of services, e.g. the tunnel's): ``vtl_datagrams_total`` and
-  ``vtl_datagram_bytes_total`` by ``socket`` and ``direction``, and
-  ``vtl_datagram_dropped_total{socket,reason}`` (``tx_dropped``, ``rx_oversize``,
-  ``rx_errors``, ``rx_kernel_drops``).
+- ``datagrams`` (UDP sockets and VXLAN links of services, e.g. the tunnel's):
+  ``vtl_datagrams_total`` and ``vtl_datagram_bytes_total`` by ``socket`` and
+  ``direction``, and ``vtl_datagram_dropped_total{socket,reason}`` (``tx_dropped``,
+  ``rx_oversize``, ``rx_errors``, ``rx_kernel_drops``; a link's filter adds
+  ``unknown_peer``, ``bad_flags``, ``bad_vni``).
 
 Plus ``vtl_build_info{version}`` and ``vtl_uptime_seconds``. The HTTP server is
 prometheus-client's own, on a dedicated registry, stopped with the bridge.
@@ -194,6 +195,9 @@ class BridgeCollector(Collector):
                 nbytes.add_metric([b, sock, d], c.get(f"{d}_bytes", 0))
             for reason in ("tx_dropped", "rx_oversize", "rx_errors", "rx_kernel_drops"):
                 dropped.add_metric([b, sock, reason], c.get(reason, 0))
+            for reason in ("unknown_peer", "bad_flags", "bad_vni"):  # a VXLAN link's filter
+                if c.get(reason, -1) >= 0:
+                    dropped.add_metric([b, sock, reason], c[reason])
         yield from (count, nbytes, dropped)
 
 

@@ -38,7 +38,10 @@ SNAPSHOT = {
                "own_prefixes": 4, "refreshes": 1},
     "datagrams": {"tunnel 10.63.0.1:4789": {
         "rx": 40, "rx_bytes": 58000, "rx_oversize": 1, "rx_errors": 2, "tx": 30,
-        "tx_bytes": 43500, "tx_dropped": 3, "rx_kernel_drops": 5, "rcvbuf": 8388608}},
+        "tx_bytes": 43500, "tx_dropped": 3, "rx_kernel_drops": 5, "rcvbuf": 8388608},
+        "tunnel vtlvx42": {"rx": 7, "rx_bytes": 700, "tx": 9, "tx_bytes": 900,
+                           "tx_dropped": 0, "unknown_peer": 11, "bad_flags": 12,
+                           "bad_vni": -1}},
 }
 
 
@@ -113,6 +116,12 @@ def test_values_equal_the_snapshot() -> None:
     for reason, n in (("tx_dropped", 3), ("rx_oversize", 1), ("rx_errors", 2),
                       ("rx_kernel_drops", 5)):
         assert get(m, "vtl_datagram_dropped_total", socket=sock, reason=reason) == n
+    link = "tunnel vtlvx42"
+    assert get(m, "vtl_datagrams_total", socket=link, direction="tx") == 9
+    assert get(m, "vtl_datagram_dropped_total", socket=link, reason="unknown_peer") == 11
+    assert get(m, "vtl_datagram_dropped_total", socket=link, reason="bad_flags") == 12
+    assert not [k for k in m if k[0] == "vtl_datagram_dropped_total"
+                and ("reason", "bad_vni") in k[1]], "a counter not read (-1) is not shown"
     assert get(m, "vtl_build_info", version=__import__("vtl").__version__) == 1
     assert get(m, "vtl_uptime_seconds") >= 0
 
