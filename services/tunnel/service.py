@@ -86,6 +86,7 @@ from vtl.packet.addr import mac_bytes, mac_str
 from vtl.packet.checksum import is_partial
 from vtl.packet.offload import complete_offloads
 from vtl.packet.packet import Packet
+from vtl.packet.tcp import clamp_mss
 from vtl.vxlan import VxlanLink, VxlanRequest
 
 TO_UPLINK, TO_GUEST = Direction.TO_UPLINK, Direction.TO_GUEST
@@ -312,7 +313,7 @@ class Tunnel(NeighborDiscovery, Service):
             self._icmp(frame, version, time_exceeded=True)
             return None
         if proto == 6 and len(data) > l4 + 13 and data[l4 + 13] & wire.TCP_SYN \
-                and wire.clamp_mss(data, l4, self.mss[version], is_partial(frame.vnet, l4)):
+                and clamp_mss(data, l4, self.mss[version], is_partial(frame.vnet, l4)):
             self.ctx.count("mss_clamped")
         mac = peer.mac or self.resolver.lookup(dst, now)
         if mac is None and self.options.learn:
@@ -459,7 +460,7 @@ class Tunnel(NeighborDiscovery, Service):
         else:
             proto, l4 = data[20], 54
         if proto == 6 and len(data) > l4 + 13 and data[l4 + 13] & wire.TCP_SYN \
-                and wire.clamp_mss(data, l4, self.mss[version], is_partial(frame.vnet, l4)):
+                and clamp_mss(data, l4, self.mss[version], is_partial(frame.vnet, l4)):
             self.ctx.count("mss_clamped")
         peer.decapsulated += 1
         peer.decapsulated_bytes += len(data)

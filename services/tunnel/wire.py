@@ -6,7 +6,7 @@
   datagram socket).
 - In-place edits of an untagged IPv4/IPv6 frame, with incremental checksum
   updates (RFC 1624): the TTL / hop-limit decrement a bypassed router would
-  make, and the MSS clamp of a TCP SYN.
+  make (the MSS clamp of a TCP SYN is :func:`vtl.packet.tcp.clamp_mss`).
 - The IPv6 neighbour solicitation sent through the tunnel to resolve a remote VM's
   MAC (the ARP request is :func:`vtl.packet.build.arp_request`).
 """
@@ -55,41 +55,6 @@ def decrement_ttl(data: bytearray, version: int) -> bool:
         return False
     data[21] = hl - 1
     return True
-
-
-def clamp_mss(data: bytearray, tcp_off: int, mss: int, partial: bool = False) -> bool:
-    """Lower the MSS option of the TCP SYN at ``tcp_off`` to ``mss``, fixing the TCP
-    checksum (unless ``partial``: a checksum the kernel completes later holds only the
-    pseudo-header's sum, which the option does not change); True if it was changed. A
-    SYN without the option is left alone."""
-    if len(data) < tcp_off + 20 or not data[tcp_off + 13] & TCP_SYN:
-        return False
-    end = min(len(data), tcp_off + ((data[tcp_off + 12] >> 4) << 2))
-    i = tcp_off + 20
-    while i < end:
-        kind = data[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= end:
-            break
-        n = data[i + 1]
-        if n < 2 or i + n > end:
-            break
-        if kind == 2 and n == 4:
-            old = int.from_bytes(data[i + 2:i + 4], "big")
-            if old <= mss:
-                return False
-            data[i + 2:i + 4] = mss.to_bytes(2, "big")
-            if partial:
-                return True
-            c = int.from_bytes(data[tcp_off + 16:tcp_off + 18], "big")
-            data[tcp_off + 16:tcp_off + 18] = csum_replace16(c, old, mss).to_bytes(2, "big")
-            return True
-        i += n
-    return False
 
 
 def neighbor_solicitation(src_mac: bytes, src_ip: bytes, target: bytes) -> bytearray:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vtl.errors import LocalProtocolError, PacketError
-from vtl.packet.checksum import checksum, fold, ones_sum
+from vtl.packet.checksum import checksum, csum_replace16, fold, ones_sum
 from vtl.packet.view import U16, U32, PortsMixin, View, bits, patch_field16, u8, uint
 
 TCP_HLEN = 20
@@ -246,3 +246,38 @@ class TCP(PortsMixin, View):
         fl = "".join(n for i, n in enumerate(names) if f >> i & 1)
         return (f"TCP(sport={self.sport}, dport={self.dport}, seq={self.seq}, ack={self.ack}, "
                 f"flags={fl}, win={self.window}, len={self.payload_len})")
+
+
+def clamp_mss(data: bytearray, tcp_off: int, mss: int, partial: bool = False) -> bool:
+    """Lower the MSS option of the TCP SYN at ``tcp_off`` to ``mss``, fixing the TCP
+    checksum (unless ``partial``: a checksum the kernel completes later holds only the
+    pseudo-header's sum, which the option does not change); True if it was changed. A
+    SYN without the option is left alone."""
+    if len(data) < tcp_off + 20 or not data[tcp_off + 13] & 0x02:
+        return False
+    end = min(len(data), tcp_off + ((data[tcp_off + 12] >> 4) << 2))
+    i = tcp_off + 20
+    while i < end:
+        kind = data[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= end:
+            break
+        n = data[i + 1]
+        if n < 2 or i + n > end:
+            break
+        if kind == 2 and n == 4:
+            old = int.from_bytes(data[i + 2:i + 4], "big")
+            if old <= mss:
+                return False
+            data[i + 2:i + 4] = mss.to_bytes(2, "big")
+            if partial:
+                return True
+            c = int.from_bytes(data[tcp_off + 16:tcp_off + 18], "big")
+            data[tcp_off + 16:tcp_off + 18] = csum_replace16(c, old, mss).to_bytes(2, "big")
+            return True
+        i += n
+    return False
