@@ -276,8 +276,14 @@ def clamp_mss(data: bytearray, tcp_off: int, mss: int, partial: bool = False) ->
             data[i + 2:i + 4] = mss.to_bytes(2, "big")
             if partial:
                 return True
+            if (i - tcp_off) & 1:  # the value sits across two words (after a lone NOP)
+                old, mss = _swap16(old), _swap16(mss)
             c = int.from_bytes(data[tcp_off + 16:tcp_off + 18], "big")
             data[tcp_off + 16:tcp_off + 18] = csum_replace16(c, old, mss).to_bytes(2, "big")
             return True
         i += n
     return False
+
+
+def _swap16(x: int) -> int:
+    return ((x & 0xFF) << 8) | (x >> 8)
