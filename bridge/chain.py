@@ -19,6 +19,11 @@ The chain is not thread-safe; the engine holds a lock around it.
 UDP sockets (``ctx.open_datagram``) come from ``chain.open_datagram``, a factory
 the bridge sets (:func:`vtl.bridge.datagram.opener`); their handlers run under
 the same lock, and a handler that raises is counted like a service error.
+Computations (``ctx.compute``) go to ``chain.compute``, a factory the bridge
+sets (:meth:`vtl.bridge.compute.ComputePool.opener`): it gives each service that
+computes a :class:`~vtl.bridge.compute.JobQueue`, a resource like a socket, so
+the service's jobs are withdrawn when it stops; their ``on_done`` runs under the
+same lock and counts like a datagram handler when it raises.
 
 Upstream streams (``ctx.open_stream``, ``ctx.listen_streams``) are delegated
 to ``chain.streams``, a
@@ -33,13 +38,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from vtl.bridge.config import ServiceSpec
 from vtl.bridge.filter import MatchFilter
 from vtl.bridge.pcapfile import PcapSink
 from vtl.bridge.streams import StreamManager
 
+from vtl.compute import DoneHandler, Job
 from vtl.datagram import DatagramHandler, DatagramRequest, DatagramSocket
 from vtl.errors import LocalProtocolError, PacketError, RemoteProtocolError
 from vtl.frame import Frame
@@ -70,6 +76,17 @@ CONSUMED = Verdict.CONSUMED
 MAX_INJECT = 100_000
 
 
+class Jobs(Protocol):
+    """A service's computations, from ``chain.compute`` (the bridge's
+    :class:`vtl.bridge.compute.JobQueue`): ``ctx.compute`` submits to it; ``close`` at
+    the service's stop withdraws its jobs."""
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], on_done: DoneHandler
+               ) -> Job | None: ...
+
+    def close(self) -> None: ...
+
+
 class SlotContext:
     """The :class:`vtl.service.ServiceContext` the bridge gives a service."""
 
@@ -80,8 +97,10 @@ class SlotContext:
         self.log = log
         self.counters = ServiceCounters()
         #: closed at stop
-        self.resources: list[PcapSink | BinaryIO | Listener | Watch | DatagramSocket] = []
+        self.resources: list[PcapSink | BinaryIO | Listener | Watch | DatagramSocket
+                             | Jobs] = []
         self.slot: Slot | None = None  # set by the Slot made with this context
+        self._jobs: Jobs | None = None  # made by the first compute()
 
     def emit(self, frame: Frame, direction: Direction) -> None:
         if not isinstance(frame, Frame):
@@ -160,6 +179,30 @@ class SlotContext:
         at chain stop. A handler that raises is counted like a service error."""
         return self._open(self._chain.open_vxlan, "open_vxlan", request, handler)
 
+    def compute(self, fn: Callable[..., Any], args: tuple[Any, ...], on_done: DoneHandler
+                ) -> Job | None:
+        """Run ``fn(*args)`` in the bridge's worker processes (see :mod:`vtl.compute`);
+        the service's jobs are withdrawn at its stop. An ``on_done`` that raises is counted
+        like a service error."""
+        jobs = self._jobs
+        if jobs is None:
+            factory = self._chain.compute
+            if factory is None:
+                raise LocalProtocolError(f"{self.name}: compute() needs a bridge; this chain "
+                                         "has none (set chain.compute)")
+            jobs = self._jobs = factory(self._on_error("compute"), self.log)
+            self.resources.append(jobs)
+        return jobs.submit(fn, args, on_done)
+
+    def _on_error(self, what: str) -> Callable[[float], None]:
+        """Applies this slot's failure policy when a handler of ``what`` raises."""
+
+        def on_error(now: float) -> None:
+            if self.slot is not None:  # the slot, not its index: a reload may move it
+                self.slot.failed(f"{what} handler", now)
+
+        return on_error
+
     def _open(self, factory: Callable[..., Any] | None, what: str, request: object,
               handler: Callable[..., None]) -> Any:
         """A resource from the bridge's ``factory`` whose ``handler`` runs under the chain
@@ -167,12 +210,7 @@ class SlotContext:
         if factory is None:
             raise LocalProtocolError(f"{self.name}: {what}() needs a bridge; this chain has "
                                      f"none (set chain.{what})")
-
-        def on_error(now: float) -> None:
-            if self.slot is not None:  # the slot, not its index: a reload may move it
-                self.slot.failed(f"{what} handler", now)
-
-        resource = factory(request, handler, on_error, self.log)
+        resource = factory(request, handler, self._on_error(what), self.log)
         self.resources.append(resource)
         return resource
 
@@ -273,6 +311,9 @@ class Chain:
         #: log) -> VxlanLink; its handler runs under the chain lock (the bridge)
         self.open_vxlan: Callable[[VxlanRequest, FrameHandler, Callable[[float], None],
                                    logging.Logger], VxlanLink] | None = None
+        #: a service's job queue for ctx.compute: (on_error(now), log) -> Jobs; its
+        #: jobs' on_done runs under the chain lock (the bridge's ComputePool.opener)
+        self.compute: Callable[[Callable[[float], None], logging.Logger], Jobs] | None = None
         #: keeps a guest MAC deliverable (ctx.pin_mac): (mac, until) -> None (the bridge)
         self.pin_mac: Callable[[bytes, float | None], None] | None = None
         self.log = log

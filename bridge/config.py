@@ -62,6 +62,10 @@ class BridgeSection(BaseModel):
                     "mac_overflow)")
     stats_interval_s: float = Field(
         0.0, ge=0, description="log per-service counters this often (0: only at stop)")
+    compute_workers: int = Field(
+        1, ge=1, le=64, description="worker processes for the services' computations "
+                                    "(ctx.compute, e.g. puzzle's client), started with the "
+                                    "first job")
     deny: tuple[IpPrefix, ...] = Field(
         (), description="destination prefixes a guest may not reach, beyond the default "
                         "classes (loopback, unspecified, link-local, multicast, broadcast, "

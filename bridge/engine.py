@@ -57,7 +57,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vtl.bridge import datagram, reconfig, vxlan
+from vtl.bridge import compute, datagram, reconfig, vxlan
 from vtl.bridge.chain import Chain
 from vtl.bridge.config import BridgeConfig
 from vtl.bridge.egress import EgressPolicy
@@ -131,6 +131,7 @@ class Bridge:
         # send() syscalls run outside the chain lock (the other direction goes on)
         self._wlocks = {id(self.guest): threading.Lock(), id(self.uplink): threading.Lock()}
         self._links: list[vxlan.VxlanEndpoint] = []  # written after the chain lock, too
+        self.compute = compute.ComputePool(config.bridge.compute_workers, self.log, self.name)
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -162,11 +163,10 @@ class Bridge:
             self.streams.policy = self.egress
             self.chain.streams = self.streams
             self.chain.watch_qmp = self._watch_qmp
-            self.chain.open_datagram = datagram.opener(
-                self._lock, lambda: self._started, self._after_external, self._send_output)
-            self.chain.open_vxlan = vxlan.opener(
-                self._lock, lambda: self._started, self._after_external, self._send_output,
-                self._links)
+            run = (self._lock, lambda: self._started, self._after_external, self._send_output)
+            self.chain.open_datagram = datagram.opener(*run)
+            self.chain.open_vxlan = vxlan.opener(*run, self._links)
+            self.chain.compute = self.compute.opener(*run)
             self.chain.pin_mac = self._pin_mac
             self.streams.start()
             now = time.monotonic()
@@ -230,6 +230,7 @@ class Bridge:
                 self.chain.stop(time.monotonic())
                 self._flush()
             self._started = False
+        self.compute.close()  # after the services' jobs were withdrawn; ~1 s at most
         if streams is not None:
             streams.stop()
             self.streams = self.chain.streams = None
@@ -574,6 +575,7 @@ class Bridge:
             "services": services,
             "streams": streams,
             "datagrams": datagrams,
+            "compute": self.compute.snapshot(),
             "egress": self.egress.snapshot() if self.egress is not None else {},
         }
 

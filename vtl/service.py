@@ -26,11 +26,13 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from vtl.compute import DoneHandler, Job
 from vtl.datagram import DatagramHandler, DatagramRequest, DatagramSocket
 from vtl.frame import Frame
 from vtl.hypervisor import VmEventHandler, Watch
@@ -177,6 +179,16 @@ class ServiceContext(Protocol):
         encapsulates and segments it; ``handler(frame, now)`` gets the decapsulated
         frames under the chain lock. Raises :class:`~vtl.errors.SetupError` when the
         device or its filter cannot be made; removed at chain stop."""
+
+    def compute(self, fn: Callable[..., Any], args: tuple[Any, ...], on_done: DoneHandler
+                ) -> Job | None:
+        """Run ``fn(*args)`` in one of the bridge's worker processes, off the forwarding
+        threads (see :mod:`vtl.compute`): ``fn`` is a module-level function, ``args`` a
+        tuple of picklable values. ``on_done(result, now)`` is called under the chain
+        lock once it returned, with what it returned or the exception it raised (or the
+        one that kept it from running). Returns the :class:`~vtl.compute.Job`, or None
+        when the service already has :data:`~vtl.compute.MAX_PENDING` jobs; never
+        blocks. Pending jobs are withdrawn at chain stop (no ``on_done`` after it)."""
 
 
 class Service:
