@@ -14,9 +14,11 @@ that records what it asked for, and by playing the bridge's part by hand.
   ``streams`` a :class:`FakeStream` per ``open_stream``, ``listeners`` a
   :class:`FakeListener` per ``listen_streams``, ``datagrams`` a
   :class:`FakeDatagramSocket` per ``open_datagram``, ``links`` a
-  :class:`FakeVxlanLink` per ``open_vxlan``, ``sinks``/``files`` what
-  ``open_pcap``/``open_file`` gave. ``ctx.now`` is the clock the fakes use when
-  they call the service back (stream events).
+  :class:`FakeVxlanLink` per ``open_vxlan``, ``jobs`` a :class:`FakeJob` per
+  ``compute`` (run in-process, on pickled copies, when the test calls
+  ``ctx.run_jobs(now)``), ``sinks``/``files`` what ``open_pcap``/``open_file``
+  gave. ``ctx.now`` is the clock the fakes use when they call the service back
+  (stream events).
 - :class:`FakeStream` records what the service does with a stream (``written``,
   ``shut``, ``paused``, ``local``) and lets the test be the bridge: ``connect``,
   ``data``, ``end``, ``writable``, ``closed(reason)``; each takes an optional
@@ -54,6 +56,7 @@ or do any I/O (scapy is imported only by the helpers that convert).
 from vtl.testing.fakes import (
     FakeContext,
     FakeDatagramSocket,
+    FakeJob,
     FakeListener,
     FakeOffer,
     FakeStream,
@@ -69,8 +72,8 @@ from vtl.testing.fakes import (
 from vtl.testing.harness import Out, ServiceHarness, as_frame, call_report
 
 __all__ = [
-    "FakeContext", "FakeDatagramSocket", "FakeListener", "FakeOffer", "FakeStream", "FakeVxlanLink",
-    "FakeWatch",
+    "FakeContext", "FakeDatagramSocket", "FakeJob", "FakeListener", "FakeOffer", "FakeStream",
+    "FakeVxlanLink", "FakeWatch",
     "MemorySink", "Out",
     "ScapySink",
     "ServiceHarness", "as_frame", "call_report", "run_timers", "tag_of", "tagged_frame",

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from vtl.compute import MAX_PENDING, DoneHandler
 from vtl.datagram import DatagramHandler, DatagramRequest
+from vtl.errors import LocalProtocolError
 from vtl.frame import Frame
 from vtl.hypervisor import VmEvent, VmEventHandler
 from vtl.service import Direction, Service, ServiceCounters
@@ -381,6 +384,51 @@ class FakeVxlanLink:
         self.handler(frame if isinstance(frame, Frame) else Frame(bytearray(frame)), now)
 
 
+class FakeJob:
+    """A :class:`vtl.compute.Job` for tests (``ctx.compute``): nothing runs until the
+    test says so (:meth:`FakeContext.run_jobs`, or :meth:`run` / :meth:`finish` for
+    one job). ``result`` is what ``on_done`` got; ``cancelled`` whether the service
+    withdrew it."""
+
+    def __init__(self, ctx: FakeContext, fn: Callable[..., Any], args: tuple[Any, ...],
+                 on_done: DoneHandler):
+        self.ctx = ctx
+        self.fn = fn
+        self.args = args
+        self.on_done = on_done
+        self.done = False  # on_done was called, or the job was cancelled
+        self.cancelled = False
+        self.result: Any = None
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = self.cancelled = True
+
+    def run(self, now: float | None = None) -> None:
+        """Run ``fn`` here as a worker would (on pickled copies of the call, so a call the
+        bridge could not send fails the same way) and deliver what it returned or raised."""
+        assert not self.done, f"{self!r} already done"
+        try:
+            fn, args = pickle.loads(pickle.dumps((self.fn, self.args)))
+            result = pickle.loads(pickle.dumps(fn(*args)))
+        except Exception as exc:  # noqa: BLE001 - delivered, as the bridge does
+            result = exc
+        self.finish(result, now)
+
+    def finish(self, result: Any, now: float | None = None) -> None:
+        """Deliver ``result`` (an exception instance plays a failure, e.g.
+        ``BrokenProcessPool()`` a worker that died) without running ``fn``."""
+        assert not self.done, f"{self!r} already done"
+        if now is not None:
+            self.ctx.now = now
+        self.done = True
+        self.result = result
+        self.on_done(result, self.ctx.now)
+
+    def __repr__(self) -> str:
+        return f"<FakeJob {getattr(self.fn, '__qualname__', self.fn)}{self.args!r}>"
+
+
 class FakeContext:
     """Implements :class:`vtl.ServiceContext` for tests.
 
@@ -389,7 +437,9 @@ class FakeContext:
     ``now`` before calling hooks. ``streams`` holds a :class:`FakeStream` per
     ``open_stream`` call, in order; ``listeners`` a :class:`FakeListener` per
     ``listen_streams`` call and ``accepted`` the streams of accepted offers.
-    ``on_emit``, when set, is called with each emitted frame (the harness uses it).
+    ``jobs`` holds a :class:`FakeJob` per ``compute`` call that returned one;
+    :meth:`run_jobs` runs the pending ones. ``on_emit``, when set, is called with each
+    emitted frame (the harness uses it).
     """
 
     def __init__(self, name: str = "svc", pcap_dir: Path | None = None):
@@ -408,6 +458,7 @@ class FakeContext:
         self.watches: list[FakeWatch] = []
         self.datagrams: list[FakeDatagramSocket] = []
         self.links: list[FakeVxlanLink] = []
+        self.jobs: list[FakeJob] = []
         self.pins: dict[bytes, float | None] = {}  # ctx.pin_mac: MAC -> until
         self.on_emit: Callable[[Frame, Direction], None] | None = None
 
@@ -467,6 +518,34 @@ class FakeContext:
         self.links.append(link)
         return link
 
+    def compute(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                on_done: DoneHandler) -> FakeJob | None:
+        """Record a job (nothing runs until :meth:`run_jobs`); None when the service has
+        :data:`~vtl.compute.MAX_PENDING` jobs not done, as the bridge does."""
+        if not callable(fn) or "<" in getattr(fn, "__qualname__", "<"):
+            raise LocalProtocolError(f"compute() takes a module-level function, not {fn!r}")
+        if type(args) is not tuple:
+            raise LocalProtocolError(f"compute() takes the arguments as a tuple, not "
+                                     f"{type(args).__name__}")
+        if sum(not job.done for job in self.jobs) >= MAX_PENDING:
+            return None
+        job = FakeJob(self, fn, args, on_done)
+        self.jobs.append(job)
+        return job
+
+    def run_jobs(self, now: float | None = None) -> int:
+        """Run every pending job in order, here, and call its ``on_done(result, now)``
+        (``ctx.now`` moved to ``now`` first when given); jobs submitted meanwhile wait for
+        the next call. An exception ``on_done`` raises reaches the test. How many ran."""
+        if now is not None:
+            self.now = now
+        ran = 0
+        for job in [job for job in self.jobs if not job.done]:
+            if not job.done:  # an on_done before it may have cancelled it
+                job.run()
+                ran += 1
+        return ran
+
     def deliver_local_closes(self) -> None:
         """Deliver StreamClosed("local") to every stream the service closed or aborted."""
         for stream in self.streams + self.accepted:
@@ -512,7 +591,7 @@ def tag_of(frame: Frame) -> int:
 
 
 __all__ = [
-    "FakeContext", "FakeListener", "FakeOffer", "FakeStream", "FakeWatch", "MemorySink",
+    "FakeContext", "FakeJob", "FakeListener", "FakeOffer", "FakeStream", "FakeWatch", "MemorySink",
     "ScapySink",
     "run_timers", "tag_of", "tagged_frame", "udp_frame",
 ]
