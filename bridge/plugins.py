@@ -29,6 +29,7 @@ BUILTINS: dict[str, str] = {
     "udt": "vtl.services.udt:Udt",
     "keepalive": "vtl.services.keepalive:Keepalive",
     "tunnel": "vtl.services.tunnel:Tunnel",
+    "puzzle": "vtl.services.puzzle:Puzzle",
 }
 
 

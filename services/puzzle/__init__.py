@@ -1,1 +1,5 @@
-"""The ``puzzle`` service (IP puzzles): its wire formats and cryptography so far."""
+"""The ``puzzle`` service: IP puzzles, a client proxy and a server firewall (see ``service``)."""
+
+from vtl.services.puzzle.service import Puzzle, PuzzleOptions
+
+__all__ = ["Puzzle", "PuzzleOptions"]

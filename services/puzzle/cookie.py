@@ -174,6 +174,11 @@ class SecretRing:
             self.tick()
         return due
 
+    def next_at(self) -> float | None:
+        """When (on :meth:`advance`'s clock) the next tick is due; None before the first
+        call."""
+        return None if self._epoch is None else self._epoch + (self._ticks + 1) * self.tick_s
+
     def age(self, server_ts: int) -> int:
         """Ticks since ``server_ts`` (u16 arithmetic; >= 0x8000 means the future)."""
         return (self.now - server_ts) & 0xFFFF
