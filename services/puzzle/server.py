@@ -97,12 +97,27 @@ class Server:
 
     def configure(self, o: PuzzleOptions, now: float) -> None:
         self.o = o
+        self.syn_only = o.require == "syn"
         self.bucket = Bucket(o.puzzle_rate, o.puzzle_burst, now)
         self.difficulty = min(max(self.difficulty, o.difficulty_min), o.difficulty_max)
         if o.mode == "always":
             self.active = True
 
     # -- per frame ------------------------------------------------------------------
+
+    def process(self, frame: Frame, direction: Direction, now: float) -> Any:
+        """The service's ``process`` in this role (the service binds it in place of its
+        own, one call less per frame). The fast path, inlined: with ``require = "syn"``
+        an untagged IPv4 packet without options needs no check unless it is a
+        first-fragment TCP SYN without ACK."""
+        if direction is TO_UPLINK:
+            return PASS
+        data = frame.data
+        if self.syn_only and len(data) >= 54 and data[14] == 0x45 and data[12] == 8 \
+                and data[13] == 0 and (data[23] != 6 or data[47] & 0x12 != 2
+                                       or data[20] & 0x1F or data[21]):
+            return PASS
+        return self.inbound(frame, now)
 
     def inbound(self, frame: Frame, now: float) -> Any:
         data = frame.data

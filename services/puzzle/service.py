@@ -109,6 +109,7 @@ class Puzzle(Service):
     def start(self, now: float) -> None:
         if self.options.role == "server":
             self.server = Server(self.options, self.ctx, now)
+            self.process = self.server.process  # type: ignore[method-assign]
         else:
             self.client = Client(self.options, self.ctx, now)
 

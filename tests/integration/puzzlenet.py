@@ -96,6 +96,10 @@ class PuzzleNet:
         vtl = NsVtl(self.ns["cbr" if side == "client" else "sbr"], path)
         self.bridges[side] = vtl
         vtl.wait_ready(20)
+        # a new bridge delivers to its guest only what goes to a MAC it has seen the guest
+        # use: the VM says something (to its gateway) first
+        vm, gw = ("cvm", GW_C) if side == "client" else ("svm", GW_S)
+        self.run(vm, ["ping", "-c", "1", "-W", "2", gw], timeout=10, check=False)
         return vtl
 
     def name(self, side: str) -> str:

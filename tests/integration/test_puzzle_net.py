@@ -26,7 +26,9 @@ pytestmark = pytest.mark.integration
 HERE = Path(__file__).parent
 FORGE = str(HERE / "puzzleforge.py")
 MB = 1_000_000
-SERVER_SVC = {"use": "puzzle", "role": "server", "difficulty": 4096, "expiry": 4}
+# as the issue says: every other option defaulted must protect a VM, and get a client through
+SERVER_DEFAULTS = {"use": "puzzle", "role": "server"}
+SERVER_SVC = {"use": "puzzle", "role": "server", "expiry": 4}  # shorter waits for replays
 CLIENT_SVC = {"use": "puzzle", "role": "client"}
 
 
@@ -39,7 +41,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PuzzleNet]:
             pytest.fail("integration tests need root, and CI runs as root")
         pytest.skip("needs root")
     with open_net(tmp_path_factory.mktemp("puzzle")) as n:
-        n.start("server", [SERVER_SVC])
+        n.start("server", [SERVER_DEFAULTS])
         n.start("client", [CLIENT_SVC])
         yield n
         stderr = "".join(b.stderr for b in n.bridges.values())
@@ -77,6 +79,7 @@ def test_the_handshake_on_the_wire_and_a_50_mb_download(net: PuzzleNet) -> None:
 
 
 def test_connect_time_is_about_rtt_plus_solve_time(net: PuzzleNet) -> None:
+    net.start("server", [SERVER_SVC])
     times = []
     for _ in range(3):
         time.sleep(4.2 * 1)  # let the held answer expire (expiry 4 ticks): solve again
