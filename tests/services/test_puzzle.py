@@ -9,6 +9,8 @@ would run them.
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -246,3 +248,43 @@ def test_a_df_packet_that_no_longer_fits_gets_fragmentation_needed() -> None:
 def test_bad_options_name_their_key(bad: dict, key: str) -> None:
     with pytest.raises(ValidationError, match=key):
         Puzzle.Options(**{"role": "server", **bad})
+
+
+def udp(sport: int, payload: bytes = b"q") -> bytes:
+    return bytes(Ether(src=C_MAC, dst=GW) / IP(src=C_IP, dst=S_IP)
+                 / UDP(sport=sport, dport=53) / payload)
+
+
+def test_udp_new_asks_once_per_flow() -> None:
+    c, s = harnesses(server={"require": "udp-new"})
+    c.send(udp(5000), UP, now=0.1)
+    assert s.send(cross(c, UP)[0], DOWN, now=0.1) is DROP, "a new flow: a puzzle"
+    assert c.send(cross(s, UP)[0], DOWN, now=0.1) is DROP
+    c.ctx.run_jobs(0.11)
+    c.send(udp(5000), UP, now=0.2)  # now with the held answer
+    assert s.send(cross(c, UP)[0], DOWN, now=0.2) is PASS
+    assert s.report()["udp_flows"] == 1
+    plain = udp(5000, b"again")  # that flow is admitted: no option needed any more
+    assert s.send(plain, DOWN, now=0.3) is PASS
+    assert s.send(udp(5001), DOWN, now=0.3) is DROP, "another flow without an answer"
+
+
+def test_require_all_checks_every_packet() -> None:
+    c, s = harnesses(server={"require": "all"})
+    assert s.send(data_pkt(), DOWN, now=0.1) is DROP, "no client info: legacy"
+    handshake(c, s, now=0.2)
+    c.send(data_pkt(), UP, now=0.3)
+    assert s.send(cross(c, UP)[0], DOWN, now=0.3) is PASS, "the held answer admits it"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=0, max_size=120), st.integers(0, 2), st.booleans())
+def test_garbage_never_raises(tail: bytes, head: int, down: bool) -> None:
+    """Random bytes after an Ethernet + IPv4 header start (with our option type, or an
+    ICMP puzzle type) are counted and dropped or passed, never an exception."""
+    c, s = harnesses()
+    starts = [b"\x08\x00\x4f", b"\x08\x00\x48\x00\x00\x40\x00\x00\x00\x00\x40\x01",
+              b"\x08\x00\x45\x00\x00\x60\x00\x00\x00\x00\x40\x06"]
+    frame = bytes.fromhex("525400000214525400000101") + starts[head] + tail
+    for h in (c, s):
+        h.send(frame, DOWN if down else UP, now=0.1)
