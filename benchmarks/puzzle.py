@@ -48,26 +48,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 
+from microbench import time_us
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from vtl.services.puzzle import cookie, wire
 
 L3 = 14
 SRC, DST = bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2))
-
-
-def _time_us(fn: Callable[[int], None], count: int, repeat: int) -> float:
-    """Median over ``repeat`` runs of the time per operation of ``fn(count)``, in us."""
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        fn(count)
-        runs.append((time.perf_counter_ns() - t0) / count / 1000)
-    return statistics.median(runs)
 
 
 def _frames() -> tuple[bytearray, bytearray, bytearray, cookie.SecretRing, cookie.NonceKey]:
@@ -162,19 +151,19 @@ def section_core(count: int, repeat: int) -> list[tuple[str, float]]:
         for _ in range(max(1, n // (1 << 16))):
             cookie.solve(solve_pz)  # no match: scans the whole range
 
-    base = _time_us(empty_loop, count, repeat)
-    copy = _time_us(copies, count, repeat)
-    data_copy = _time_us(data_copies, count, repeat)
+    base = time_us(empty_loop, count, repeat)
+    copy = time_us(copies, count, repeat)
+    data_copy = time_us(data_copies, count, repeat)
     rows = [
-        ("server: generation (parse + puzzle + ICMP frame)", _time_us(generation, count, repeat)),
+        ("server: generation (parse + puzzle + ICMP frame)", time_us(generation, count, repeat)),
         ("server: verification (parse + verify + strip)",
-         _time_us(verification, count, repeat) - copy),
-        ("server: no check needed (syn_without_ack)", _time_us(no_check, count, repeat) - base),
+         time_us(verification, count, repeat) - copy),
+        ("server: no check needed (syn_without_ack)", time_us(no_check, count, repeat) - base),
         ("server: parse_options, header without options",
-         _time_us(no_options, count, repeat) - base),
-        ("client: nonce + insert client info", _time_us(client_insert, count, repeat) - data_copy),
-        ("client: parse puzzle + check nonce", _time_us(client_check, count, repeat)),
-        ("client: solver, per hash", _time_us(solver, max(count, 1 << 16), repeat)),
+         time_us(no_options, count, repeat) - base),
+        ("client: nonce + insert client info", time_us(client_insert, count, repeat) - data_copy),
+        ("client: parse puzzle + check nonce", time_us(client_check, count, repeat)),
+        ("client: solver, per hash", time_us(solver, max(count, 1 << 16), repeat)),
         ("(frame copies, subtracted above)", copy),
         ("(empty loop, subtracted above)", base),
     ]
@@ -248,14 +237,14 @@ def section_service(count: int, repeat: int) -> list[tuple[str, float]]:
         for _ in range(n):
             Frame(bytearray(good))
 
-    base, mk = _time_us(baseline, count, repeat), _time_us(frames, count, repeat)
+    base, mk = time_us(baseline, count, repeat), time_us(frames, count, repeat)
     rows = [
         ("service: no check needed, toward the guest (added)",
-         _time_us(no_check, count, repeat) - base),
-        ("service: a frame from the guest (added)", _time_us(from_guest, count, repeat) - base),
-        ("service: SYN + client info -> puzzle emitted", _time_us(generate, count, repeat) - mk),
-        ("service: answered SYN -> verified, stripped", _time_us(verify_ok, count, repeat) - mk),
-        ("service: wrong answer -> hashed, refused", _time_us(verify_bad, count, repeat) - mk),
+         time_us(no_check, count, repeat) - base),
+        ("service: a frame from the guest (added)", time_us(from_guest, count, repeat) - base),
+        ("service: SYN + client info -> puzzle emitted", time_us(generate, count, repeat) - mk),
+        ("service: answered SYN -> verified, stripped", time_us(verify_ok, count, repeat) - mk),
+        ("service: wrong answer -> hashed, refused", time_us(verify_bad, count, repeat) - mk),
         ("(an empty service's process, subtracted above)", base),
     ]
     assert ctx.counters.extra["answers_valid"] and ctx.counters.extra["answers_invalid"]

@@ -214,6 +214,10 @@ class SlotContext:
         self.resources.append(resource)
         return resource
 
+    def compile_filter(self, expression: str) -> MatchFilter:
+        """A libpcap filter for a service (a rule's ``match``); ConfigError if refused."""
+        return MatchFilter(expression)
+
     def pin_mac(self, mac: bytes, until: float | None) -> None:
         """Keep frames for the guest ``mac`` deliverable until ``until`` (see
         :meth:`vtl.service.ServiceContext.pin_mac`); nothing without a bridge."""

@@ -30,6 +30,7 @@ BUILTINS: dict[str, str] = {
     "keepalive": "vtl.services.keepalive:Keepalive",
     "tunnel": "vtl.services.tunnel:Tunnel",
     "puzzle": "vtl.services.puzzle:Puzzle",
+    "firewall": "vtl.services.firewall:Firewall",
 }
 
 

@@ -154,6 +154,11 @@ class ServiceContext(Protocol):
         (``on_offer(offer, now)``, under the chain lock). Raises OSError when the
         address cannot be bound."""
 
+    def compile_filter(self, expression: str) -> Callable[[bytes | bytearray], bool]:
+        """A libpcap filter expression compiled for Ethernet frames (the bridge's
+        :class:`~vtl.bridge.filter.MatchFilter`): call it with a frame's bytes. Raises
+        :class:`~vtl.errors.ConfigError` for an expression libpcap refuses."""
+
     def pin_mac(self, mac: bytes, until: float | None) -> None:
         """Keep delivering frames for the guest's ``mac`` until ``until`` (monotonic
         seconds; None: until pinned again), however long the guest has been silent: the

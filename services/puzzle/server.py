@@ -37,27 +37,10 @@ from vtl.services.puzzle.options import PuzzleOptions
 
 from vtl import DROP, PASS, Direction, Frame, ServiceContext
 from vtl.flow import FlowTable
+from vtl.ratelimit import Bucket
 
 TO_UPLINK = Direction.TO_UPLINK
 NEEDS_CSUM = 1
-
-
-class Bucket:
-    """A token bucket: ``rate`` per second, at most ``burst`` saved."""
-
-    __slots__ = ("rate", "burst", "tokens", "last")
-
-    def __init__(self, rate: float, burst: int, now: float):
-        self.rate, self.burst, self.tokens, self.last = rate, burst, float(burst), now
-
-    def take(self, now: float) -> bool:
-        tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
-            return True
-        self.tokens = tokens
-        return False
 
 
 def shift_offloads(frame: Frame, delta: int) -> None:

@@ -20,6 +20,7 @@ What it does not do: sequence arithmetic and state belong to ``vtl.models``.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,19 +257,7 @@ def clamp_mss(data: bytearray, tcp_off: int, mss: int, partial: bool = False) ->
     if len(data) < tcp_off + 20 or not data[tcp_off + 13] & 0x02:
         return False
     end = min(len(data), tcp_off + ((data[tcp_off + 12] >> 4) << 2))
-    i = tcp_off + 20
-    while i < end:
-        kind = data[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= end:
-            break
-        n = data[i + 1]
-        if n < 2 or i + n > end:
-            break
+    for kind, i, n in walk_options(data, tcp_off + 20, end):
         if kind == 2 and n == 4:
             old = int.from_bytes(data[i + 2:i + 4], "big")
             if old <= mss:
@@ -281,8 +270,29 @@ def clamp_mss(data: bytearray, tcp_off: int, mss: int, partial: bool = False) ->
             c = int.from_bytes(data[tcp_off + 16:tcp_off + 18], "big")
             data[tcp_off + 16:tcp_off + 18] = csum_replace16(c, old, mss).to_bytes(2, "big")
             return True
-        i += n
     return False
+
+
+def walk_options(data: bytes | bytearray | memoryview, start: int, end: int
+                 ) -> Iterator[tuple[int, int, int]]:
+    """``(kind, offset, length)`` of each TCP option in ``data[start:end]``. NOP is
+    skipped; EOL or a malformed option (a length under 2 or past ``end``) ends the walk
+    quietly, keeping what came before, as the stacks and conntrack read them."""
+    i = start
+    while i < end:
+        kind = data[i]
+        if kind == 0:
+            return
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= end:
+            return
+        n = data[i + 1]
+        if n < 2 or i + n > end:
+            return
+        yield kind, i, n
+        i += n
 
 
 def _swap16(x: int) -> int:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pcapy
+
 from vtl.compute import MAX_PENDING, DoneHandler
 from vtl.datagram import DatagramHandler, DatagramRequest
 from vtl.errors import LocalProtocolError
@@ -44,6 +46,7 @@ from vtl.stream import (
     StreamRequest,
     StreamWritable,
 )
+from vtl.testing.fake_links import FakeVxlanLink
 from vtl.vxlan import FrameHandler, VxlanRequest
 
 # -- sinks ----------------------------------------------------------------------------------
@@ -335,55 +338,6 @@ class FakeDatagramSocket:
         self.handler(bytearray(data), source, now)
 
 
-class FakeVxlanLink:
-    """A :class:`vtl.vxlan.VxlanLink` for tests: ``sent`` holds ``(frame, remote)`` per
-    frame handed to the kernel (a broadcast or multicast destination is refused, as
-    the bridge's link refuses it); :meth:`deliver` calls the service's handler with a
-    decapsulated frame as the bridge would. ``fail_sends`` makes :meth:`send` fail."""
-
-    def __init__(self, request: VxlanRequest, handler: FrameHandler):
-        self.request = request
-        self.handler = handler
-        self.remotes = tuple(request.remotes)
-        self.sent: list[tuple[Frame, str]] = []
-        self.closed = False
-        self.fail_sends = False
-        self._counters = {"rx": 0, "tx": 0, "tx_dropped": 0, "tx_multicast": 0}
-
-    @property
-    def device(self) -> str:
-        return f"vtlvx{self.request.vni}"
-
-    def send(self, frame: Frame, remote: str) -> bool:
-        assert not self.closed, "send() on a closed vxlan link"
-        assert isinstance(frame, Frame)
-        if frame.data[0] & 1:
-            self._counters["tx_multicast"] += 1
-            return False
-        if self.fail_sends:
-            self._counters["tx_dropped"] += 1
-            return False
-        self.sent.append((frame, remote))
-        self._counters["tx"] += 1
-        return True
-
-    def set_remotes(self, remotes: Sequence[str]) -> None:
-        self.remotes = tuple(remotes)
-
-    def counters(self) -> dict[str, int]:
-        return dict(self._counters)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def deliver(self, frame: Frame | bytes, now: float) -> None:
-        """A decapsulated frame arrives (nothing once closed, as with the bridge)."""
-        if self.closed:
-            return
-        self._counters["rx"] += 1
-        self.handler(frame if isinstance(frame, Frame) else Frame(bytearray(frame)), now)
-
-
 class FakeJob:
     """A :class:`vtl.compute.Job` for tests (``ctx.compute``): nothing runs until the
     test says so (:meth:`FakeContext.run_jobs`, or :meth:`run` / :meth:`finish` for
@@ -496,6 +450,11 @@ class FakeContext:
         listener = FakeListener(self, request, on_offer)
         self.listeners.append(listener)
         return listener
+
+    def compile_filter(self, expression: str) -> Callable[[bytes | bytearray], bool]:
+        """libpcap's own compiler, as the bridge's (a bad expression raises PcapError)."""
+        prog = pcapy.compile(pcapy.DLT_EN10MB, 262144, expression, 1, 0)
+        return lambda data: prog.filter(bytes(data)) != 0
 
     def pin_mac(self, mac: bytes, until: float | None) -> None:
         self.pins[bytes(mac)] = until
