@@ -134,8 +134,8 @@ class Firewall(Service):
                 spoof.inbound(data, now)
             else:
                 reason = spoof.outbound(data, now)
-                if reason is not None:
-                    self.ctx.count(reason)
+                if reason is not None:  # (the slot's own "malformed" is for exceptions)
+                    self.ctx.count("unparsable" if reason == "malformed" else reason)
                     self._log(f"anti-spoofing: {reason}", data, now)
                     return DROP
         p = parse(data)

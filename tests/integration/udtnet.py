@@ -66,10 +66,6 @@ FRAME = 1514  # the largest frame a 1500-byte MTU allows on the wire (without FC
 
 def toml_any(v: Any) -> str:
     """A TOML value, also lists and inline tables (the udt service's ``peers``)."""
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_any(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_any(x)}" for k, x in v.items()) + "}"
     return toml_value(v)
 
 
