@@ -18,6 +18,11 @@ a trace); on the VTL side the two hosts share one segment through the bridge.
 The frames differ only in their MACs (to the router's, or to the other host's)
 and, through the router, in the TTL.
 
+The router's ICMP rate limits are off (``icmp_ratelimit``, ``icmp_msgs_per_sec``):
+the kernel sends at most about one ICMP error per second to a host after a burst
+of six, so a trace with many rejects would see the kernel's ``reject`` turn into
+a silent drop, which is about the router, not the firewall's verdict.
+
 The end hosts' stacks stay silent (see :mod:`fwtrace`): their interfaces have
 no address of the trace and IPv6 off, and an nft table drops every packet in
 their prerouting and output hooks; the replayer's AF_PACKET sockets see frames
@@ -81,7 +86,12 @@ class FwNet:
         self._veth("b", "guest", "02:00:00:f0:0b:02", "i2", "eth0", MAC_IN)
         for key, value in (("net.ipv4.ip_forward", "1"), ("net.ipv6.conf.all.forwarding", "1"),
                            ("net.ipv4.conf.all.rp_filter", "0"),
-                           ("net.ipv4.conf.default.rp_filter", "0")):
+                           ("net.ipv4.conf.default.rp_filter", "0"),
+                           # the router's ICMP errors (nft's reject) are not rate-limited
+                           # (else after six to one host, rejects turn into silent drops)
+                           ("net.ipv4.icmp_ratelimit", "0"), ("net.ipv6.icmp.ratelimit", "0"),
+                           ("net.ipv4.icmp_msgs_per_sec", "100000"),
+                           ("net.ipv4.icmp_msgs_burst", "100000")):
             topo.sysctl(key, value, r)
         for dev, addrs in (("out0", (f"{R_OUT4}/24", f"{R_OUT6}/64")),
                            ("in0", (f"{R_IN4}/24", f"{R_IN6}/64"))):
@@ -111,8 +121,9 @@ class FwNet:
     # -- the kernel's side ------------------------------------------------------------
 
     def load_kernel_rules(self, options: dict[str, Any]) -> str:
-        """Replace the router's ruleset with ``options`` compiled, set its sysctls and
-        forget its conntrack entries; returns the ruleset's text."""
+        """Replace the router's ruleset with ``options`` compiled and set its sysctls
+        (and empty its conntrack table if conntrack(8) is installed); returns the
+        ruleset's text."""
         r = self.ns["r"]
         text = compile_nft(options, "out0", "in0")
         nft_load(self.topo, r, "flush ruleset\n" + text)

@@ -13,7 +13,11 @@ is opened there with setns(2) and keeps that namespace), in an Ethernet frame
 to the next hop's MAC. Then it watches the sockets of both ends for a bounded
 time and records an :class:`Outcome` per side: whether the packet came out at
 the other end (same addresses, protocol and transport bytes; the TTL may
-differ) and what came back to the sender (``rst``, ``icmp T/C``, ``icmp6 T/C``).
+differ) and what came back to the sender: a reset (``rst SEQ/0`` or ``rst+ack
+SEQ/ACK``, as RFC 793 builds it from the refused segment), ``icmp T/C`` or
+``icmp6 T/C`` quoting the step's packet. The source address of an ICMP error is
+not compared: the router sends it from its own address, a bridge (which has
+none) from the refused packet's destination.
 A side is done early once it saw the packet or a reply (plus a short grace
 for a second frame); a drop costs the whole wait.
 
@@ -258,7 +262,10 @@ def classify_reply(sent: L3, got: L3) -> str | None:
     if got.proto == 6 and len(got.l4) >= 14:
         flags = got.l4[13]
         if got.l4[0:2] == sent.l4[2:4] and got.l4[2:4] == sent.l4[0:2]:
-            return "rst" if flags & 0x04 else f"tcp {flags:#04x}"
+            seq, ack = struct.unpack_from("!II", got.l4, 4)
+            if flags & 0x04:  # a reset: its ACK flag and numbers as the kernel's must be
+                return f"rst{'+ack' if flags & 0x10 else ''} {seq}/{ack if flags & 0x10 else 0}"
+            return f"tcp {flags:#04x}"
         return None
     if got.proto in (1, 58) and len(got.l4) >= 8:
         kind = "icmp" if got.proto == 1 else "icmp6"
@@ -346,9 +353,9 @@ def table(steps: list[Step], results: dict[str, list[Outcome]]) -> str:
     """A compact table: step, then one column per side."""
     names = list(results)
     width = max(len(s.name) for s in steps)
-    lines = [f"{'step':<{width}}  " + "  ".join(f"{n:<18}" for n in names) + "  packet"]
+    lines = [f"{'step':<{width}}  " + "  ".join(f"{n:<26}" for n in names) + "  packet"]
     for i, step in enumerate(steps):
-        cols = "  ".join(f"{str(results[n][i]):<18}" for n in names)
+        cols = "  ".join(f"{str(results[n][i]):<26}" for n in names)
         lines.append(f"{step.name:<{width}}  {cols}  [{step.side}] {step.pkt.summary()}")
     return "\n".join(lines)
 
