@@ -166,7 +166,7 @@ class Firewall(Service):
         self.ctx.count(f"{action}ed" if action == "reject" else "dropped_by_rule"
                        if rule is not None else "dropped_by_default")
         if action == "reject":
-            return self._reject(frame, p, rule, inbound)
+            return self._reject(frame, p, rule, inbound, now)
         return DROP
 
     def _default(self, inbound: bool, data: bytearray) -> Verdict:
@@ -176,9 +176,10 @@ class Firewall(Service):
         self.ctx.count("non_ip_dropped")
         return DROP
 
-    def _reject(self, frame: Frame, p: Parsed, rule: Compiled | None, inbound: bool
-                ) -> Verdict:
-        """Answer the packet as the host it was for would refuse it, toward its sender."""
+    def _reject(self, frame: Frame, p: Parsed, rule: Compiled | None, inbound: bool,
+                now: float) -> Verdict:
+        """Answer the packet as the host it was for would refuse it, toward its sender.
+        A reset goes through conntrack as the kernel's own does (it closes the flow)."""
         kind, codes = rule.reject if rule is not None else (
             "auto", REJECT_WITH["icmp-port-unreachable"])
         back = TO_UPLINK if inbound else TO_GUEST
@@ -188,6 +189,9 @@ class Firewall(Service):
                 if p.proto != 6 or p.flags & 0x04:
                     return DROP  # never a reset for a reset (nor for non-TCP)
                 reply = build.tcp_reset(pkt)
+                rp = parse(reply)
+                if rp is not None:
+                    self.ct.lookup(reply, rp, now)
             else:
                 assert codes is not None
                 t4, c4, t6, c6 = codes

@@ -233,3 +233,13 @@ def test_a_libpcap_match_and_sets() -> None:
     assert h.send(in_tcp("S", dport=8444), IN, now=0.2) is DROP
     with pytest.raises(ValueError, match=r"rules\[0\].match"):
         fw(rules=[{"match": "tcp port banana", "action": "accept"}])
+
+
+def test_a_reset_we_send_closes_the_flow_as_the_kernels_does() -> None:
+    """(Found by the differential test.) With invalid packets left to a reject rule, the
+    RST the firewall sends for an out-of-window segment goes through conntrack too."""
+    h = fw(established=True, invalid="rules",
+           rules=[{"dir": "in", "state": ["invalid"], "proto": "tcp", "action": "reject"}])
+    handshake_out(h)
+    assert h.send(in_tcp("A", seq=5001 + (1 << 30), ack=1001), IN, now=0.5) is CONSUMED
+    assert h.service.connections(0.6)[0]["state"] == "CLOSE"
