@@ -15,9 +15,11 @@ Per frame toward the guest (sans-IO; the service's ``process`` calls
    admitted.
 4. Client info without a (valid) answer: a puzzle goes back to the sender from
    the protected address (ICMP ``icmp_type``), within the global and the
-   per-address budgets; the packet is dropped. An expired or stale answer gets
-   a new puzzle; an invalid or immature one is dropped without one (nothing
-   to gain from forging answers).
+   per-address budgets; the packet is dropped. An expired, stale or invalid
+   answer gets a new puzzle the same way (a client holding an answer from before
+   a server restart, made with keys that are gone, is not locked out until it
+   expires; a forgery gains nothing a first packet would not); an immature one
+   is dropped.
 5. No client info (a host without the proxy; IPv6, which has no such option):
    ``legacy`` decides.
 
@@ -149,8 +151,11 @@ class Server:
                 if proto == 17 and req == "udp-new":
                     self.flows.put(_udp_key(data, l3), True, now)
                 return PASS
-            if verdict not in (Verdict.EXPIRED, Verdict.STALE):
-                return DROP
+            if verdict is Verdict.IMMATURE:
+                return DROP  # it will be good soon: the client sends it again then
+            # expired, stale or invalid (a forgery, or an answer to a server that restarted
+            # with new keys): a fresh puzzle, within the same budgets as any first packet
+
         self._puzzle(frame, l3, src, opts.nonce, opts.client_ts, proto, now)
         return DROP
 

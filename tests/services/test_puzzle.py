@@ -127,7 +127,8 @@ def test_replays_are_refused() -> None:
     other[26:30] = bytes([10, 70, 1, 99])
     Packet(Frame(other)).ip.fix_checksum()  # type: ignore[union-attr]
     assert s.send(bytes(other), DOWN, now=0.5) is DROP
-    assert s.extra("answers_invalid") == 1 and s.take(UP) == [], "no puzzle for a forgery"
+    assert s.extra("answers_invalid") == 1
+    assert len(s.take(UP)) == 1, "a new puzzle, as for a first packet (budgets apply)"
     # any byte of the answer option flipped
     at = 14 + 20 + pw.INFO_LEN
     for i in range(pw.ANSWER_LEN):
@@ -136,9 +137,25 @@ def test_replays_are_refused() -> None:
         assert s.send(bytes(bad), DOWN, now=0.6) is DROP, f"byte {i} of the answer flipped"
     assert s.take(DOWN) == []
     s.take(UP)
-    # after expiry: refused, and a fresh puzzle goes back
+    # after expiry: refused, and a fresh puzzle goes back (the flips got theirs too)
     assert s.send(good, DOWN, now=5.0) is DROP
     assert s.extra("answers_expired") == 1 and len(s.take(UP)) == 1
+
+
+def test_a_restarted_server_asks_again_instead_of_locking_the_client_out() -> None:
+    c, s = harnesses()
+    handshake(c, s)
+    s2 = ServiceHarness(Puzzle, {"role": "server", "difficulty": 64})  # new keys
+    s2.start(0.0)
+    c.send(syn(40002), UP, now=0.5)
+    [held] = cross(c, UP)
+    assert pw.parse_options(held.data, 14).answer is not None  # type: ignore[union-attr]
+    assert s2.send(held, DOWN, now=0.5) is DROP
+    [puzzle] = cross(s2, UP)
+    c.send(puzzle, DOWN, now=0.51)
+    c.ctx.run_jobs(0.52)
+    [again] = cross(c, UP)
+    assert s2.send(again, DOWN, now=0.53) is PASS, "through after one more puzzle"
 
 
 def test_the_client_ignores_spoofed_and_stale_puzzles() -> None:
