@@ -138,6 +138,9 @@ class Firewall(Service):
                     self.ctx.count("unparsable" if reason == "malformed" else reason)
                     self._log(f"anti-spoofing: {reason}", data, now)
                     return DROP
+        o = self.options
+        if o.established and self.ct.fast_tcp(data, now) is not None:
+            return PASS  # an in-window segment of an established TCP flow
         p = parse(data)
         if p is None:
             if len(data) >= 14 and data[12] == 0x08 and data[13] == 0x06 \
@@ -145,7 +148,6 @@ class Firewall(Service):
                 return PASS
             return self._default(inbound, data)
         state, conn, _ = self.ct.lookup(data, p, now)
-        o = self.options
         if state == UNTRACKED and o.allow_arp_nd and p.itype in ND_TYPES:
             return PASS
         if (state in (ESTABLISHED, RELATED)) and o.established:

@@ -224,6 +224,13 @@ def in_window(conn: Conn, direction: int, index: int, data: bytearray | bytes, p
         return ACCEPT if be_liberal else IGNORE  # an ACK under the lower bound
     if not flags & SYN:
         win = (win << sender.td_scale) & M32
+    update(conn, sender, receiver, direction, index, flags, seq, ack, sack, end, win, win_raw)
+    return ACCEPT
+
+
+def update(conn: Conn, sender: Side, receiver: Side, direction: int, index: int, flags: int,
+           seq: int, ack: int, sack: int, end: int, win: int, win_raw: int) -> None:
+    """What an accepted segment teaches about both sides (``win`` already scaled)."""
     swin = (win + (sack - ack)) & M32
     if sender.td_maxwin < swin:
         sender.td_maxwin = swin
@@ -251,4 +258,28 @@ def in_window(conn: Conn, direction: int, index: int, data: bytearray | bytes, p
         else:
             conn.last_seg = key
             conn.retrans = 0
-    return ACCEPT
+
+
+def established_ack(conn: Conn, direction: int, seq: int, ack: int, win_raw: int,
+                    end: int) -> bool:
+    """The common case, checked without building anything: an ACK (no SYN, FIN, RST) of
+    an established connection whose sides are known, without SACK blocks to read,
+    that passes every window check. True: accepted and learnt from, exactly as
+    :func:`in_window` would; False: nothing changed, take the full path (which
+    also decides what a failed check means)."""
+    sender, receiver = conn.seen[direction], conn.seen[1 - direction]
+    if not sender.td_maxwin or not receiver.td_maxwin:
+        return False
+    if not 0 < ((sender.td_maxend + 1 - seq) & M32) < 0x80000000:
+        return False  # over the upper bound: the full path decides
+    r_end = receiver.td_end
+    if not 0 < ((r_end + 1 - ack) & M32) < 0x80000000:
+        return False
+    if not 0 < ((end - (sender.td_end - receiver.td_maxwin - 1)) & M32) < 0x80000000:
+        return False
+    maxackwin = sender.td_maxwin if sender.td_maxwin > MAXACKWINCONST else MAXACKWINCONST
+    if not 0 < ((ack - (r_end - maxackwin - 1)) & M32) < 0x80000000:
+        return False
+    update(conn, sender, receiver, direction, I_ACK, ACK, seq, ack, ack, end,
+           (win_raw << sender.td_scale) & M32, win_raw)
+    return True
