@@ -51,7 +51,7 @@ ICMP4_PAIRS = {8: (0, 0), 0: (0, 1), 13: (1, 0), 14: (1, 1), 15: (2, 0), 16: (2,
 ICMP6_PAIRS = {128: (0, 0), 129: (0, 1), 139: (1, 0), 140: (1, 1)}
 ICMP6_UNTRACKED = frozenset((130, 131, 132, 133, 134, 135, 136, 143))
 MAX_FRAGMENTS = 1024
-_TCP_HEAD = struct.Struct("!HHIIHH")  # ports, seq, ack, data offset and flags, window
+_TCP_REST = struct.Struct("!IIHH")  # seq, ack, data offset and flags, window
 _TS_ONLY = b"\x01\x01\x08\x0a"  # NOP NOP timestamp: the kernel reads no SACK there
 UDP_STREAM_AFTER = 2.0
 
@@ -62,7 +62,7 @@ class Conn:
     __slots__ = ("key", "proto", "version", "orig_src", "orig", "state", "seen", "seen_reply",
                  "assured", "confirmed", "dead", "last_index", "last_dir", "last_seq", "last_end",
                  "last_win", "last_ack", "last_flags", "last_wscale", "last_seg", "retrans",
-                 "packets", "nbytes", "created", "stream_at", "timeout")
+                 "packets", "nbytes", "created", "stream_at", "timeout", "fast_keys")
 
     def __init__(self, key: Any, p: Parsed, orig: tuple[bytes, int, bytes, int], now: float):
         self.key = key
@@ -84,6 +84,7 @@ class Conn:
         self.created = now
         self.stream_at = now + UDP_STREAM_AFTER
         self.timeout = 30.0
+        self.fast_keys: tuple[bytes, bytes] | None = None  # Conntrack.fast entries
 
     def describe(self, now: float) -> dict[str, Any]:
         src, sport, dst, dport = self.orig
@@ -103,14 +104,18 @@ class Conntrack:
 
     def __init__(self, max_entries: int, timeouts: dict[str, float], liberal: bool = False,
                  loose: bool = True):
-        self.table: FlowTable[Any, Conn] = FlowTable(max_entries, timeout=30.0, evict="lru")
-        self.t = {**TIMEOUTS, **timeouts}
-        self.liberal, self.loose = liberal, loose
+        self.table: FlowTable[Any, Conn] = FlowTable(max_entries, timeout=30.0, evict="lru",
+                                                     on_evict=self._evicted)
+        #: established TCP connections by their raw address-and-ports bytes, both
+        #: directions (the fast path: one slice of the frame, one dict lookup)
+        self.fast: dict[bytes, tuple[Conn, int]] = {}
+        self.configure(timeouts, liberal, loose)
         self.fragments: OrderedDict[Any, Conn | None] = OrderedDict()
         self.by_state: dict[str, int] = {}
 
     def configure(self, timeouts: dict[str, float], liberal: bool, loose: bool) -> None:
         self.t = {**TIMEOUTS, **timeouts}
+        self.t_fast = (self.t["tcp_established"], self.t["tcp_retrans"], self.t["tcp_unack"])
         self.liberal, self.loose = liberal, loose
 
     # -- the lookup ---------------------------------------------------------------------
@@ -133,6 +138,29 @@ class Conntrack:
             self._remember_fragment(p, conn)
         return state, conn, d
 
+    def _evicted(self, key: Any, conn: Conn, reason: str) -> None:
+        self._unfast(conn)
+
+    def _unfast(self, conn: Conn) -> None:
+        keys = conn.fast_keys
+        if keys is not None:
+            conn.fast_keys = None
+            self.fast.pop(keys[0], None)
+            self.fast.pop(keys[1], None)
+
+    def pop(self, key: Any) -> None:
+        """Forget a connection now (every way it can be found)."""
+        conn = self.table.pop(key)
+        if conn is not None:
+            self._unfast(conn)
+
+    def clear(self) -> int:
+        n = len(self.table)
+        self.table.clear()
+        self.fast.clear()
+        self.fragments.clear()
+        return n
+
     def confirm(self, conn: Conn, now: float) -> None:
         """The packet that created ``conn`` was accepted: keep it."""
         if not conn.confirmed and not conn.dead:
@@ -145,7 +173,7 @@ class Conntrack:
             return None, 0
         due = self.table.deadline(key)
         if due is not None and due <= now:  # expired, not yet collected
-            self.table.pop(key)
+            self.pop(key)
             return None, 0
         return conn, 0 if conn.orig_src == src else 1
 
@@ -174,22 +202,26 @@ class Conntrack:
         if data[12] == 8 and data[13] == 0 and n >= 54 and data[14] == 0x45:
             if data[23] != 6 or data[20] & 0x3F or data[21]:
                 return None
-            l4, src, dst = 34, bytes(data[26:30]), bytes(data[30:34])
+            l4, raw = 34, bytes(data[26:38])  # src, dst, sport, dport
             ip_len = (data[16] << 8) | data[17]
         elif data[12] == 0x86 and data[13] == 0xDD and n >= 74 and data[20] == 6:
-            l4, src, dst = 54, bytes(data[22:38]), bytes(data[38:54])
+            l4, raw = 54, bytes(data[22:58])
             ip_len = 40 + ((data[18] << 8) | data[19])
         else:
             return None
-        sport, dport, seq, ack, offflags, win = _TCP_HEAD.unpack_from(data, l4)
+        seq, ack, offflags, win = _TCP_REST.unpack_from(data, l4 + 4)
         if offflags & 0x37 != tcpct.ACK:
             return None
-        a, b = (src, sport), (dst, dport)
-        key = (6, a, b) if a < b else (6, b, a)
-        conn = self.table.lookup(key)
-        if conn is None or conn.state != tcpct.ES or not conn.seen_reply:
-            return None
-        d = 0 if conn.orig_src == a else 1
+        hit = self.fast.get(raw)
+        if hit is None:
+            conn, d = self._fast_entry(raw)
+            if conn is None:
+                return None
+        else:
+            conn, d = hit
+            if conn.state != tcpct.ES:
+                return None
+        key = conn.key
         doff = (offflags >> 12) << 2
         if doff != 20 and conn.seen[1 - d].flags & tcpct.F_SACK and not (
                 doff == 32 and data[l4 + 20:l4 + 24] == _TS_ONLY):
@@ -200,13 +232,12 @@ class Conntrack:
         conn.packets[d] += 1
         conn.nbytes[d] += ip_len
         conn.last_index, conn.last_dir = tcpct.I_ACK, d
-        t = self.t
-        timeout = t["tcp_established"]
-        if conn.retrans >= 3 and timeout > t["tcp_retrans"]:
-            timeout = t["tcp_retrans"]
+        timeout, t_retrans, t_unack = self.t_fast
+        if conn.retrans >= 3 and timeout > t_retrans:
+            timeout = t_retrans
         elif (conn.seen[0].flags | conn.seen[1].flags) & tcpct.F_UNACKED and \
-                timeout > t["tcp_unack"]:
-            timeout = t["tcp_unack"]
+                timeout > t_unack:
+            timeout = t_unack
         if not conn.assured:
             conn.assured = True
             self._refresh(conn, now, timeout)
@@ -215,6 +246,25 @@ class Conntrack:
         else:
             self.table.touch(key, now)
         return conn
+
+    def _fast_entry(self, raw: bytes) -> tuple[Conn | None, int]:
+        """The established, answered, kept TCP connection of ``raw`` (addresses and ports
+        as in the frame), entered in :attr:`fast` for both directions; or (None, 0)."""
+        half = (len(raw) - 4) // 2
+        src, dst = raw[:half], raw[half:2 * half]
+        sport = (raw[-4] << 8) | raw[-3]
+        dport = (raw[-2] << 8) | raw[-1]
+        a, b = (src, sport), (dst, dport)
+        conn = self.table.lookup((6, a, b) if a < b else (6, b, a))
+        if conn is None or conn.state != tcpct.ES or not conn.seen_reply or \
+                not conn.confirmed or conn.fast_keys is not None:
+            return None, 0
+        back = dst + src + raw[-2:] + raw[-4:-2]
+        conn.fast_keys = (raw, back)
+        d = 0 if conn.orig_src == a else 1
+        self.fast[raw] = (conn, d)
+        self.fast[back] = (conn, 1 - d)
+        return conn, d
 
     def _tcp(self, data: bytearray | bytes, p: Parsed, now: float
              ) -> tuple[str, Conn | None, int]:
@@ -232,7 +282,7 @@ class Conntrack:
             info = self._ctinfo(conn, d)
             res = self._tcp_packet(conn, d, data, p, now)
             if res == tcpct.REOPEN:
-                self.table.pop(key)
+                self.pop(key)
                 continue
             if res == tcpct.INVALID:
                 return INVALID, None, 0
@@ -310,7 +360,7 @@ class Conntrack:
     def _kill(self, conn: Conn) -> None:
         conn.dead = True
         if conn.confirmed:
-            self.table.pop(conn.key)
+            self.pop(conn.key)
 
     def _rst_checks(self, conn: Conn, d: int, p: Parsed, old: int) -> str | None:
         """The kernel's checks of a RST: INVALID, "keep" (the state stays: a challenge
@@ -382,7 +432,7 @@ class Conntrack:
         key = (p.proto, requester, responder, p.iid, kind)
         conn = self.table.lookup(key)
         if conn is not None and (self.table.deadline(key) or now + 1) <= now:
-            self.table.pop(key)
+            self.pop(key)
             conn = None
         if conn is None:
             if is_reply:

@@ -117,10 +117,7 @@ class Firewall(Service):
 
     def act(self, action: str, now: float) -> dict[str, Any]:
         if action == "conntrack-flush":
-            n = len(self.ct.table)
-            self.ct.table.clear()
-            self.ct.fragments.clear()
-            return {"flushed": n}
+            return {"flushed": self.ct.clear()}
         return super().act(action, now)
 
     # -- per frame ----------------------------------------------------------------------

@@ -230,25 +230,27 @@ def in_window(conn: Conn, direction: int, index: int, data: bytearray | bytes, p
 
 def update(conn: Conn, sender: Side, receiver: Side, direction: int, index: int, flags: int,
            seq: int, ack: int, sack: int, end: int, win: int, win_raw: int) -> None:
-    """What an accepted segment teaches about both sides (``win`` already scaled)."""
+    """What an accepted segment teaches about both sides (``win`` already scaled).
+    Sequence comparisons are written out (``0 < (a - b) mod 2**32 < 2**31`` is "a after
+    b"): this runs for every accepted segment."""
     swin = (win + (sack - ack)) & M32
     if sender.td_maxwin < swin:
         sender.td_maxwin = swin
-    if after(end, sender.td_end):
+    if 0 < ((end - sender.td_end) & M32) < 0x80000000:
         sender.td_end = end
         sender.flags |= F_UNACKED
     if flags & ACK:
         if not sender.flags & F_MAXACK:
             sender.td_maxack = ack
             sender.flags |= F_MAXACK
-        elif after(ack, sender.td_maxack):
+        elif 0 < ((ack - sender.td_maxack) & M32) < 0x80000000:
             sender.td_maxack = ack
-    if receiver.td_maxwin != 0 and after(end, sender.td_maxend):
-        receiver.td_maxwin = (receiver.td_maxwin + end - sender.td_maxend) & M32
-    if after((sack + win) & M32, (receiver.td_maxend - 1) & M32):
-        receiver.td_maxend = (sack + win) & M32
-        if win == 0:
-            receiver.td_maxend = (receiver.td_maxend + 1) & M32
+    over = (end - sender.td_maxend) & M32
+    if receiver.td_maxwin != 0 and 0 < over < 0x80000000:
+        receiver.td_maxwin = (receiver.td_maxwin + over) & M32
+    right = (sack + win) & M32
+    if 0 < ((right - receiver.td_maxend + 1) & M32) < 0x80000000:
+        receiver.td_maxend = (right + 1) & M32 if win == 0 else right
     if ack == receiver.td_end:
         receiver.flags &= ~F_UNACKED
     if index == I_ACK:
