@@ -40,6 +40,7 @@ from typing import Any
 import vtl.services.firewall.tcpct as tcpct
 from vtl.services.firewall.options import TIMEOUTS
 from vtl.services.firewall.parse import Parsed
+from vtl.services.firewall.tcpct import ES, F_SACK, F_UNACKED, I_ACK, M32, established_ack
 
 from vtl.flow import FlowTable
 from vtl.packet.addr import ip_str
@@ -210,7 +211,7 @@ class Conntrack:
         else:
             return None
         seq, ack, offflags, win = _TCP_REST.unpack_from(data, l4 + 4)
-        if offflags & 0x37 != tcpct.ACK:
+        if offflags & 0x37 != 0x10:  # ACK alone (PSH, ECE, CWR allowed)
             return None
         hit = self.fast.get(raw)
         if hit is None:
@@ -219,32 +220,28 @@ class Conntrack:
                 return None
         else:
             conn, d = hit
-            if conn.state != tcpct.ES:
+            if conn.state != ES:
                 return None
-        key = conn.key
         doff = (offflags >> 12) << 2
-        if doff != 20 and conn.seen[1 - d].flags & tcpct.F_SACK and not (
+        if doff != 20 and conn.seen[1 - d].flags & F_SACK and not (
                 doff == 32 and data[l4 + 20:l4 + 24] == _TS_ONLY):
             return None
-        if not tcpct.established_ack(conn, d, seq, ack, win,
-                                     (seq + ip_len - (l4 - 14) - doff) & tcpct.M32):
+        if not established_ack(conn, d, seq, ack, win, (seq + ip_len - l4 + 14 - doff) & M32):
             return None
         conn.packets[d] += 1
         conn.nbytes[d] += ip_len
-        conn.last_index, conn.last_dir = tcpct.I_ACK, d
+        conn.last_index = I_ACK
+        conn.last_dir = d
         timeout, t_retrans, t_unack = self.t_fast
         if conn.retrans >= 3 and timeout > t_retrans:
             timeout = t_retrans
-        elif (conn.seen[0].flags | conn.seen[1].flags) & tcpct.F_UNACKED and \
-                timeout > t_unack:
+        elif (conn.seen[0].flags | conn.seen[1].flags) & F_UNACKED and timeout > t_unack:
             timeout = t_unack
-        if not conn.assured:
+        if timeout == conn.timeout and conn.assured:
+            self.table.touch(conn.key, now)
+        else:
             conn.assured = True
             self._refresh(conn, now, timeout)
-        elif timeout != conn.timeout:
-            self._refresh(conn, now, timeout)
-        else:
-            self.table.touch(key, now)
         return conn
 
     def _fast_entry(self, raw: bytes) -> tuple[Conn | None, int]:

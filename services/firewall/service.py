@@ -98,6 +98,7 @@ class Firewall(Service):
         self.rules = RuleSet(options, ctx.compile_filter)
         self.spoof = AntiSpoof(options.guest_macs, options.guest_ips, options.learn_guest,
                                options.block_servers)
+        self.spoof_on = self.spoof.active  # fixed by the options
         self.log_bucket = Bucket(options.log_rate, max(1, int(options.log_rate * 2)), 0.0)
 
     def retune(self, options: FirewallOptions, now: float) -> None:
@@ -113,6 +114,7 @@ class Firewall(Service):
                               options.block_servers)
         self.ct.configure(options.timeouts, options.liberal, options.loose)
         self.rules, self.spoof, self.options = rules, spoof, options
+        self.spoof_on = spoof.active
         self.log_bucket = Bucket(options.log_rate, max(1, int(options.log_rate * 2)), now)
 
     def act(self, action: str, now: float) -> dict[str, Any]:
@@ -125,8 +127,8 @@ class Firewall(Service):
     def process(self, frame: Frame, direction: Direction, now: float) -> Verdict:
         data = frame.data
         inbound = direction is TO_GUEST
-        spoof = self.spoof
-        if spoof.active:
+        if self.spoof_on:
+            spoof = self.spoof
             if inbound:
                 spoof.inbound(data, now)
             else:
