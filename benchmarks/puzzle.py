@@ -26,7 +26,8 @@ flipped cookie byte -> refused after hashing).
 Section ``bridge`` (root): the server bridge of ``tests/integration/puzzlenet.py``
 under a flood from the attacker's namespace (raw sockets, 100 spoofed sources,
 budgets raised so that nothing is refused for rate): SYNs with client info (each
-gets a puzzle), then SYNs with a wrong answer (each is hashed and refused). Rows:
+gets a puzzle), then SYNs with a wrong answer (each is hashed, refused and, as a first
+packet would be, answered with a new puzzle). Rows:
 what the bridge handled per second (its counters over the flood's time), and
 what was sent.
 
@@ -244,7 +245,8 @@ def section_service(count: int, repeat: int) -> list[tuple[str, float]]:
         ("service: a frame from the guest (added)", time_us(from_guest, count, repeat) - base),
         ("service: SYN + client info -> puzzle emitted", time_us(generate, count, repeat) - mk),
         ("service: answered SYN -> verified, stripped", time_us(verify_ok, count, repeat) - mk),
-        ("service: wrong answer -> hashed, refused", time_us(verify_bad, count, repeat) - mk),
+        ("service: wrong answer -> hashed, refused, new puzzle",
+         time_us(verify_bad, count, repeat) - mk),
         ("(an empty service's process, subtracted above)", base),
     ]
     assert ctx.counters.extra["answers_valid"] and ctx.counters.extra["answers_invalid"]
