@@ -175,20 +175,58 @@ def _filter(compile_filter: Compiler, expression: str, i: int
         raise ValueError(f"rules[{i}].match: {exc}") from None
 
 
+MAX_INDEXED_PORTS = 100_000  # ports the index spells out (ranges expanded), at most
+
+
+class Index:
+    """The rules of one direction that can match a packet of a given protocol and
+    destination port, in their order: a superset of those that do match (each is
+    still tested whole), so the first match is the same as a scan of every rule's.
+    Rules of other protocols, and port rules for other ports, are left out."""
+
+    def __init__(self, rules: list[Compiled]):
+        self.rules = rules
+        protos = {c.proto for c in rules if c.proto is not None}
+        anyproto = [c for c in rules if c.proto is None]
+        self.by_proto = {p: [c for c in rules if c.proto in (None, p)] for p in protos}
+        self.other = anyproto  # protocols no rule names
+        self.by_port: dict[tuple[int, int], list[Compiled]] = {}
+        self.no_port: dict[int, list[Compiled]] = {}
+        spelled = sum(hi - lo + 1 for c in rules for lo, hi in (c.dport or ()))
+        if spelled > MAX_INDEXED_PORTS:
+            return  # too wide to spell out: the protocol lists do
+        for proto in protos & {6, 17, 132, 33}:
+            candidates = self.by_proto[proto]
+            self.no_port[proto] = [c for c in candidates if c.dport is None]
+            ports = {port for c in candidates for lo, hi in (c.dport or ())
+                     for port in range(lo, hi + 1)}
+            for port in ports:
+                self.by_port[(proto, port)] = [
+                    c for c in candidates if c.dport is None
+                    or any(lo <= port <= hi for lo, hi in c.dport)]
+
+    def candidates(self, p: Parsed) -> list[Compiled]:
+        proto = p.proto
+        if proto in self.no_port and p.frag != 2:
+            hit = self.by_port.get((proto, p.dport))
+            return hit if hit is not None else self.no_port[proto]
+        return self.by_proto.get(proto, self.other)
+
+
 class RuleSet:
-    """The rules of both directions, compiled (immutable once built)."""
+    """The rules of both directions, compiled and indexed (immutable once built)."""
 
     def __init__(self, o: FirewallOptions, compile_filter: Compiler):
         compiled = [compile_rule(i, r, o.sets, compile_filter) for i, r in enumerate(o.rules)]
         self.all = compiled
-        self.rules_in = [c for c in compiled if c.rule.dir in ("in", "both")]
-        self.rules_out = [c for c in compiled if c.rule.dir in ("out", "both")]
+        self.rules_in = Index([c for c in compiled if c.rule.dir in ("in", "both")])
+        self.rules_out = Index([c for c in compiled if c.rule.dir in ("out", "both")])
         self.default_in, self.default_out = o.default_in, o.default_out
 
     def decide(self, inbound: bool, data: bytearray | bytes, p: Parsed, state: str,
                now: float) -> tuple[str, Compiled | None]:
         """(action, the rule that matched or None for the default)."""
-        for c in self.rules_in if inbound else self.rules_out:
+        for c in (self.rules_in if inbound else self.rules_out).candidates(p):
             if c.matches(data, p, state, now):
                 c.packets += 1
                 c.nbytes += p.end - p.l3
