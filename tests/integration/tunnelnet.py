@@ -403,6 +403,8 @@ def tshark_fields(pcap: Path, fields: list[str], display_filter: str = "",
     UDP checksums validated (so ``*.checksum.status`` fields mean something)."""
     argv = ["tshark", "-n", "-r", str(pcap), "-d", f"udp.port=={VXLAN_PORT},vxlan",
             "--disable-protocol", "http",  # the seeded bodies are random bytes, not HTTP
+            # and no heuristic dissector may guess a protocol in them (thrift did once)
+            "-d", "tcp.port==8080,data",
             "-T", "fields", "-E", "separator=\t", "-E", "occurrence=a", "-E", "aggregator=;"]
     if checksums:
         argv += ["-o", "tcp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE",
