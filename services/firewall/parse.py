@@ -1,6 +1,6 @@
 """What the firewall reads of a frame: addresses, ports, TCP fields, ICMP and what it quotes.
 
-:func:`parse` reads an untagged or single-tagged Ethernet frame carrying IPv4 or IPv6
+:func:`parse` reads an Ethernet frame (its VLAN tags walked by ``walk_tags``) carrying IPv4 or IPv6
 with plain byte indexing (it runs for every frame the firewall sees: building
 :mod:`vtl.packet` views would cost more than the whole lookup). It returns None
 for what is not IP (ARP, other ethertypes: the service decides about those) and
@@ -19,9 +19,11 @@ sequence number).
 
 from __future__ import annotations
 
+from vtl.errors import PacketError
+from vtl.packet.ethernet import walk_tags
 from vtl.packet.tcp import walk_options
 
-ETH_IP, ETH_IP6, ETH_VLAN, ETH_QINQ = 0x0800, 0x86DD, 0x8100, 0x88A8
+ETH_IP, ETH_IP6 = 0x0800, 0x86DD
 V4_ERRORS = frozenset((3, 4, 5, 11, 12))
 V6_ERRORS = frozenset((1, 2, 3, 4))
 _V6_EXT = frozenset((0, 43, 60))
@@ -57,21 +59,12 @@ class Parsed:
                 f"{self.dst.hex()}:{self.dport} flags={self.flags:#x} bad={self.bad})")
 
 
-def l3_offset(data: bytearray | bytes) -> tuple[int, int]:
-    """(offset of the L3 header, ethertype), after up to two VLAN tags."""
-    off = 12
-    et = (data[12] << 8) | data[13]
-    while et in (ETH_VLAN, ETH_QINQ) and len(data) >= off + 6:
-        off += 4
-        et = (data[off] << 8) | data[off + 1]
-    return off + 2, et
-
-
 def parse(data: bytearray | bytes) -> Parsed | None:
     """The IP packet of an Ethernet frame, or None when the frame is not IP."""
-    if len(data) < 14:
+    try:
+        _, l3, et = walk_tags(data)
+    except PacketError:  # truncated, or more VLAN tags than a frame may carry
         return None
-    l3, et = l3_offset(data)
     if et == ETH_IP:
         return _ip4(data, l3, len(data), True)
     if et == ETH_IP6:
