@@ -168,13 +168,20 @@ class Conntrack:
             conn.confirmed = True
             self.table.put(conn.key, conn, now, timeout=conn.timeout, rank=0)
 
-    def _find(self, key: Any, src: tuple[bytes, int], now: float) -> tuple[Conn | None, int]:
+    def _live(self, key: Any, now: float) -> Conn | None:
+        """The connection under ``key``, unless it expired (and was not yet collected)."""
         conn = self.table.lookup(key)
         if conn is None:
-            return None, 0
+            return None
         due = self.table.deadline(key)
-        if due is not None and due <= now:  # expired, not yet collected
+        if due is not None and due <= now:
             self.pop(key)
+            return None
+        return conn
+
+    def _find(self, key: Any, src: tuple[bytes, int], now: float) -> tuple[Conn | None, int]:
+        conn = self._live(key, now)
+        if conn is None:
             return None, 0
         return conn, 0 if conn.orig_src == src else 1
 
@@ -427,10 +434,7 @@ class Conntrack:
         kind, is_reply = pair
         requester, responder = (p.dst, p.src) if is_reply else (p.src, p.dst)
         key = (p.proto, requester, responder, p.iid, kind)
-        conn = self.table.lookup(key)
-        if conn is not None and (self.table.deadline(key) or now + 1) <= now:
-            self.pop(key)
-            conn = None
+        conn = self._live(key, now)
         if conn is None:
             if is_reply:
                 return INVALID, None, 0
