@@ -471,7 +471,8 @@ class Bridge:
     def _write(self, port: Port, frame: Frame) -> None:
         try:
             if port.vnet:
-                if frame.vnet is None:
+                head = frame.vnet_bytes()
+                if head is None:
                     # from a port without virtio headers: its checksums may be unfinished
                     # (libpcap on an interface with checksum offload) and its frames
                     # oversized (GRO/TSO); let the kernel finish them
@@ -480,8 +481,8 @@ class Bridge:
                         from vtl.packet.offload import prepare_offloads  # rare: kinds differ
 
                         prepare_offloads(frame, port.mtu, csum=not other.vnet)
-                port.send_parts(NO_OFFLOAD if frame.vnet is None else frame.vnet.pack(),
-                                frame.data)
+                    head = frame.vnet_bytes() or NO_OFFLOAD
+                port.send_parts(head, frame.data)
             elif frame.vnet is not None and not frame.vnet.is_plain:
                 from vtl.packet.offload import complete_offloads  # rare: port kinds differ
 

@@ -143,8 +143,7 @@ class VxlanEndpoint:
         elif not self._bind(mac, remote):
             self.c["tx_dropped"] += 1
             return False
-        vnet = frame.vnet
-        hdr = NO_OFFLOAD if vnet is None else vnet.pack()
+        hdr = frame.vnet_bytes() or NO_OFFLOAD
         if self.deferred:
             self._queue.append((hdr, data))
             return True

@@ -53,6 +53,7 @@ ICMP6_PAIRS = {128: (0, 0), 129: (0, 1), 139: (1, 0), 140: (1, 1)}
 ICMP6_UNTRACKED = frozenset((130, 131, 132, 133, 134, 135, 136, 143))
 MAX_FRAGMENTS = 1024
 _TCP_REST = struct.Struct("!IIHH")  # seq, ack, data offset and flags, window
+_NEVER = float("inf")
 _TS_ONLY = b"\x01\x01\x08\x0a"  # NOP NOP timestamp: the kernel reads no SACK there
 UDP_STREAM_AFTER = 2.0
 
@@ -110,6 +111,10 @@ class Conntrack:
         #: established TCP connections by their raw address-and-ports bytes, both
         #: directions (the fast path: one slice of the frame, one dict lookup)
         self.fast: dict[bytes, tuple[Conn, int]] = {}
+        #: no entry is due before this (a lower bound, kept without walking the table:
+        #: the bridge asks after every batch of frames, and a refresh only moves a
+        #: deadline later; exact again after each :meth:`expire`)
+        self.due = _NEVER
         self.configure(timeouts, liberal, loose)
         self.fragments: OrderedDict[Any, Conn | None] = OrderedDict()
         self.by_state: dict[str, int] = {}
@@ -159,6 +164,7 @@ class Conntrack:
         n = len(self.table)
         self.table.clear()
         self.fast.clear()
+        self.due = _NEVER
         self.fragments.clear()
         return n
 
@@ -167,6 +173,8 @@ class Conntrack:
         if not conn.confirmed and not conn.dead:
             conn.confirmed = True
             self.table.put(conn.key, conn, now, timeout=conn.timeout, rank=0)
+            if now + conn.timeout < self.due:
+                self.due = now + conn.timeout
 
     def _live(self, key: Any, now: float) -> Conn | None:
         """The connection under ``key``, unless it expired (and was not yet collected)."""
@@ -189,6 +197,8 @@ class Conntrack:
         conn.timeout = timeout
         if conn.confirmed:
             self.table.touch(conn.key, now, timeout=timeout, rank=1 if conn.assured else 0)
+            if now + timeout < self.due:
+                self.due = now + timeout
 
     @staticmethod
     def _ctinfo(conn: Conn, d: int) -> str:
@@ -514,10 +524,13 @@ class Conntrack:
     # -- time and reports --------------------------------------------------------------
 
     def poll_at(self) -> float | None:
-        return self.table.poll_at()
+        return None if self.due == _NEVER else self.due
 
     def expire(self, now: float) -> int:
-        return self.table.expire(now, 4096)
+        n = self.table.expire(now, 4096)
+        due = self.table.poll_at()
+        self.due = _NEVER if due is None else due
+        return n
 
     def connections(self, now: float, limit: int = 1000) -> list[dict[str, Any]]:
         return [c.describe(now) for _, c in self.table.items()[:limit]]

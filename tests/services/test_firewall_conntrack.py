@@ -93,3 +93,37 @@ def test_the_fast_path_takes_an_established_ack() -> None:
     assert ct.fast_tcp(seg(False, "PA", 5101, 1001, 100, ts=True), 0.2) is not None
     assert ct.fast_tcp(seg(False, "FA", 5201, 1001, 0), 0.3) is None, "a FIN: full path"
     assert ct.fast_tcp(seg(False, "A", 5201 + (1 << 30), 1001, 0), 0.3) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.booleans(), st.sampled_from(["S", "SA", "A", "R"]),
+                          st.floats(0.0, 8.0)), min_size=1, max_size=30))
+def test_poll_at_is_never_later_than_the_first_entry_due(steps: list[tuple]) -> None:
+    """The bridge asks for poll_at after every batch, so it is kept without walking the
+    table; it may be early (a spurious wake-up), never late (a connection outliving its
+    timeout), and it is exact after an expiry."""
+    ct = Conntrack(1000, {"tcp_syn_sent": 5.0, "tcp_close": 1.0, "tcp_established": 60.0})
+    now = 0.0
+    for flow, out, flags, dt in steps:
+        now += dt
+        seq, ack = (1000, 0) if out else (5000, 1001)
+        frame = seg(out, flags, seq + (flags != "S" and out), ack if flags != "A" else 5001, 0)
+        at = 34 if out else 36  # the guest's port tells the flows apart
+        frame[at:at + 2] = (40000 + flow).to_bytes(2, "big")
+        feed(ct, frame, now, fast=True)
+        due, exact = ct.poll_at(), ct.table.poll_at()
+        if exact is not None:  # (with nothing left, an early wake-up finds nothing)
+            assert due is not None and due <= exact
+        if due is not None and due <= now + 1.0:
+            ct.expire(now + 1.0)
+            assert ct.poll_at() == ct.table.poll_at()
+
+
+def test_poll_at_comes_earlier_when_a_reset_shortens_a_timeout() -> None:
+    ct = Conntrack(1000, {"tcp_established": 60.0, "tcp_close": 1.0})
+    for out, flags, seq, ack in ((True, "S", 1000, 0), (False, "SA", 5000, 1001),
+                                 (True, "A", 1001, 5001)):
+        feed(ct, seg(out, flags, seq, ack, 0), 0.0, fast=False)
+    assert ct.poll_at() == ct.table.poll_at() == 60.0
+    assert feed(ct, seg(False, "R", 5001, 0, 0), 0.5, fast=False) == "established"
+    assert ct.table.poll_at() == ct.poll_at() == 1.5
