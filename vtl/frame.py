@@ -34,6 +34,7 @@ VIRTIO_NET_HDR_GSO_TCPV6 = 4
 VIRTIO_NET_HDR_GSO_UDP_L4 = 5
 VIRTIO_NET_HDR_GSO_ECN = 0x80
 
+_new_frame = object.__new__  # Frame.from_wire skips __init__'s checks: it has a bytearray
 _VNET = struct.Struct("<BBHHHH")  # legacy header, little-endian (x86 guests and hosts)
 NO_OFFLOAD = bytes(VNET_HDR_LEN)
 
@@ -124,14 +125,15 @@ class Frame:
             return cls(raw if owned else bytearray(raw))  # type: ignore[arg-type]
         if len(raw) < VNET_HDR_LEN:
             raise PacketError("frame shorter than its virtio-net header")
-        head = bytes(raw[:VNET_HDR_LEN])
+        head = raw[:VNET_HDR_LEN]
+        frame = _new_frame(cls)
         if owned:
             del raw[:VNET_HDR_LEN]  # type: ignore[union-attr]
-            frame = cls(raw)
+            frame.data = raw  # type: ignore[assignment]
         else:  # one copy, not two: slicing ``raw`` itself would copy 64 KB GSO frames twice
-            frame = cls(bytearray(memoryview(raw)[VNET_HDR_LEN:]))
-        if head != NO_OFFLOAD:
-            frame._vraw = head
+            frame.data = bytearray(memoryview(raw)[VNET_HDR_LEN:])
+        frame._vnet = None
+        frame._vraw = None if head == NO_OFFLOAD else bytes(head)
         return frame
 
     def to_wire(self, with_vnet: bool) -> bytes:

@@ -33,28 +33,24 @@ Timeouts are the kernel's names and defaults (``options.TIMEOUTS``).
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 from typing import Any
 
 import vtl.services.firewall.tcpct as tcpct
+from vtl.services.firewall.fastpath import ESTABLISHED, NEW, FastPath
 from vtl.services.firewall.options import TIMEOUTS
 from vtl.services.firewall.parse import Parsed
-from vtl.services.firewall.tcpct import ES, F_SACK, F_UNACKED, I_ACK, M32, established_ack
 
 from vtl.flow import FlowTable
 from vtl.packet.addr import ip_str
 
-NEW, ESTABLISHED, RELATED, INVALID, UNTRACKED = ("new", "established", "related", "invalid",
-                                                 "untracked")
+RELATED, INVALID, UNTRACKED = "related", "invalid", "untracked"
 ICMP4_PAIRS = {8: (0, 0), 0: (0, 1), 13: (1, 0), 14: (1, 1), 15: (2, 0), 16: (2, 1),
                17: (3, 0), 18: (3, 1)}  # type -> (pair, 0 request / 1 reply)
 ICMP6_PAIRS = {128: (0, 0), 129: (0, 1), 139: (1, 0), 140: (1, 1)}
 ICMP6_UNTRACKED = frozenset((130, 131, 132, 133, 134, 135, 136, 143))
 MAX_FRAGMENTS = 1024
-_TCP_REST = struct.Struct("!IIHH")  # seq, ack, data offset and flags, window
 _NEVER = float("inf")
-_TS_ONLY = b"\x01\x01\x08\x0a"  # NOP NOP timestamp: the kernel reads no SACK there
 UDP_STREAM_AFTER = 2.0
 
 
@@ -64,7 +60,8 @@ class Conn:
     __slots__ = ("key", "proto", "version", "orig_src", "orig", "state", "seen", "seen_reply",
                  "assured", "confirmed", "dead", "last_index", "last_dir", "last_seq", "last_end",
                  "last_win", "last_ack", "last_flags", "last_wscale", "last_seg", "retrans",
-                 "packets", "nbytes", "created", "stream_at", "timeout", "fast_keys")
+                 "packets", "nbytes", "created", "stream_at", "timeout", "until", "fast_keys",
+                 "verdict")
 
     def __init__(self, key: Any, p: Parsed, orig: tuple[bytes, int, bytes, int], now: float):
         self.key = key
@@ -86,7 +83,12 @@ class Conn:
         self.created = now
         self.stream_at = now + UDP_STREAM_AFTER
         self.timeout = 30.0
-        self.fast_keys: tuple[bytes, bytes] | None = None  # Conntrack.fast entries
+        self.until = 0.0  # when it expires, once kept (the table's deadline, for the fast path)
+        self.fast_keys: tuple[bytes, bytes] | None = None  # FastPath's entries
+        #: (rule set generation, accepting rule or None for the default): how the rules
+        #: decided this UDP flow's first packet, when that decision holds for the next
+        #: ones (see .fastpath)
+        self.verdict: tuple[int, Any] | None = None
 
     def describe(self, now: float) -> dict[str, Any]:
         src, sport, dst, dport = self.orig
@@ -101,7 +103,7 @@ class Conn:
                 "timeout_s": self.timeout}
 
 
-class Conntrack:
+class Conntrack(FastPath):
     """The table and the per-protocol trackers (see the module docstring)."""
 
     def __init__(self, max_entries: int, timeouts: dict[str, float], liberal: bool = False,
@@ -110,7 +112,8 @@ class Conntrack:
                                                      on_evict=self._evicted)
         #: established TCP connections by their raw address-and-ports bytes, both
         #: directions (the fast path: one slice of the frame, one dict lookup)
-        self.fast: dict[bytes, tuple[Conn, int]] = {}
+        self.fast_tcp: dict[bytes, tuple[Conn, int]] = {}
+        self.fast_udp: dict[bytes, tuple[Conn, int]] = {}  # the same for answered UDP
         #: no entry is due before this (a lower bound, kept without walking the table:
         #: the bridge asks after every batch of frames, and a refresh only moves a
         #: deadline later; exact again after each :meth:`expire`)
@@ -151,8 +154,9 @@ class Conntrack:
         keys = conn.fast_keys
         if keys is not None:
             conn.fast_keys = None
-            self.fast.pop(keys[0], None)
-            self.fast.pop(keys[1], None)
+            fast = self.fast_tcp if conn.proto == 6 else self.fast_udp
+            fast.pop(keys[0], None)
+            fast.pop(keys[1], None)
 
     def pop(self, key: Any) -> None:
         """Forget a connection now (every way it can be found)."""
@@ -163,7 +167,8 @@ class Conntrack:
     def clear(self) -> int:
         n = len(self.table)
         self.table.clear()
-        self.fast.clear()
+        self.fast_tcp.clear()
+        self.fast_udp.clear()
         self.due = _NEVER
         self.fragments.clear()
         return n
@@ -173,6 +178,7 @@ class Conntrack:
         if not conn.confirmed and not conn.dead:
             conn.confirmed = True
             self.table.put(conn.key, conn, now, timeout=conn.timeout, rank=0)
+            conn.until = now + conn.timeout
             if now + conn.timeout < self.due:
                 self.due = now + conn.timeout
 
@@ -197,6 +203,7 @@ class Conntrack:
         conn.timeout = timeout
         if conn.confirmed:
             self.table.touch(conn.key, now, timeout=timeout, rank=1 if conn.assured else 0)
+            conn.until = now + timeout
             if now + timeout < self.due:
                 self.due = now + timeout
 
@@ -209,76 +216,6 @@ class Conntrack:
         conn.nbytes[d] += p.end - p.l3
 
     # -- TCP -----------------------------------------------------------------------------
-
-    def fast_tcp(self, data: bytearray | bytes, now: float) -> Conn | None:
-        """An in-window ACK of an established, answered TCP connection, read straight off
-        the frame (untagged IPv4 without options and not a fragment, or IPv6 without
-        extension headers; no SACK blocks to read): its connection, updated exactly as
-        the full path would, so its state is ``established``. None: nothing was changed,
-        take the full path (:meth:`lookup`). Most frames of a busy flow take this one."""
-        n = len(data)
-        if data[12] == 8 and data[13] == 0 and n >= 54 and data[14] == 0x45:
-            if data[23] != 6 or data[20] & 0x3F or data[21]:
-                return None
-            l4, raw = 34, bytes(data[26:38])  # src, dst, sport, dport
-            ip_len = (data[16] << 8) | data[17]
-        elif data[12] == 0x86 and data[13] == 0xDD and n >= 74 and data[20] == 6:
-            l4, raw = 54, bytes(data[22:58])
-            ip_len = 40 + ((data[18] << 8) | data[19])
-        else:
-            return None
-        seq, ack, offflags, win = _TCP_REST.unpack_from(data, l4 + 4)
-        if offflags & 0x37 != 0x10:  # ACK alone (PSH, ECE, CWR allowed)
-            return None
-        hit = self.fast.get(raw)
-        if hit is None:
-            conn, d = self._fast_entry(raw)
-            if conn is None:
-                return None
-        else:
-            conn, d = hit
-            if conn.state != ES:
-                return None
-        doff = (offflags >> 12) << 2
-        if doff != 20 and conn.seen[1 - d].flags & F_SACK and not (
-                doff == 32 and data[l4 + 20:l4 + 24] == _TS_ONLY):
-            return None
-        if not established_ack(conn, d, seq, ack, win, (seq + ip_len - l4 + 14 - doff) & M32):
-            return None
-        conn.packets[d] += 1
-        conn.nbytes[d] += ip_len
-        conn.last_index = I_ACK
-        conn.last_dir = d
-        timeout, t_retrans, t_unack = self.t_fast
-        if conn.retrans >= 3 and timeout > t_retrans:
-            timeout = t_retrans
-        elif (conn.seen[0].flags | conn.seen[1].flags) & F_UNACKED and timeout > t_unack:
-            timeout = t_unack
-        if timeout == conn.timeout and conn.assured:
-            self.table.touch(conn.key, now)
-        else:
-            conn.assured = True
-            self._refresh(conn, now, timeout)
-        return conn
-
-    def _fast_entry(self, raw: bytes) -> tuple[Conn | None, int]:
-        """The established, answered, kept TCP connection of ``raw`` (addresses and ports
-        as in the frame), entered in :attr:`fast` for both directions; or (None, 0)."""
-        half = (len(raw) - 4) // 2
-        src, dst = raw[:half], raw[half:2 * half]
-        sport = (raw[-4] << 8) | raw[-3]
-        dport = (raw[-2] << 8) | raw[-1]
-        a, b = (src, sport), (dst, dport)
-        conn = self.table.lookup((6, a, b) if a < b else (6, b, a))
-        if conn is None or conn.state != tcpct.ES or not conn.seen_reply or \
-                not conn.confirmed or conn.fast_keys is not None:
-            return None, 0
-        back = dst + src + raw[-2:] + raw[-4:-2]
-        conn.fast_keys = (raw, back)
-        d = 0 if conn.orig_src == a else 1
-        self.fast[raw] = (conn, d)
-        self.fast[back] = (conn, 1 - d)
-        return conn, d
 
     def _tcp(self, data: bytearray | bytes, p: Parsed, now: float
              ) -> tuple[str, Conn | None, int]:

@@ -21,6 +21,7 @@ address (at most :data:`MAX_SOURCES`, the idlest forgotten).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ from vtl.flow import FlowTable
 from vtl.ratelimit import Bucket
 
 MAX_SOURCES = 16384
+_GENERATIONS = itertools.count(1)
 
 Prefix = tuple[int, int, int]  # (version, network, mask)
 
@@ -222,6 +224,7 @@ class RuleSet:
         self.rules_in = Index([c for c in compiled if c.rule.dir in ("in", "both")])
         self.rules_out = Index([c for c in compiled if c.rule.dir in ("out", "both")])
         self.default_in, self.default_out = o.default_in, o.default_out
+        self.generation = next(_GENERATIONS)  # (what a remembered decision was made under)
 
     def decide(self, inbound: bool, data: bytearray | bytes, p: Parsed, state: str,
                now: float) -> tuple[str, Compiled | None]:
@@ -232,6 +235,18 @@ class RuleSet:
                 c.nbytes += p.end - p.l3
                 return c.rule.action, c
         return (self.default_in if inbound else self.default_out), None
+
+    def repeatable(self, inbound: bool, p: Parsed, rule: Compiled | None) -> bool:
+        """Would every packet with ``p``'s addresses, ports and state get the decision
+        ``rule`` made (None: the default)? Yes unless a rule tried on the way looks at
+        more than those: the payload (``match``), the time (``limit``), or has a side
+        effect per packet (``log``)."""
+        for c in (self.rules_in if inbound else self.rules_out).candidates(p):
+            if c.match is not None or c.rate is not None or c.rule.log:
+                return False
+            if c is rule:
+                return True
+        return rule is None
 
     def report(self) -> list[dict[str, Any]]:
         return [c.report() for c in self.all]

@@ -61,6 +61,7 @@ from vtl.services.firewall.antispoof import AntiSpoof
 from vtl.services.firewall.conntrack import (
     ESTABLISHED,
     INVALID,
+    NEW,
     RELATED,
     UNTRACKED,
     Conntrack,
@@ -138,15 +139,19 @@ class Firewall(Service):
                     self._log(f"anti-spoofing: {reason}", data, now)
                     return DROP
         o = self.options
-        if o.established and self.ct.fast_tcp(data, now) is not None:
-            return PASS  # an in-window segment of an established TCP flow
+        if o.established:
+            fast = self.ct.fast(data, now, self.rules.generation)
+            if fast is not None:  # most packets of a busy flow: see .fastpath
+                if fast == NEW:
+                    self.ctx.count("accepted_new")
+                return PASS
         p = parse(data)
         if p is None:
             if len(data) >= 14 and data[12] == 0x08 and data[13] == 0x06 \
                     and self.options.allow_arp_nd:
                 return PASS
             return self._default(inbound, data)
-        state, conn, _ = self.ct.lookup(data, p, now)
+        state, conn, d = self.ct.lookup(data, p, now)
         if state == UNTRACKED and o.allow_arp_nd and p.itype in ND_TYPES:
             return PASS
         if (state in (ESTABLISHED, RELATED)) and o.established:
@@ -162,6 +167,9 @@ class Firewall(Service):
         if action == "accept":
             if conn is not None and not conn.confirmed:
                 self.ct.confirm(conn, now)
+            if state == NEW and conn is not None and conn.proto == 17 and \
+                    self.rules.repeatable(inbound, p, rule):
+                conn.verdict = (self.rules.generation, rule)  # the fast path's, next time
             self.ctx.count(f"accepted_{state}")
             return PASS
         self.ctx.count(f"{action}ed" if action == "reject" else "dropped_by_rule"

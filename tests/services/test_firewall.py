@@ -189,15 +189,15 @@ def test_the_table_is_bounded_and_assured_flows_survive() -> None:
     assert h.report()["tracked"] <= 16 and h.report()["conntrack"]["evicted"] >= 184
     assert h.send(in_tcp("PA", seq=5001, ack=1001, payload=b"x"), IN, now=2.0) is PASS
     ct = h.service.ct
-    assert len(ct.fast) == 2, "the established flow, both ways, in the fast table"
+    assert len(ct.fast_tcp) == 2, "the established flow, both ways, in the fast table"
     for i in range(40):  # now TCP flows too: the old one is evicted, and so are its entries
         h.send(in_tcp("S", sport=2000 + i, dport=81), IN, now=3.0 + i / 1000)
     h.service.retune(Firewall.Options(max_entries=16, rules=[{"dir": "in", "proto": "tcp",
                                                               "action": "accept"}]), 3.1)
     for i in range(40):
         h.send(in_tcp("S", sport=3000 + i, dport=81), IN, now=3.2 + i / 1000)
-    assert all(c.key in ct.table for c, _ in ct.fast.values())
-    assert len(ct.fast) <= 2 * len(ct.table)
+    assert all(c.key in ct.table for c, _ in ct.fast_tcp.values())
+    assert len(ct.fast_tcp) <= 2 * len(ct.table)
 
 
 def test_rules_change_atomically_and_flows_stay() -> None:

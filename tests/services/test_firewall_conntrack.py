@@ -1,7 +1,7 @@
 """firewall conntrack: the fast path for established ACKs changes exactly what the full path does.
 
 Two trackers see the same random segments of one connection (after a handshake):
-one tries :meth:`Conntrack.fast_tcp` first, as the service does, the other always
+one tries :meth:`Conntrack.fast` first, as the service does, the other always
 takes the full :meth:`Conntrack.lookup`. After every segment both must agree on
 what they answered and on everything they know (states, windows, flags, counters).
 """
@@ -38,7 +38,7 @@ def snapshot(ct: Conntrack) -> list[tuple]:
 
 
 def feed(ct: Conntrack, data: bytearray, now: float, fast: bool) -> str:
-    if fast and ct.fast_tcp(data, now) is not None:
+    if fast and ct.fast(data, now, 0) is not None:
         return "established"
     p = parse(data)
     assert p is not None
@@ -89,10 +89,10 @@ def test_the_fast_path_takes_an_established_ack() -> None:
         state, conn, _ = ct.lookup(frame, p, 0.1)
         assert conn is not None
         ct.confirm(conn, 0.1)
-    assert ct.fast_tcp(seg(False, "PA", 5001, 1001, 100), 0.2) is not None
-    assert ct.fast_tcp(seg(False, "PA", 5101, 1001, 100, ts=True), 0.2) is not None
-    assert ct.fast_tcp(seg(False, "FA", 5201, 1001, 0), 0.3) is None, "a FIN: full path"
-    assert ct.fast_tcp(seg(False, "A", 5201 + (1 << 30), 1001, 0), 0.3) is None
+    assert ct.fast(seg(False, "PA", 5001, 1001, 100), 0.2, 0) is not None
+    assert ct.fast(seg(False, "PA", 5101, 1001, 100, ts=True), 0.2, 0) is not None
+    assert ct.fast(seg(False, "FA", 5201, 1001, 0), 0.3, 0) is None, "a FIN: full path"
+    assert ct.fast(seg(False, "A", 5201 + (1 << 30), 1001, 0), 0.3, 0) is None
 
 
 @settings(max_examples=300, deadline=None)
@@ -127,3 +127,14 @@ def test_poll_at_comes_earlier_when_a_reset_shortens_a_timeout() -> None:
     assert ct.poll_at() == ct.table.poll_at() == 60.0
     assert feed(ct, seg(False, "R", 5001, 0, 0), 0.5, fast=False) == "established"
     assert ct.table.poll_at() == ct.poll_at() == 1.5
+
+
+def test_the_fast_path_never_revives_a_connection_past_its_timeout() -> None:
+    """The bridge runs timers after a batch: a frame may come before the expiry does."""
+    ct = Conntrack(1000, {"tcp_established": 60.0})
+    for out, flags, seq, ack in ((True, "S", 1000, 0), (False, "SA", 5000, 1001),
+                                 (True, "A", 1001, 5001)):
+        feed(ct, seg(out, flags, seq, ack, 0), 0.0, fast=False)
+    assert ct.fast(seg(False, "A", 5001, 1001, 10), 1.0, 0) == "established"
+    assert ct.fast(seg(False, "A", 5011, 1001, 10), 61.0, 0) is None, "due at 61: gone"
+    assert feed(ct, seg(False, "A", 5011, 1001, 10), 61.0, fast=False) != "established"
