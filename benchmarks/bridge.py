@@ -84,7 +84,8 @@ def kernel_bridge(tag: str, seconds: int, repeat: int) -> dict[str, float]:
         return measure(topo, gns, seconds, repeat)
 
 
-def vtl_bridge(tag: str, seconds: int, repeat: int, services: str) -> dict[str, float]:
+def vtl_bridge(tag: str, seconds: int, repeat: int, services: str,
+               uplink: str = "packet") -> dict[str, float]:
     with Topology(tag) as topo, tempfile.TemporaryDirectory() as tmp:
         gns, pns = topo.netns(f"{tag}-g"), topo.netns(f"{tag}-p")
         topo.veth(f"{tag}u", "eth0", pns)
@@ -97,7 +98,7 @@ kind = "tap"
 ifname = "{tag}t"
 netns = "{gns}"
 [ports.uplink]
-kind = "packet"
+kind = "{uplink}"
 ifname = "{tag}u"
 {services}""")
         vtl = topo.spawn(None, [sys.executable, "-m", "vtl.bridge.cli", "run", str(cfg)],
@@ -133,6 +134,8 @@ def main() -> None:
                     help="TOML file with [[services]] tables for the VTL run (default: empty)")
     ap.add_argument("--against", choices=("kernel", "empty"), default="kernel",
                     help="the reference: the kernel bridge, or VTL with an empty chain")
+    ap.add_argument("--uplink", choices=("packet", "pcap"), default="packet",
+                    help="VTL's uplink port kind")
     args = ap.parse_args()
     require_root("the benchmark")
     services = args.services.read_text() if args.services else ""
@@ -141,9 +144,9 @@ def main() -> None:
         kernel = kernel_bridge(tag, args.seconds, args.repeat)
         names = ("kernel bridge", "VTL", "VTL/kernel")
     else:
-        kernel = vtl_bridge(tag, args.seconds, args.repeat, "")
+        kernel = vtl_bridge(tag, args.seconds, args.repeat, "", args.uplink)
         names = ("empty chain", "services", "ratio")
-    vtl = vtl_bridge(tag, args.seconds, args.repeat, services)
+    vtl = vtl_bridge(tag, args.seconds, args.repeat, services, args.uplink)
     print(f"\n{'measure':36} {names[0]:>14} {names[1]:>10} {names[2]:>11}")
     for key, label in ROWS:
         k, v = kernel[key], vtl[key]

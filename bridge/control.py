@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vtl.bridge.config import load_config
+from vtl.bridge.ports.base import offload_names
 
 from vtl.errors import ConfigError, SetupError
 
@@ -167,7 +168,8 @@ class Handler:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "config": str(cfg.path) if cfg.path is not None else None,
             "log_level": logging.getLevelName(self.bridge.log.getEffectiveLevel()).lower(),
-            "ports": [{"role": role, "kind": p.kind, "ifname": p.ifname}
+            "ports": [{"role": role, "kind": p.kind, "ifname": p.ifname,
+                       "offloads": _offered(getattr(self.bridge, role, None))}
                       for role, p in (("guest", cfg.ports.guest), ("uplink", cfg.ports.uplink))],
             "services": [{"name": s.name, "use": s.use} for s in cfg.services],
         }
@@ -463,3 +465,9 @@ def start_control(bridge: Bridge) -> ControlServer | None:
 
 __all__ = ["COMMANDS", "ControlServer", "Handler", "MAX_CLIENTS", "MAX_LINE", "VERSION",
            "socket_path", "start_control"]
+
+
+def _offered(port: object) -> str | None:
+    """The offloads a TAP port offers its guest (``bridge/lanes.py``); None otherwise."""
+    offered = getattr(port, "offered", None)
+    return None if offered is None else offload_names(offered)

@@ -156,9 +156,10 @@ def render(cmd: str, result: Any, console: Console | None = None) -> None:
         uptime = _uptime(info.pop("uptime_s", 0))
         info = {"name": info.pop("name", None), "uptime": uptime, **info}
         console.print(_kv_table(f"bridge {info.get('name')}", info))
-        table = Table("role", "kind", "ifname", title="ports", title_justify="left")
+        table = Table("role", "kind", "ifname", "offloads offered", title="ports",
+                      title_justify="left")
         for p in ports:
-            table.add_row(p["role"], p["kind"], p["ifname"])
+            table.add_row(p["role"], p["kind"], p["ifname"], p.get("offloads") or "-")
         console.print(table)
         table = Table("name", "use", title="services", title_justify="left")
         for s in services:

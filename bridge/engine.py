@@ -27,13 +27,16 @@ working. The configured guest MAC never ages. Only the to-uplink thread writes
 the table; the to-guest thread reads it with ``expires_at`` (atomic reads).
 
 Offloads: when both ports carry virtio-net headers, frames cross with their
-header untouched (64 KB GSO frames stay whole). When only the output port
-has them, oversized frames get GSO metadata (``prepare_offloads``); when only
-the input has them, GSO frames are segmented and checksums completed in
-software (``complete_offloads``), which is correct but slow.
+header untouched (64 KB GSO frames stay whole). A TAP offers its guest only the
+offloads the other port carries (:func:`~vtl.bridge.lanes.negotiate_offloads`),
+so toward a pcap uplink the guest's kernel cuts and checksums its own frames.
+When only the output port has headers, oversized frames get GSO metadata
+(``prepare_offloads``) and the rest a header saying their checksum was checked;
+when only the input has them, a GSO frame (a service made one) is segmented and
+its checksums completed in software (``complete_offloads``), correct but slow.
 
-With an empty chain and matching ports the per-frame work is a slice, a dict
-operation and a write: no Frame object is built. Otherwise the frame takes over
+With an empty chain the per-frame work is a slice, a dict operation and a write
+(:func:`~vtl.bridge.lanes.forward_plain`): no Frame object is built. Otherwise the frame takes over
 the bytearray the port read (no copy of a 64 KB GSO frame), and toward a guest port with
 virtio-net headers the in-order TCP segments of one flow that a batch produced leave as
 one GSO frame (:mod:`vtl.packet.gro`).
@@ -61,12 +64,13 @@ from vtl.bridge import compute, datagram, reconfig, vxlan
 from vtl.bridge.chain import Chain
 from vtl.bridge.config import BridgeConfig
 from vtl.bridge.egress import EgressPolicy
+from vtl.bridge.lanes import Lane, forward_plain, negotiate_offloads
 from vtl.bridge.ports import Port, make_port
 from vtl.bridge.streams import StreamManager
 
 from vtl.errors import ConfigError, SetupError, VTLError
 from vtl.flow import FlowTable
-from vtl.frame import NO_OFFLOAD, VNET_HDR_LEN, Frame
+from vtl.frame import NO_OFFLOAD, Frame
 from vtl.hypervisor import VmEvent, VmEventHandler, Watch
 from vtl.packet.gro import coalesce
 from vtl.service import Direction, Service
@@ -91,23 +95,6 @@ class BridgeCounters:
     def as_dict(self) -> dict[str, int]:
         return {"not_for_guest": self.not_for_guest, "malformed": self.malformed,
                 "segmented": self.segmented, "mac_overflow": self.mac_overflow}
-
-
-class _Lane:
-    """One direction of forwarding: its ports, and a lock so that one thread at a time
-    reads its input (frames of a direction never overtake each other)."""
-
-    __slots__ = ("src", "dst", "direction", "to_uplink", "off", "fast", "lock", "last_src",
-                 "last_seen")
-
-    def __init__(self, src: Port, dst: Port, direction: Direction, empty_chain: bool):
-        self.src, self.dst, self.direction = src, dst, direction
-        self.to_uplink = direction is TO_UPLINK
-        self.off = VNET_HDR_LEN if src.vnet else 0
-        self.fast = empty_chain and src.vnet == dst.vnet
-        self.lock = threading.Lock()
-        self.last_src = b""
-        self.last_seen = 0.0
 
 
 class Bridge:
@@ -143,7 +130,7 @@ class Bridge:
         self._pins: dict[bytes, float] = {}  # MAC -> until: see _pin_mac
         self._deadline: float | None = None
         self._threads: list[threading.Thread] = []
-        self._lanes: dict[Direction, _Lane] = {}
+        self._lanes: dict[Direction, Lane] = {}
         self._opened: list[Port] = []
         self._started = False
         self.error: BaseException | None = None
@@ -156,6 +143,7 @@ class Bridge:
             for port in (self.guest, self.uplink):
                 port.open()
                 self._opened.append(port)
+            negotiate_offloads(self.guest, self.uplink, self.log)
             self.streams = StreamManager(self._lock, self._after_stream_events,
                                          self.log.getChild("streams"), self.name)
             self.egress = EgressPolicy.from_config(self.config.bridge, self.log.getChild("egress"))
@@ -186,8 +174,8 @@ class Bridge:
         """Start the forwarding threads (the bridge must be open)."""
         empty = len(self.chain) == 0
         self._lanes = {
-            TO_UPLINK: _Lane(self.guest, self.uplink, TO_UPLINK, empty),
-            TO_GUEST: _Lane(self.uplink, self.guest, TO_GUEST, empty),
+            TO_UPLINK: Lane(self.guest, self.uplink, TO_UPLINK, empty),
+            TO_GUEST: Lane(self.uplink, self.guest, TO_GUEST, empty),
         }
         self._threads = [
             threading.Thread(target=self._pump_guarded, args=(self.guest, self.uplink, TO_UPLINK),
@@ -313,7 +301,7 @@ class Bridge:
                 continue
             self._sleep(poller)
 
-    def _forward(self, lane: _Lane) -> bool:
+    def _forward(self, lane: Lane) -> bool:
         """Read one batch from the lane's input and forward it; False when nothing came."""
         batch = lane.src.recv_batch(self.batch)
         if not batch:
@@ -353,12 +341,10 @@ class Bridge:
                     good.append(raw)  # pinned by a service: a paused guest says nothing
                 else:
                     counters.not_for_guest += 1
-        if lane.fast:
-            send = lane.dst.send
-            with self._wlocks[id(lane.dst)]:
-                for raw in good:
-                    send(raw)
-            return True
+        if lane.mode is not None:  # an empty chain
+            good = forward_plain(lane, good, self._wlocks[id(lane.dst)])
+            if not good:
+                return True
         vnet = lane.src.vnet
         direction = lane.direction
         with self._lock:
@@ -548,7 +534,7 @@ class Bridge:
             self.config = replace(self.config, services=specs)
         empty = len(self.chain) == 0
         for lane in self._lanes.values():
-            lane.fast = empty and lane.src.vnet == lane.dst.vnet
+            lane.chain_is(empty)
         self._deadline = self.chain.next_deadline()
         try:
             os.write(self._tick_w, b"t")  # the deadline may have moved earlier

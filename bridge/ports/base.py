@@ -43,6 +43,7 @@ on a port without it.
 from __future__ import annotations
 
 import abc
+import array
 import errno
 import fcntl
 import os
@@ -78,6 +79,18 @@ class PortCounters:
     rx_errors: int = 0
 
 
+# What a port can be handed to send (the TUN_F_* offload bits of TUNSETOFFLOAD): a
+# partial checksum the kernel completes, TCP GSO frames for IPv4 and IPv6, ECN in GSO
+OFF_CSUM, OFF_TSO4, OFF_TSO6, OFF_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+OFF_ALL = OFF_CSUM | OFF_TSO4 | OFF_TSO6 | OFF_TSO_ECN
+
+
+def offload_names(flags: int) -> str:
+    names = [n for bit, n in ((OFF_CSUM, "csum"), (OFF_TSO4, "tso4"), (OFF_TSO6, "tso6"),
+                              (OFF_TSO_ECN, "tso-ecn")) if flags & bit]
+    return "+".join(names) or "none"
+
+
 class Port(abc.ABC):
     """One side of a bridge: a non-blocking source and sink of Ethernet frames."""
 
@@ -101,6 +114,12 @@ class Port(abc.ABC):
     @abc.abstractmethod
     def open(self) -> None:
         """Acquire the interface; raise :class:`SetupError` with a reason and a fix."""
+
+    def carries(self) -> int:
+        """The offloads (``OFF_*``) a frame written to this port may ask for, the port
+        being open: the kernel does that work (or the device), not Python. Without
+        virtio-net headers, none."""
+        return OFF_ALL if self.vnet else 0
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -196,6 +215,23 @@ def interface_mac_mtu(ifname: str) -> tuple[bytes | None, int]:
     if family != 1 or mac == bytes(6):  # ARPHRD_ETHER only; lo has all zeroes
         return None, mtu
     return bytes(mac), mtu
+
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_GTSO = 0x1E
+
+
+def device_tso(ifname: str) -> bool | None:
+    """Whether ``ifname`` has TCP segmentation offload on (``ethtool -k``'s
+    tcp-segmentation-offload); None when the device does not say."""
+    value = array.array("I", [ETHTOOL_GTSO, 0])  # struct ethtool_value {cmd; data}
+    req = struct.pack("16sP16x", ifname.encode(), value.buffer_info()[0])
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s, SIOCETHTOOL, req)
+    except OSError:
+        return None
+    return bool(value[1])
 
 
 def describe_oserror(exc: OSError, privilege: str = "CAP_NET_ADMIN") -> str:

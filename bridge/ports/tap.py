@@ -5,10 +5,14 @@ Theory of operation
 ``open`` opens ``/dev/net/tun`` non-blocking and creates (or attaches to) the
 TAP with ``TUNSETIFF``. With ``vnet_hdr`` (the default) it asks for
 ``IFF_VNET_HDR``, sets ``TUNSETVNETHDRSZ`` to 10 and ``TUNSETOFFLOAD`` to
-``TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN``: the kernel side then
-behaves like a virtio-net NIC with TSO, and the guest hands us whole 64 KB TCP
-frames with partial checksums instead of 1,500-byte segments. That is what
-lifts guest-to-network throughput from ~2 to ~10 Gbit/s (``FAST-PATH.md``).
+what :attr:`TapPort.offered` says, at most ``TUN_F_CSUM | TUN_F_TSO4 |
+TUN_F_TSO6 | TUN_F_TSO_ECN``: the kernel side then behaves like a virtio-net
+NIC with TSO, and the guest hands us whole 64 KB TCP frames with partial
+checksums instead of 1,500-byte segments. That is what lifts guest-to-network
+throughput from ~2 to ~10 Gbit/s (``FAST-PATH.md``). The bridge narrows the
+offer to what the other port can carry (:meth:`TapPort.offer`, the engine's
+offload negotiation): toward a pcap uplink the guest's own kernel segments and
+checksums, rather than Python.
 The ioctls are hand-written: python-pytun exists but does not set the
 virtio-net header size or the offloads.
 
@@ -49,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vtl.errors import SetupError
 
-from .base import READ_BUF_SIZE, IfName, Port, check_ifname, interface_mac_mtu
+from .base import OFF_ALL, READ_BUF_SIZE, IfName, Port, check_ifname, interface_mac_mtu
 
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
@@ -60,10 +64,6 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_TSO6 = 0x04
-TUN_F_TSO_ECN = 0x08
 
 VNET_HDR_SIZE = 10
 NETNS_DIR = "/run/netns"
@@ -123,10 +123,27 @@ class TapPort(Port):
         self._buf = bytearray(READ_BUF_SIZE)
         self._view = memoryview(self._buf)
         self._hdr = VNET_HDR_SIZE if cfg.vnet_hdr else 0
+        #: the offloads offered to the guest (TUNSETOFFLOAD): what it may hand us; the
+        #: bridge narrows them to what the other port carries (:meth:`offer`)
+        self.offered = OFF_ALL if cfg.vnet_hdr else 0
 
     @property
     def is_open(self) -> bool:
         return self._fd is not None
+
+    def offer(self, offloads: int) -> None:
+        """Offer the guest these offloads (``OFF_*``): without TSO its kernel cuts its
+        own segments, without csum it completes its own checksums. Frames toward the
+        guest may still be GSO frames. Takes effect at once when open."""
+        offloads = offloads if self.cfg.vnet_hdr else 0
+        if self._fd is not None:
+            try:
+                fcntl.ioctl(self._fd, TUNSETOFFLOAD, offloads)
+            except OSError as exc:
+                raise SetupError(
+                    f"cannot set the offloads of TAP device {self.cfg.ifname!r}: {exc.strerror}"
+                ) from None
+        self.offered = offloads
 
     def fileno(self) -> int:
         if self._fd is None:
@@ -174,9 +191,7 @@ class TapPort(Port):
         try:
             if cfg.vnet_hdr:
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
-            else:
-                fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+            fcntl.ioctl(fd, TUNSETOFFLOAD, self.offered)
         except OSError as exc:
             raise SetupError(
                 f"cannot configure TAP device {cfg.ifname!r}: {exc.strerror}"

@@ -69,7 +69,9 @@ def test_every_command_answers():
     r = status["result"]
     assert r["name"] == "ctltest" and r["pid"] == os.getpid() and r["protocol"] == 1
     assert [p["role"] for p in r["ports"]] == ["guest", "uplink"]
-    assert r["ports"][0] == {"role": "guest", "kind": "tap", "ifname": "ctl0"}
+    assert r["ports"][0] == {"role": "guest", "kind": "tap", "ifname": "ctl0",
+                             "offloads": r["ports"][0]["offloads"]}
+    assert r["ports"][0]["offloads"] in ("csum+tso4+tso6+tso-ecn", "csum", "none")
     assert [(s["name"], s["use"]) for s in r["services"]] == [("netem", "netem"), ("pep", "pep")]
     counters = call(handler, {"v": 1, "cmd": "counters", "args": {}})["result"]
     assert set(counters) >= {"bridge", "ports", "services"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from vtl.bridge.topology import parse_ping_rtts
-from vtlnet import PEER_IP, PEER_IP6
+from vtlnet import PEER_IP, PEER_IP6, ctl_json
 
 pytestmark = pytest.mark.integration
 
@@ -20,3 +20,25 @@ def test_arp_and_ping_through_empty_chain(net, uplink_kind):
     assert len(parse_ping_rtts(out6.stdout)) == 3
     assert vtl.stop() == 0
     assert "Traceback" not in vtl.stderr
+
+
+@pytest.mark.parametrize("uplink_kind", ["packet", "pcap"])
+def test_the_guest_is_offered_only_the_offloads_the_uplink_carries(net, uplink_kind):
+    """Toward a pcap uplink the guest's own kernel segments and checksums: Python never
+    cuts a GSO frame on the way (the bridge's ``segmented`` stays 0) and the guest's
+    TCP still gets through, both ways."""
+    vtl = net.start(uplink_kind=uplink_kind)
+    features = net.guest(["ethtool", "-k", net.tap]).stdout
+    tso = "on" if uplink_kind == "packet" else "off"
+    assert f"tcp-segmentation-offload: {tso}" in features
+    status = ctl_json(f"/run/vtl/{net.tag}.sock", "status")
+    want = "csum+tso4+tso6+tso-ecn" if uplink_kind == "packet" else "none"
+    assert status["ports"][0]["offloads"] == want
+    net.topo.spawn(net.peer_ns, ["sh", "-c", f"nc -lk {PEER_IP} 7100 > /dev/null"])
+    net.topo.wait_tcp(net.peer_ns, PEER_IP, 7100)
+    net.guest(["sh", "-c", f"head -c 20000000 /dev/zero | nc -N -w 5 {PEER_IP} 7100"],
+              timeout=60)
+    counters = ctl_json(f"/run/vtl/{net.tag}.sock", "counters")
+    assert counters["bridge"]["segmented"] == 0
+    assert counters["ports"]["uplink"]["tx_bytes"] > 20_000_000
+    assert vtl.stop() == 0

@@ -17,13 +17,16 @@ SIZE = 200 * 1024 * 1024
 SERVER = str(Path(__file__).with_name("httpsha.py"))
 
 # name: (services, uplink port kind). "pcap-uplink" crosses between a port with virtio-net
-# headers (the TAP) and one without (libpcap), so GSO frames are cut and checksums completed
-# in software one way, and offload metadata is made up the other way.
+# headers (the TAP) and one without (libpcap): the guest is offered no offloads, so its
+# frames lose their header on the way out, and the peer's (whose checksums libpcap hands
+# over unfinished) get a header asking the guest's kernel to finish them; chainless,
+# and through a chain ("pcap-firewall").
 CHAINS = {
     "empty": ([], "packet"),
     "netem": ([{"use": "netem", "delay_ms": 20, "loss": 0.01, "reorder": 0.01, "seed": 7}],
               "packet"),
     "pcap-uplink": ([], "pcap"),
+    "pcap-firewall": ([{"use": "firewall", "default_in": "accept"}], "pcap"),
 }
 
 

@@ -27,6 +27,7 @@ import struct
 
 from vtl.errors import PacketError
 from vtl.frame import (
+    NO_OFFLOAD,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4,
@@ -228,6 +229,58 @@ def prepare_offloads(frame: Frame, mtu: int = 1500, csum: bool = False) -> Frame
         gso_size=gso_size, csum_start=t.off, csum_offset=16,
     )
     return frame
+
+
+_VNET = struct.Struct("<BBHHHH")  # the legacy virtio-net header (vtl.frame)
+
+
+def partial_csum(data: bytearray, l3: int = ETH_HLEN) -> bytes | None:
+    """:func:`prepare_offloads` with ``csum=True`` for the common frame, written out
+    for the bridge's chainless path: an untagged IPv4 (not a fragment) or IPv6 (no
+    extension header) TCP or UDP packet gets its pseudo-header sum in its checksum
+    field (in place) and the virtio-net header returned asks the kernel to finish
+    it. ``NO_OFFLOAD``: nothing to finish (not TCP or UDP; UDP over IPv4 without a
+    checksum). None: a frame this does not read (VLAN tags, options it would have to
+    walk, short or inconsistent lengths): :func:`prepare_offloads` decides."""
+    n = len(data)
+    if n < l3:
+        return None
+    et = (data[l3 - 2] << 8) | data[l3 - 1]
+    if et != 0x0800 and et != 0x86DD:
+        return None if et in (0x8100, 0x88A8, 0x9100) else NO_OFFLOAD
+    if n < l3 + (20 if et == 0x0800 else 40):
+        return None
+    if et == 0x0800:
+        ihl = (data[l3] & 15) << 2
+        total = (data[l3 + 2] << 8) | data[l3 + 3]
+        if data[l3] >> 4 != 4 or ihl < 20 or total < ihl + 8 or l3 + total > n:
+            return None
+        if data[l3 + 6] & 0x3F or data[l3 + 7]:
+            return None  # a fragment
+        proto, l4, length = data[l3 + 9], l3 + ihl, total - ihl
+        pseudo = int.from_bytes(data[l3 + 12:l3 + 20], "big") + proto + length
+    elif et == 0x86DD:
+        length = (data[l3 + 4] << 8) | data[l3 + 5]
+        proto, l4 = data[l3 + 6], l3 + 40
+        if l4 + length > n or (proto in (6, 17) and length < 8):
+            return None
+        pseudo = int.from_bytes(data[l3 + 8:l3 + 40], "big") + proto + length
+    if proto == 6:
+        if length < 20:
+            return None
+        offset = 16
+    elif proto == 17:
+        offset = 6
+        if et == 0x0800 and not data[l4 + 6] and not data[l4 + 7]:
+            return NO_OFFLOAD  # "no checksum" over IPv4
+    elif et == 0x0800 or proto in (1, 58, 59):
+        return NO_OFFLOAD
+    else:
+        return None  # an IPv6 extension header before the transport
+    total_sum = fold(pseudo)  # (the addresses as one integer: 2**16 = 1 mod 0xFFFF)
+    data[l4 + offset] = total_sum >> 8
+    data[l4 + offset + 1] = total_sum & 0xFF
+    return _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, l4, offset)
 
 
 def adjust_vnet(frame: Frame, at: int, delta: int) -> None:

@@ -1,0 +1,113 @@
+"""The bridge's two lanes (one per direction), their chainless paths, and the offloads
+the ports agree on.
+
+Theory of operation. A :class:`Lane` is one direction of forwarding: its input and
+output ports, a lock so that one thread at a time reads its input (frames of a
+direction never overtake each other), and the learning switch's memory of the last
+source MAC. With an empty chain a lane forwards without building a
+:class:`~vtl.frame.Frame` (:func:`forward_plain`), in one of three modes:
+
+- ``same``: both ports speak virtio-net headers, or neither does: each frame is
+  written as it was read (a 64 KB GSO frame stays whole);
+- ``strip``: from a port with virtio-net headers to one without (a TAP toward a pcap
+  uplink): a frame whose header asks nothing (no GSO, no partial checksum) loses its
+  10 bytes on the way out; any other is left to the chain path, which cuts and
+  checksums it in software;
+- ``add``: from a port without headers to one with them (pcap toward a TAP): libpcap
+  on a local interface hands over checksums that were never finished (the sender's
+  stack left them to the device), and nothing says which, so a TCP or UDP frame
+  that fits the output's MTU gets its pseudo-header sum and a header asking the
+  guest's kernel to finish the checksum (:func:`vtl.packet.offload.partial_csum`,
+  no pass over the payload); other frames get an empty header; a bigger one (GRO),
+  or one with VLAN tags or IPv6 extension headers, is left to the chain path, which
+  does the same with the packet API and gives oversized frames GSO metadata.
+
+Offload negotiation (:func:`negotiate_offloads`, when the ports open): a TAP offers
+its guest only the offloads the other port can carry (``Port.carries``). Toward a
+pcap uplink, or a packet socket without virtio-net headers, the guest is offered
+none: its own kernel segments and checksums (in C, at its line rate), and the
+``strip`` mode forwards its frames without Python touching their bytes. Toward a
+packet socket on a device without TSO it is offered checksum offload only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from vtl.bridge.ports import Port
+from vtl.bridge.ports.base import offload_names
+
+from vtl.frame import VNET_HDR_LEN
+from vtl.packet.offload import partial_csum
+from vtl.service import Direction
+
+
+class Lane:
+    """One direction of forwarding (see the module docstring)."""
+
+    __slots__ = ("src", "dst", "direction", "to_uplink", "off", "mode", "lock", "last_src",
+                 "last_seen", "max_add")
+
+    def __init__(self, src: Port, dst: Port, direction: Direction, empty_chain: bool):
+        self.src, self.dst, self.direction = src, dst, direction
+        self.to_uplink = direction is Direction.TO_UPLINK
+        self.off = VNET_HDR_LEN if src.vnet else 0
+        self.mode: str | None = None
+        self.chain_is(empty_chain)
+        self.lock = threading.Lock()
+        self.last_src = b""
+        self.last_seen = 0.0
+        self.max_add = dst.mtu + 18  # Ethernet header, one VLAN tag
+
+    def chain_is(self, empty: bool) -> None:
+        """Take (or leave) the chainless path when the chain becomes empty (or not)."""
+        if not empty:
+            self.mode = None
+        elif self.src.vnet == self.dst.vnet:
+            self.mode = "same"
+        else:
+            self.mode = "strip" if self.src.vnet else "add"
+
+
+def forward_plain(lane: Lane, frames: list[bytes | bytearray], wlock: threading.Lock
+                  ) -> list[bytes | bytearray]:
+    """Write ``frames`` (as read, the chain empty) to the lane's output; the ones this
+    path cannot write as they are, for the chain path (see the module docstring)."""
+    dst = lane.dst
+    rest: list[bytes | bytearray] = []
+    with wlock:
+        if lane.mode == "same":
+            send = dst.send
+            for raw in frames:
+                send(raw)
+        elif lane.mode == "strip":
+            send = dst.send
+            for raw in frames:
+                if raw[0] & 1 or raw[1]:  # NEEDS_CSUM, or a GSO frame
+                    rest.append(raw)
+                else:
+                    send(memoryview(raw)[VNET_HDR_LEN:])
+        else:
+            send_parts, limit = dst.send_parts, lane.max_add
+            for raw in frames:
+                data = raw if type(raw) is bytearray else bytearray(raw)
+                head = partial_csum(data) if len(data) <= limit else None
+                if head is None:
+                    rest.append(data)
+                else:
+                    send_parts(head, data)
+    return rest
+
+
+def negotiate_offloads(guest: Port, uplink: Port, log: logging.Logger) -> None:
+    """Each TAP offers its guest what the other port carries (see the module docstring),
+    and the log says what was agreed."""
+    for port, other in ((guest, uplink), (uplink, guest)):
+        offer = getattr(port, "offer", None)
+        if offer is None or not port.vnet:
+            continue
+        carried = other.carries()
+        offer(carried)
+        log.info("offloads: the %s TAP %s offers %s (the %s port %s carries that)",
+                 port.role, port.ifname, offload_names(carried), other.role, other.ifname)
