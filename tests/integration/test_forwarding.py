@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from vtl.bridge.topology import parse_ping_rtts
-from vtlnet import PEER_IP, PEER_IP6, ctl_json
+from vtlnet import PEER_IP, PEER_IP6, ctl_json, wait_for
+
+TICKER = Path(__file__).with_name("timerservice.py")
 
 pytestmark = pytest.mark.integration
 
@@ -41,4 +45,16 @@ def test_the_guest_is_offered_only_the_offloads_the_uplink_carries(net, uplink_k
     counters = ctl_json(f"/run/vtl/{net.tag}.sock", "counters")
     assert counters["bridge"]["segmented"] == 0
     assert counters["ports"]["uplink"]["tx_bytes"] > 20_000_000
+    assert vtl.stop() == 0
+
+
+def test_timers_fire_within_a_fifth_of_a_millisecond(net):
+    """The forwarding threads sleep in select() with microseconds and a 1 us timer slack
+    (poll() rounded every timeout up to the next millisecond)."""
+    vtl = net.start([{"use": f"{TICKER}:Ticker", "period_ms": 2.5, "count": 200}])
+    sock = f"/run/vtl/{net.tag}.sock"
+    assert wait_for(lambda: ctl_json(sock, "counters")["services"]["ticker"]["timers"] >= 200,
+                    timeout=20)
+    report = ctl_json(sock, "counters")["services"]["ticker"]
+    assert 0 <= report["late_median_us"] < 200, report
     assert vtl.stop() == 0
