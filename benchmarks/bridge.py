@@ -85,7 +85,7 @@ def kernel_bridge(tag: str, seconds: int, repeat: int) -> dict[str, float]:
 
 
 def vtl_bridge(tag: str, seconds: int, repeat: int, services: str,
-               uplink: str = "packet") -> dict[str, float]:
+               uplink: str = "packet", uplink_extra: str = "") -> dict[str, float]:
     with Topology(tag) as topo, tempfile.TemporaryDirectory() as tmp:
         gns, pns = topo.netns(f"{tag}-g"), topo.netns(f"{tag}-p")
         topo.veth(f"{tag}u", "eth0", pns)
@@ -100,6 +100,7 @@ netns = "{gns}"
 [ports.uplink]
 kind = "{uplink}"
 ifname = "{tag}u"
+{uplink_extra}
 {services}""")
         vtl = topo.spawn(None, [sys.executable, "-m", "vtl.bridge.cli", "run", str(cfg)],
                          stderr=subprocess.PIPE)
@@ -136,17 +137,21 @@ def main() -> None:
                     help="the reference: the kernel bridge, or VTL with an empty chain")
     ap.add_argument("--uplink", choices=("packet", "pcap"), default="packet",
                     help="VTL's uplink port kind")
+    ap.add_argument("--qdisc-bypass", choices=("default", "on", "off"), default="default",
+                    help="the packet uplink's qdisc_bypass (default: its default)")
     args = ap.parse_args()
     require_root("the benchmark")
     services = args.services.read_text() if args.services else ""
     tag = f"vb{os.getpid() % 10000:04d}"
+    extra = "" if args.qdisc_bypass == "default" else \
+        f"qdisc_bypass = {'true' if args.qdisc_bypass == 'on' else 'false'}"
     if args.against == "kernel":
         kernel = kernel_bridge(tag, args.seconds, args.repeat)
         names = ("kernel bridge", "VTL", "VTL/kernel")
     else:
-        kernel = vtl_bridge(tag, args.seconds, args.repeat, "", args.uplink)
+        kernel = vtl_bridge(tag, args.seconds, args.repeat, "", args.uplink, extra)
         names = ("empty chain", "services", "ratio")
-    vtl = vtl_bridge(tag, args.seconds, args.repeat, services, args.uplink)
+    vtl = vtl_bridge(tag, args.seconds, args.repeat, services, args.uplink, extra)
     print(f"\n{'measure':36} {names[0]:>14} {names[1]:>10} {names[2]:>11}")
     for key, label in ROWS:
         k, v = kernel[key], vtl[key]

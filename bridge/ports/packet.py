@@ -12,12 +12,15 @@ interface slips in between. Options, all at level ``SOL_PACKET`` (263):
   partial checksums pass through unchanged (the fast path of ``FAST-PATH.md``);
 - ``PACKET_IGNORE_OUTGOING`` (23) = 1: the socket does not see frames leaving
   the interface, neither the host's own nor the ones we inject;
-- ``PACKET_QDISC_BYPASS`` (20) = 1 when ``qdisc_bypass`` (the default):
-  injected frames go straight to the driver (they skip the qdisc and are not
-  seen by other packet sockets' taps, so a ``tcpdump`` on the interface does
-  not show them), until a GSO frame is refused (see below). With
-  ``qdisc_bypass = false`` the option is never set: frames take the qdisc path,
-  which costs a little CPU per frame and lets a capture on the interface see them;
+- ``PACKET_QDISC_BYPASS`` (20) = 1 when ``qdisc_bypass = true``: injected
+  frames go straight to the driver (they skip the qdisc and are not seen by
+  other packet sockets' taps, so a ``tcpdump`` on the interface does not show
+  them), until a GSO frame is refused (see below). By default (``false``) the
+  option is never set: frames take the qdisc path and a capture on the
+  interface sees them. The bypass bought no measurable speed here
+  (``benchmarks/bridge.py --qdisc-bypass on|off``: TCP within 2% either way,
+  64-byte UDP the same, ping RTT lower without it), so the default is what an
+  operator debugging with ``tcpdump`` expects;
 - ``PACKET_ADD_MEMBERSHIP`` with ``PACKET_MR_PROMISC`` when ``promisc``: the
   interface is promiscuous for as long as the socket lives (no state left behind);
 - ``SO_RCVBUFFORCE`` (33) / ``SO_SNDBUFFORCE`` (32), which Python does not name,
@@ -116,9 +119,10 @@ class PacketPortConfig(BaseModel):
         default=True, description="Put the interface in promiscuous mode while attached."
     )
     qdisc_bypass: bool = Field(
-        default=True,
-        description="Send frames straight to the driver (PACKET_QDISC_BYPASS): faster, but "
-        "a tcpdump on the interface does not see what VTL sends; false goes through the qdisc.",
+        default=False,
+        description="Send frames straight to the driver (PACKET_QDISC_BYPASS), skipping the "
+        "qdisc: a tcpdump on the interface then does not see what VTL sends, and it was not "
+        "measurably faster (benchmarks/bridge.py --qdisc-bypass); false goes through the qdisc.",
     )
     rcvbuf: int = Field(
         default=4 * 1024 * 1024, ge=0, description="Socket receive buffer in bytes (0: default)."

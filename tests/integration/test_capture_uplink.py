@@ -2,8 +2,8 @@
 
 A real `vtl run` with a `packet` uplink; the guest pings the peer. A packet socket bound to
 the uplink in the host namespace (what `tcpdump -i UPLINK` is) sees the guest's echo
-requests leave only with ``qdisc_bypass = false``; with the bypass (the default) it sees
-none of them, although the peer answers every one.
+requests leave with ``qdisc_bypass = false`` (the default); with the bypass it sees none of
+them, although the peer answers every one.
 """
 
 from __future__ import annotations

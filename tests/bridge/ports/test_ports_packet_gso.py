@@ -112,7 +112,7 @@ def test_gso_frame_to_device_without_tso_is_segmented(link, caplog):
     dst, src = _macs(ns, host, peer)
     rx = Receiver(ns, peer, want=2 * PAYLOAD)
     with caplog.at_level(logging.INFO, logger="vtl.ports"), make_port(
-        "uplink", PacketPortConfig(kind="packet", ifname=host)
+        "uplink", PacketPortConfig(kind="packet", ifname=host, qdisc_bypass=True)
     ) as port:
         assert port.qdisc_bypass
         assert port.send(gso_frame(dst, src, 1)) is True
@@ -133,7 +133,8 @@ def test_gso_frame_to_device_with_tso_keeps_bypass(link):
     ns, host, peer = link
     dst, src = _macs(ns, host, peer)
     rx = Receiver(ns, peer, want=PAYLOAD)
-    with make_port("uplink", PacketPortConfig(kind="packet", ifname=host)) as port:
+    with make_port("uplink", PacketPortConfig(kind="packet", ifname=host,
+                                              qdisc_bypass=True)) as port:
         assert port.send(gso_frame(dst, src, 1)) is True
         assert port.qdisc_bypass and port.qdisc_fallbacks == 0
         frames, total, _ = rx.result()

@@ -1,8 +1,8 @@
 """The ``qdisc_bypass`` option of the ``packet`` port: config, and what a capture sees.
 
-With the bypass (the default) frames the port sends skip the qdisc and the taps of other
-packet sockets, so a sniffer on the interface (what ``tcpdump`` is) sees none of them; with
-``qdisc_bypass = false`` it sees every one. The far end receives them both ways.
+With the bypass frames the port sends skip the qdisc and the taps of other packet
+sockets, so a sniffer on the interface (what ``tcpdump`` is) sees none of them; with
+``qdisc_bypass = false`` (the default) it sees every one. The far end receives them both ways.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ ETHERTYPE = b"\x88\xb5"  # IEEE local experimental: nothing else sends it
 COUNT = 20
 
 
-def test_qdisc_bypass_defaults_to_true():
+def test_qdisc_bypass_defaults_to_false():
     cfg = ADAPTER.validate_python({"kind": "packet", "ifname": "eth1"})
-    assert isinstance(cfg, PacketPortConfig) and cfg.qdisc_bypass is True
+    assert isinstance(cfg, PacketPortConfig) and cfg.qdisc_bypass is False
 
 
 def test_qdisc_bypass_false_is_accepted():
