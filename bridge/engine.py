@@ -52,7 +52,6 @@ after that) and stopped after, resetting whatever streams remain.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import select
@@ -65,7 +64,7 @@ from vtl.bridge import compute, datagram, reconfig, vxlan
 from vtl.bridge.chain import Chain
 from vtl.bridge.config import BridgeConfig
 from vtl.bridge.egress import EgressPolicy
-from vtl.bridge.lanes import Lane, forward_plain, negotiate_offloads
+from vtl.bridge.lanes import Lane, forward_plain, negotiate_offloads, precise_timers
 from vtl.bridge.ports import Port, make_port
 from vtl.bridge.streams import StreamManager
 
@@ -79,7 +78,9 @@ from vtl.service import Direction, Service
 TO_UPLINK = Direction.TO_UPLINK
 TO_GUEST = Direction.TO_GUEST
 _MAX_SLEEP = 0.5
-_PR_SET_TIMERSLACK = 29
+# a timer's last 0.6 ms are waited for awake (select without a timeout, again and again):
+# a CPU that went idle for tens of milliseconds takes up to 0.5 ms to come back (a VM's vCPU)
+_SPIN = 0.0006
 MAX_PINS = 64  # MAC addresses services may pin at once (ctx.pin_mac)
 # to the uplink, to the guest, to the services' VXLAN links (their queued frames)
 _Output = tuple[list[Frame] | None, list[Frame] | None, list[tuple[Any, list[Any]]] | None]
@@ -263,12 +264,17 @@ class Bridge:
     def _sleep(self, fds: list[int]) -> None:
         """Until a port is readable, the stop or tick pipe written, or the chain's next
         deadline: ``select`` takes microseconds where ``poll`` rounds up to the next
-        millisecond (a netem delay of 50 ms became 51), and the thread's timer slack
-        is 1 us (:func:`precise_timers`), so a timer fires within tens of microseconds."""
+        millisecond (a netem delay of 50 ms became 51), the thread's timer slack is
+        1 us (:func:`precise_timers`), and the last ``_SPIN`` before a deadline is spent
+        awake, so a timer fires within tens of microseconds (``benchmarks/netem.py``)."""
         timeout = _MAX_SLEEP
         deadline = self._deadline
         if deadline is not None:
             timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+            if timeout < _SPIN:  # the last stretch: a woken idle CPU comes back late
+                timeout = 0.0
+            elif timeout < _MAX_SLEEP:
+                timeout -= _SPIN  # wake a little early, then the line above spins
         ready, _, _ = select.select(fds, (), (), timeout)
         if self._tick_r in ready:
             try:
@@ -578,16 +584,6 @@ class Bridge:
             return {slot.ctx.name: slot.service.connections(now) for slot in self.chain.slots
                     if type(slot.service).connections is not Service.connections
                     and (service is None or slot.ctx.name == service)}
-
-
-def precise_timers() -> None:
-    """Ask the kernel to wake this thread within 1 us of its timeouts (PR_SET_TIMERSLACK;
-    the default slack is 50 us). Best effort: without it timers are a little later."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(1000), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _port_counters(port: Port) -> dict[str, int]:

@@ -28,10 +28,14 @@ pcap uplink, or a packet socket without virtio-net headers, the guest is offered
 none: its own kernel segments and checksums (in C, at its line rate), and the
 ``strip`` mode forwards its frames without Python touching their bytes. Toward a
 packet socket on a device without TSO it is offered checksum offload only.
+
+:func:`precise_timers`: each forwarding thread asks for a 1 us timer slack, so its
+sleeps until the chain's next deadline end on time (the engine's ``_sleep``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 
@@ -41,6 +45,8 @@ from vtl.bridge.ports.base import offload_names
 from vtl.frame import VNET_HDR_LEN
 from vtl.packet.offload import partial_csum
 from vtl.service import Direction
+
+_PR_SET_TIMERSLACK = 29
 
 
 class Lane:
@@ -111,3 +117,13 @@ def negotiate_offloads(guest: Port, uplink: Port, log: logging.Logger) -> None:
         offer(carried)
         log.info("offloads: the %s TAP %s offers %s (the %s port %s carries that)",
                  port.role, port.ifname, offload_names(carried), other.role, other.ifname)
+
+
+def precise_timers() -> None:
+    """Ask the kernel to wake this thread within 1 us of its timeouts (PR_SET_TIMERSLACK;
+    the default slack is 50 us). Best effort: without it timers are a little later."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(1000), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
