@@ -9,7 +9,12 @@ iperf3 UDP 64-byte packets per second received, and the ping RTT median, then
 prints both and the ratio. Needs root; cleans up after itself.
 
     .venv/bin/python benchmarks/bridge.py [--seconds 5] [--repeat 3] [--services FILE.toml]
-        [--against empty]
+        [--against empty] [--uplink pcap] [--qdisc-bypass on|off] [--matrix]
+
+``--matrix`` measures every pairing of port kinds in one sitting: the TAP with a packet
+uplink, the TAP with a pcap uplink, and two packet ports (a veth into the guest's
+namespace on the guest side, as a WAN bridge between two interfaces), each against the
+kernel bridge.
 
 ``--against empty`` compares the chain in ``--services`` with VTL's empty chain
 instead of the kernel bridge (what a service costs), e.g. ``keepalive`` tracking:
@@ -85,18 +90,24 @@ def kernel_bridge(tag: str, seconds: int, repeat: int) -> dict[str, float]:
 
 
 def vtl_bridge(tag: str, seconds: int, repeat: int, services: str,
-               uplink: str = "packet", uplink_extra: str = "") -> dict[str, float]:
+               uplink: str = "packet", uplink_extra: str = "", guest: str = "tap"
+               ) -> dict[str, float]:
+    """``guest``: "tap" (VTL's TAP is the guest's NIC, as a VM's) or "packet" (a veth
+    into the guest's namespace, attached with AF_PACKET: the WAN bridge's pairing)."""
     with Topology(tag) as topo, tempfile.TemporaryDirectory() as tmp:
         gns, pns = topo.netns(f"{tag}-g"), topo.netns(f"{tag}-p")
         topo.veth(f"{tag}u", "eth0", pns)
         topo.addr(pns, "eth0", f"{P}/24")
+        if guest == "packet":
+            topo.veth(f"{tag}g", "eth0", gns)
+            guest_port = f'kind = "packet"\nifname = "{tag}g"'
+        else:
+            guest_port = f'kind = "tap"\nifname = "{tag}t"\nnetns = "{gns}"'
         cfg = Path(tmp) / "bench.toml"
         cfg.write_text(f"""[bridge]
 name = "bench"
 [ports.guest]
-kind = "tap"
-ifname = "{tag}t"
-netns = "{gns}"
+{guest_port}
 [ports.uplink]
 kind = "{uplink}"
 ifname = "{tag}u"
@@ -113,10 +124,26 @@ ifname = "{tag}u"
                 raise SystemExit(f"vtl run did not start: {seen.decode(errors='replace')}")
             seen += vtl.stderr.read() or b""
             time.sleep(0.05)
-        topo.addr(gns, f"{tag}t", f"{G}/24")
+        topo.addr(gns, "eth0" if guest == "packet" else f"{tag}t", f"{G}/24")
         topo.spawn(pns, ["iperf3", "-s", "-B", P, "-p", "5301"])
         topo.wait_tcp(pns, P, 5301)
         return measure(topo, gns, seconds, repeat)
+
+
+PAIRINGS = [("tap", "packet"), ("tap", "pcap"), ("packet", "packet")]
+
+
+def matrix(tag: str, seconds: int, repeat: int) -> None:
+    """Every pairing of port kinds against the kernel bridge, in one sitting."""
+    kernel = kernel_bridge(tag, seconds, repeat)
+    runs = {f"{g}<->{u}": vtl_bridge(tag, seconds, repeat, "", u, guest=g)
+            for g, u in PAIRINGS}
+    print(f"\n{'measure':36} {'kernel bridge':>14}" + "".join(f"{k:>22}" for k in runs))
+    for key, label in ROWS:
+        cells = "".join(f"{r[key]:>12.2f} ({r[key] / kernel[key]:5.2f}x)" for r in runs.values())
+        print(f"{label:36} {kernel[key]:14.2f}{cells}")
+    print(f"\n(median of {repeat} runs of {seconds} s each; {os.cpu_count()} CPUs; "
+          "in brackets: of the kernel bridge)")
 
 
 ROWS = [
@@ -137,6 +164,9 @@ def main() -> None:
                     help="the reference: the kernel bridge, or VTL with an empty chain")
     ap.add_argument("--uplink", choices=("packet", "pcap"), default="packet",
                     help="VTL's uplink port kind")
+    ap.add_argument("--matrix", action="store_true",
+                    help="every pairing of port kinds (tap/packet, tap/pcap, packet/packet) "
+                    "against the kernel bridge")
     ap.add_argument("--qdisc-bypass", choices=("default", "on", "off"), default="default",
                     help="the packet uplink's qdisc_bypass (default: its default)")
     args = ap.parse_args()
@@ -145,6 +175,8 @@ def main() -> None:
     tag = f"vb{os.getpid() % 10000:04d}"
     extra = "" if args.qdisc_bypass == "default" else \
         f"qdisc_bypass = {'true' if args.qdisc_bypass == 'on' else 'false'}"
+    if args.matrix:
+        return matrix(tag, args.seconds, args.repeat)
     if args.against == "kernel":
         kernel = kernel_bridge(tag, args.seconds, args.repeat)
         names = ("kernel bridge", "VTL", "VTL/kernel")

@@ -10,6 +10,13 @@ the host itself sends). The handle is made non-blocking and its selectable fd
 (``getfd``) is what the engine polls; ``recv_batch`` drains it with
 ``dispatch``. Frames never carry a virtio-net header (``vnet`` is False).
 
+Sending: libpcap's ``pcap_inject`` on Linux is one ``send()`` on the handle's own
+packet socket, but pcapy-ng's ``sendpacket`` holds the GIL for the whole system
+call (the other forwarding thread stops meanwhile). So ``send`` makes that same
+``send()`` itself, on a duplicate of the handle's socket, with the GIL released
+(and no copy of a memoryview): the hot path written here because the library is
+too slow for it.
+
 ``mac`` is the interface's own MAC, so the engine can leave frames addressed
 to the host to the host.
 
@@ -18,17 +25,20 @@ Pitfalls
 - pcapy-ng has no immediate mode: libpcap hands packets over in timed blocks
   (TPACKET_V3), which added 0.3-1 ms of RTT in the study. Keep ``timeout_ms``
   at 1, or use the ``packet`` port where latency matters.
-- ``sendpacket`` holds the GIL for the whole system call.
-- There is no virtio-net header here: a peer veth with checksum offload and TSO
-  delivers 64 KB frames with partial checksums, which a guest drops (ping works,
-  TCP never connects). Prefer the ``packet`` port with ``vnet_hdr``, or turn the
-  peer's offloads off (``ethtool -K IF tx off tso off gso off``).
+- There is no virtio-net header here: frames from a local peer (a veth) carry
+  checksums its stack left to the device, and a peer with TSO or a NIC with GRO
+  delivers frames bigger than the MTU. The bridge asks the guest's kernel to
+  finish those checksums and gives big frames GSO metadata (``bridge/lanes.py``,
+  ``prepare_offloads``); toward this port, the guest is offered no offloads, so
+  it sends wire-size frames with finished checksums.
 - A captured frame shorter than on the wire (caplen < len) is counted in
   ``rx_errors`` and dropped rather than forwarded truncated.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,6 +83,7 @@ class PcapPort(Port):
         self.cfg = cfg
         self._pcap = None
         self._fd = -1
+        self._sock: socket.socket | None = None  # the handle's socket, duplicated: send()
         self._batch: list[bytes] = []
 
     @property
@@ -107,10 +118,18 @@ class PcapPort(Port):
         if fd < 0:
             _close_handle(handle)
             raise SetupError(f"cannot {what}: libpcap gives no selectable fd for it")
+        try:
+            self._sock = socket.socket(fileno=os.dup(fd))
+        except OSError as exc:
+            _close_handle(handle)
+            raise SetupError(f"cannot {what}: {exc.strerror}") from None
         self._pcap, self._fd = handle, fd
 
     def close(self) -> None:
         handle, self._pcap = self._pcap, None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
         self._fd = -1
         if handle is not None:
             _close_handle(handle)
@@ -137,19 +156,18 @@ class PcapPort(Port):
         return out
 
     def send(self, raw: bytes | bytearray | memoryview) -> bool:
-        handle = self._pcap
+        sock = self._sock
         c = self.counters
-        if handle is None:
+        if sock is None:
             c.tx_dropped += 1
             return False
-        data = raw if isinstance(raw, bytes) else bytes(raw)
         try:
-            handle.sendpacket(data)
-        except pcapy.PcapError:  # ENOBUFS, EMSGSIZE, link down...: per-frame, never raise
+            sock.send(raw)  # what pcap_inject does, without holding the GIL
+        except OSError:  # ENOBUFS, EMSGSIZE, link down...: per-frame, never raise
             c.tx_dropped += 1
             return False
         c.tx_frames += 1
-        c.tx_bytes += len(data)
+        c.tx_bytes += len(raw)
         return True
 
 
