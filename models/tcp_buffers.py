@@ -28,23 +28,31 @@ _COMPACT = 256 * 1024  # drop consumed bytes from a buffer's front once this man
 
 
 class SendBuffer:
-    """Queued outgoing bytes from offset ``una`` (oldest unacknowledged) to ``end``."""
+    """Queued outgoing bytes from offset ``una`` (oldest unacknowledged) to ``end``.
 
-    __slots__ = ("capacity", "una", "_buf", "_skip")
+    Kept as the chunks the application pushed (``bytes`` are taken as they are, not
+    copied), each with its start offset, until the peer acknowledged all of a chunk:
+    a contiguous ``bytearray`` copied all it held each time it grew past its
+    allocation after its front was cut, which with megabytes queued (a download)
+    cost more than the rest of the endpoint."""
+
+    __slots__ = ("capacity", "una", "_end", "_chunks", "_starts", "_first")
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.una = 0
-        self._buf = bytearray()
-        self._skip = 0  # consumed bytes still at the front of _buf
+        self._end = 0
+        self._chunks: list[bytes] = []
+        self._starts: list[int] = []  # offset of each chunk's first byte
+        self._first = 0  # chunks before this one are acknowledged whole
 
     @property
     def end(self) -> int:
-        return self.una + len(self._buf) - self._skip
+        return self._end
 
     @property
     def queued(self) -> int:
-        return len(self._buf) - self._skip
+        return self._end - self.una
 
     @property
     def room(self) -> int:
@@ -54,27 +62,47 @@ class SendBuffer:
         """Append up to :attr:`room` bytes; returns how many were taken."""
         n = min(len(data), self.room)
         if n:
-            self._buf += data[:n] if n < len(data) else data
+            self._chunks.append(bytes(data[:n] if n < len(data) else data))
+            self._starts.append(self._end)
+            self._end += n
         return n
 
     def ack(self, offset: int) -> int:
         """Forget bytes before ``offset``; returns how many were released."""
-        n = min(offset, self.end) - self.una
+        n = min(offset, self._end) - self.una
         if n <= 0:
             return 0
-        self.una += n
-        self._skip += n
-        if self._skip >= _COMPACT or self._skip == len(self._buf):
-            del self._buf[: self._skip]
-            self._skip = 0
+        una = self.una = self.una + n
+        chunks, starts, first = self._chunks, self._starts, self._first
+        while first < len(chunks) and starts[first] + len(chunks[first]) <= una:
+            chunks[first] = b""  # freed now; the list is cut every 64 chunks
+            first += 1
+        if first == len(chunks) or first >= 64:
+            del chunks[:first], starts[:first]
+            first = 0
+        self._first = first
         return n
 
     def view(self, offset: int, size: int) -> bytes:
         """Bytes ``[offset, offset + size)`` (clipped to what is queued)."""
-        start = self._skip + offset - self.una
-        if start < self._skip:
+        if offset < self.una:
             raise ValueError("offset before the oldest unacknowledged byte")
-        return bytes(self._buf[start : start + size])
+        stop = min(offset + size, self._end)
+        if stop <= offset:
+            return b""
+        chunks, starts = self._chunks, self._starts
+        i = bisect.bisect_right(starts, offset, self._first) - 1
+        chunk, at = chunks[i], offset - starts[i]
+        if at + stop - offset <= len(chunk):
+            return chunk[at:at + stop - offset]  # within one chunk: one copy
+        parts = [chunk[at:]]
+        got = len(chunk) - at
+        while got < stop - offset:
+            i += 1
+            part = chunks[i][:stop - offset - got]
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
 
 
 class ReceiveBuffer:
