@@ -115,34 +115,34 @@ class FastPath:
         s_maxwin, r_maxwin, r_end = sender.td_maxwin, receiver.td_maxwin, receiver.td_end
         if not s_maxwin or not r_maxwin:
             return None
-        if not 0 < ((sender.td_maxend + 1 - seq) & 0xFFFFFFFF) < 0x80000000:
+        if not 0 < ((sender.td_maxend + 1 - seq) & 0xFFFFFFFF) <= 0x80000000:
             return None  # over the upper bound
-        if not 0 < ((r_end + 1 - ack) & 0xFFFFFFFF) < 0x80000000:
+        if not 0 < ((r_end + 1 - ack) & 0xFFFFFFFF) <= 0x80000000:
             return None
         s_end = sender.td_end
-        if not 0 < ((end - s_end + r_maxwin + 1) & 0xFFFFFFFF) < 0x80000000:
+        if not 0 < ((end - s_end + r_maxwin + 1) & 0xFFFFFFFF) <= 0x80000000:
             return None
         maxackwin = s_maxwin if s_maxwin > MAXACKWINCONST else MAXACKWINCONST
-        if not 0 < ((ack - r_end + maxackwin + 1) & 0xFFFFFFFF) < 0x80000000:
+        if not 0 < ((ack - r_end + maxackwin + 1) & 0xFFFFFFFF) <= 0x80000000:
             return None
         wnd = (win << sender.td_scale) & 0xFFFFFFFF
         if s_maxwin < wnd:
             sender.td_maxwin = wnd
         flags = sender.flags
-        if 0 < ((end - s_end) & 0xFFFFFFFF) < 0x80000000:
+        if 0 < ((end - s_end) & 0xFFFFFFFF) <= 0x80000000:
             sender.td_end = end
             flags |= F_UNACKED
         if not flags & F_MAXACK:
             sender.td_maxack = ack
             flags |= F_MAXACK
-        elif 0 < ((ack - sender.td_maxack) & 0xFFFFFFFF) < 0x80000000:
+        elif 0 < ((ack - sender.td_maxack) & 0xFFFFFFFF) <= 0x80000000:
             sender.td_maxack = ack
         sender.flags = flags
         over = (end - sender.td_maxend) & 0xFFFFFFFF
-        if 0 < over < 0x80000000:
+        if 0 < over <= 0x80000000:
             receiver.td_maxwin = (r_maxwin + over) & 0xFFFFFFFF
         right = (ack + wnd) & 0xFFFFFFFF
-        if 0 < ((right - receiver.td_maxend + 1) & 0xFFFFFFFF) < 0x80000000:
+        if 0 < ((right - receiver.td_maxend + 1) & 0xFFFFFFFF) <= 0x80000000:
             receiver.td_maxend = (right + 1) & 0xFFFFFFFF if wnd == 0 else right
         r_flags = receiver.flags
         if ack == r_end:

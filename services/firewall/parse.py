@@ -194,7 +194,7 @@ def tcp_sack_edge(data: bytearray | bytes, p: Parsed, ack: int) -> int:
         if kind == 5 and n >= 10 and (n - 2) % 8 == 0:
             for b in range(i + 2, i + n, 8):
                 edge = int.from_bytes(data[b + 4:b + 8], "big")
-                if 0 < ((edge - best) & 0xFFFFFFFF) < 0x80000000:
+                if 0 < ((edge - best) & 0xFFFFFFFF) <= 0x80000000:
                     best = edge
             break
     return best

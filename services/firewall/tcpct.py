@@ -75,12 +75,13 @@ ACCEPT, IGNORE, INVALID, REOPEN = "accept", "ignore", "invalid", "reopen"
 
 
 def after(a: int, b: int) -> bool:
-    """a > b in sequence space."""
-    return 0 < ((a - b) & M32) < 0x80000000
+    """a > b in sequence space, as the kernel's ``after()``: ``(s32)(b - a) < 0``, so a
+    distance of exactly 2**31 is both after and before."""
+    return 0 < ((a - b) & M32) <= 0x80000000
 
 
 def before(a: int, b: int) -> bool:
-    return 0 < ((b - a) & M32) < 0x80000000
+    return 0 < ((b - a) & M32) <= 0x80000000
 
 
 class Side:
@@ -236,20 +237,20 @@ def update(conn: Conn, sender: Side, receiver: Side, direction: int, index: int,
     swin = (win + (sack - ack)) & M32
     if sender.td_maxwin < swin:
         sender.td_maxwin = swin
-    if 0 < ((end - sender.td_end) & M32) < 0x80000000:
+    if 0 < ((end - sender.td_end) & M32) <= 0x80000000:
         sender.td_end = end
         sender.flags |= F_UNACKED
     if flags & ACK:
         if not sender.flags & F_MAXACK:
             sender.td_maxack = ack
             sender.flags |= F_MAXACK
-        elif 0 < ((ack - sender.td_maxack) & M32) < 0x80000000:
+        elif 0 < ((ack - sender.td_maxack) & M32) <= 0x80000000:
             sender.td_maxack = ack
     over = (end - sender.td_maxend) & M32
-    if receiver.td_maxwin != 0 and 0 < over < 0x80000000:
+    if receiver.td_maxwin != 0 and 0 < over <= 0x80000000:
         receiver.td_maxwin = (receiver.td_maxwin + over) & M32
     right = (sack + win) & M32
-    if 0 < ((right - receiver.td_maxend + 1) & M32) < 0x80000000:
+    if 0 < ((right - receiver.td_maxend + 1) & M32) <= 0x80000000:
         receiver.td_maxend = (right + 1) & M32 if win == 0 else right
     if ack == receiver.td_end:
         receiver.flags &= ~F_UNACKED

@@ -8,6 +8,7 @@ what they answered and on everything they know (states, windows, flags, counters
 
 from __future__ import annotations
 
+import vtl.services.firewall.tcpct as tcpct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
@@ -138,3 +139,13 @@ def test_the_fast_path_never_revives_a_connection_past_its_timeout() -> None:
     assert ct.fast(seg(False, "A", 5001, 1001, 10), 1.0, 0) == "established"
     assert ct.fast(seg(False, "A", 5011, 1001, 10), 61.0, 0) is None, "due at 61: gone"
     assert feed(ct, seg(False, "A", 5011, 1001, 10), 61.0, fast=False) != "established"
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_sequence_order_is_the_kernels(a: int, b: int) -> None:
+    """include/net/tcp.h: before(a, b) is (s32)(a - b) < 0, after(a, b) is before(b, a);
+    a distance of exactly 2**31 is both (a random trace found the difference once)."""
+    s32 = ((a - b) & 0xFFFFFFFF) - (1 << 32 if (a - b) & 0x80000000 else 0)
+    assert tcpct.before(a, b) == (s32 < 0)
+    assert tcpct.after(b, a) == (s32 < 0)
+    assert tcpct.before(0, 2**31) and tcpct.before(2**31, 0)
