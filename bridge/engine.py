@@ -30,8 +30,8 @@ Offloads: when both ports carry virtio-net headers, frames cross with their
 header untouched (64 KB GSO frames stay whole). A TAP offers its guest only the
 offloads the other port carries (:func:`~vtl.bridge.lanes.negotiate_offloads`),
 so toward a pcap uplink the guest's kernel cuts and checksums its own frames.
-When only the output port has headers, oversized frames get GSO metadata
-(``prepare_offloads``) and the rest a header saying their checksum was checked;
+When only the output port has headers, oversized frames get GSO metadata and
+TCP/UDP ones a partial checksum for the kernel to finish (``prepare_offloads``);
 when only the input has them, a GSO frame (a service made one) is segmented and
 its checksums completed in software (``complete_offloads``), correct but slow.
 

@@ -64,7 +64,6 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 
-
 VNET_HDR_SIZE = 10
 NETNS_DIR = "/run/netns"
 # entering a named namespace (`ip -n`, setns(2)) needs CAP_SYS_ADMIN besides CAP_NET_ADMIN

@@ -178,9 +178,7 @@ class Conntrack(FastPath):
         if not conn.confirmed and not conn.dead:
             conn.confirmed = True
             self.table.put(conn.key, conn, now, timeout=conn.timeout, rank=0)
-            conn.until = now + conn.timeout
-            if now + conn.timeout < self.due:
-                self.due = now + conn.timeout
+            self._due(conn, now + conn.timeout)
 
     def _live(self, key: Any, now: float) -> Conn | None:
         """The connection under ``key``, unless it expired (and was not yet collected)."""
@@ -203,9 +201,13 @@ class Conntrack(FastPath):
         conn.timeout = timeout
         if conn.confirmed:
             self.table.touch(conn.key, now, timeout=timeout, rank=1 if conn.assured else 0)
-            conn.until = now + timeout
-            if now + timeout < self.due:
-                self.due = now + timeout
+            self._due(conn, now + timeout)
+
+    def _due(self, conn: Conn, until: float) -> None:
+        """``conn`` (kept) was placed in the table to expire at ``until``."""
+        conn.until = until
+        if until < self.due:
+            self.due = until
 
     @staticmethod
     def _ctinfo(conn: Conn, d: int) -> str:

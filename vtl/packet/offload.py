@@ -37,7 +37,7 @@ from vtl.frame import (
     Frame,
     VnetHeader,
 )
-from vtl.packet.checksum import fold, ones_sum
+from vtl.packet.checksum import fold, ones_sum, pseudo_sum_v4, pseudo_sum_v6
 from vtl.packet.ethernet import ETH_P_8021Q, VlanTagValue, insert_vlan, remove_vlan
 from vtl.packet.packet import Packet
 from vtl.packet.tcp import CWR, FIN, PSH
@@ -258,13 +258,13 @@ def partial_csum(data: bytearray, l3: int = ETH_HLEN) -> bytes | None:
         if data[l3 + 6] & 0x3F or data[l3 + 7]:
             return None  # a fragment
         proto, l4, length = data[l3 + 9], l3 + ihl, total - ihl
-        pseudo = int.from_bytes(data[l3 + 12:l3 + 20], "big") + proto + length
+        pseudo = pseudo_sum_v4(data[l3 + 12:l3 + 16], data[l3 + 16:l3 + 20], proto, length)
     elif et == 0x86DD:
         length = (data[l3 + 4] << 8) | data[l3 + 5]
         proto, l4 = data[l3 + 6], l3 + 40
         if l4 + length > n or (proto in (6, 17) and length < 8):
             return None
-        pseudo = int.from_bytes(data[l3 + 8:l3 + 40], "big") + proto + length
+        pseudo = pseudo_sum_v6(data[l3 + 8:l3 + 24], data[l3 + 24:l3 + 40], proto, length)
     if proto == 6:
         if length < 20:
             return None
@@ -277,9 +277,8 @@ def partial_csum(data: bytearray, l3: int = ETH_HLEN) -> bytes | None:
         return NO_OFFLOAD
     else:
         return None  # an IPv6 extension header before the transport
-    total_sum = fold(pseudo)  # (the addresses as one integer: 2**16 = 1 mod 0xFFFF)
-    data[l4 + offset] = total_sum >> 8
-    data[l4 + offset + 1] = total_sum & 0xFF
+    data[l4 + offset] = pseudo >> 8
+    data[l4 + offset + 1] = pseudo & 0xFF
     return _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, l4, offset)
 
 
