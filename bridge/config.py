@@ -27,6 +27,7 @@ from pydantic.functional_validators import PlainValidator
 from pydantic_core import PydanticCustomError
 from vtl.bridge import plugins
 from vtl.bridge.filter import MatchFilter
+from vtl.bridge.hostcheck import host_problems
 from vtl.bridge.metrics import parse_address
 from vtl.bridge.ports import PortConfig
 
@@ -178,6 +179,8 @@ def tuned(spec: ServiceSpec, changes: dict[str, Any]) -> ServiceSpec:
         options = spec.cls.Options.model_validate(raw)
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, spec.name))
+    else:
+        problems.extend(host_problems(options, spec.name))
     if problems:
         raise ConfigError(problems)
     return replace(spec, options=options, match=match, raw=raw)
@@ -268,6 +271,8 @@ def _service_spec(
         options = cls.Options.model_validate(opts)
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, key))
+    else:
+        problems.extend(host_problems(options, key))
     if problems or options is None:
         return None, problems
     return ServiceSpec(index, use, name, cls, options, match, fail, opts), []

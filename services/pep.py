@@ -7,6 +7,7 @@ Synopsis
     connect_timeout_s = 5
     buffer_bytes = 2097152           # per connection, both directions together
     max_connections = 1024
+    congestion = "bbr"               # host connections (default: the kernel's)
 
 What it does to frames
     A SYN from the guest opens a host TCP connection to the SYN's destination;
@@ -35,6 +36,11 @@ Notes
       a NAT): the destination must be reachable from the host.
     - After a connection closes, stray segments of it are answered with RST for a
       few seconds, so they never leak to the uplink.
+    - ``congestion`` sets the host connections' congestion control (``TCP_CONGESTION``),
+      so a guest whose own stack is cubic gets BBR on the WAN leg: the guest's TCP only
+      spans the one hop to the bridge. A name the kernel lacks is a config error
+      (``vtl check`` says which it has). It can be changed live (``vtl ctl set``);
+      connections already open keep theirs.
     - The guest is told MSS 1460 (IPv6: 1440), window scale 9, SACK and timestamps,
       each only if its SYN offered it.
 
@@ -46,23 +52,32 @@ See also
 
 from __future__ import annotations
 
+from pydantic import Field
 from vtl.models.split import SplitOptions, SplitService
 
 from vtl import FlowKey, Packet, StreamRequest
+from vtl.service import TcpCongestion
 
 
 class PepOptions(SplitOptions):
     """Options of the ``pep`` service (``match`` is the generic per-service filter)."""
+
+    congestion: TcpCongestion = Field(None, description="congestion control of the host "
+                                      "connections (TCP_CONGESTION: bbr, cubic, ...; "
+                                      "default: the kernel's)")
 
 
 class Pep(SplitService):
     name = "pep"
     summary = "split-TCP proxy: terminate the VM's TCP locally, relay over host TCP"
     Options = PepOptions
+    tunable = frozenset({"congestion"})  # for connections opened from then on
 
     options: PepOptions
 
     def route(self, key: FlowKey, syn: Packet, now: float) -> StreamRequest:
         """Every connection goes to its own destination over a host TCP connection."""
+        cc = self.options.congestion
         return self.budget.request("tcp", key.dst_ip, key.dport,
-                                   timeout_s=self.options.connect_timeout_s)
+                                   timeout_s=self.options.connect_timeout_s,
+                                   options={"congestion": cc} if cc else None)

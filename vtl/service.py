@@ -28,9 +28,9 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, ClassVar, Literal, Protocol
+from typing import Annotated, Any, BinaryIO, ClassVar, Literal, NamedTuple, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from vtl.compute import DoneHandler, Job
 from vtl.datagram import DatagramHandler, DatagramRequest, DatagramSocket
@@ -82,6 +82,28 @@ class ServiceOptions(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostCheck(NamedTuple):
+    """Metadata on an option whose value only the host can judge (a kernel module, a
+    device): ``Annotated[str | None, HostCheck("tcp_congestion")]``. Services stay
+    sans-IO; the bridge runs the named check when it loads or changes the config and
+    reports a problem under the option's key (``vtl.bridge.hostcheck``)."""
+
+    kind: str
+
+
+def _congestion_name(value: str | None) -> str | None:
+    if value is not None and not (1 <= len(value) <= 15 and value.isascii()
+                                  and value.replace("_", "").isalnum() and value.islower()):
+        raise ValueError(f"{value!r} is not a congestion control name (like \"bbr\" or "
+                         "\"cubic\": lower-case letters, digits and _, at most 15)")
+    return value
+
+
+#: The congestion control of the host's TCP sockets a service opens (``TCP_CONGESTION``);
+#: None keeps the kernel's default. The bridge checks the kernel has it.
+TcpCongestion = Annotated[str | None, AfterValidator(_congestion_name), HostCheck("tcp_congestion")]
 
 
 @dataclass(slots=True)

@@ -366,7 +366,8 @@ class Socks5Transport(TcpTransport):
     """Connects to the request's ``proxy`` and asks it for (host, port)."""
 
     kind = "socks5"
-    options = frozenset({"proxy", "username", "password", "command", "bind", "mark"})
+    options = frozenset({"proxy", "username", "password", "command", "bind", "mark",
+                         "congestion"})
 
     def check(self, request: StreamRequest) -> None:
         super().check(request)

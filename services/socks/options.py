@@ -15,6 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from vtl import ServiceOptions
 from vtl.packet.addr import mac_bytes, mac_str
+from vtl.service import TcpCongestion
 
 DNS_MODES = ("fake-ip", "tor-resolve", "tcp://ADDR:PORT")
 
@@ -113,6 +114,9 @@ class SocksOptions(ServiceOptions):
                               description="memory per connection, both directions together")
     max_connections: int = Field(1024, ge=1, le=1_000_000,
                                  description="connections at once; more get RST")
+    congestion: TcpCongestion = Field(None, description="congestion control of the "
+                                      "connections to the proxy (TCP_CONGESTION: bbr, "
+                                      "cubic, ...; default: the kernel's)")
 
     @field_validator("proxy")
     @classmethod

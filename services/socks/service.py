@@ -11,6 +11,7 @@ Synopsis
     reject = true                       # ICMP administratively prohibited for the rest
     isolate = false                     # true: per-VM credentials (Tor IsolateSOCKSAuth)
     connect_timeout_s = 20
+    congestion = "bbr"                  # toward the proxy (default: the kernel's)
 
 What it does to frames
     Nothing from the guest reaches the uplink, and nothing from the uplink
@@ -61,6 +62,10 @@ Notes
       proxy that is down, does not speak SOCKS5 or refuses us gets one WARNING
       naming it and the problem. The service is ready all the same: the proxy
       may come up later, and connections are reset until it does.
+    - ``congestion`` sets the congestion control (``TCP_CONGESTION``) of the
+      connections to the proxy, for a proxy across a long or lossy path; a name the
+      kernel lacks is a config error. With Tor the proxy is usually local and the
+      choice is Tor's own, on its circuits.
 
 See also
     RFC 1928 and 1929 (SOCKS5), Tor's socks-extensions.txt; ``pep`` (the same
@@ -100,6 +105,7 @@ class Socks(SplitService):
     summary = "transparent SOCKS5/Tor anonymizer: all VM TCP through the proxy, nothing leaks"
     Options = SocksOptions
     default_fail = "closed"
+    tunable = frozenset({"congestion"})  # for connections opened from then on
     airtight = True
     # proxy down / refusing / bad credentials: RST at once; only a destination the
     # proxy reports unreachable is ICMP (the application then says "no route")
@@ -132,10 +138,12 @@ class Socks(SplitService):
 
     def _upstream(self, host: str, port: int, command: str = "connect") -> StreamRequest:
         user, password = self._credentials()
+        options = {"proxy": (self.proxy.host, self.proxy.port), "username": user,
+                   "password": password, "command": command}
+        if self.options.congestion:
+            options["congestion"] = self.options.congestion
         return self.budget.request(
-            "socks5", host, port, timeout_s=self.options.connect_timeout_s,
-            options={"proxy": (self.proxy.host, self.proxy.port), "username": user,
-                     "password": password, "command": command})
+            "socks5", host, port, timeout_s=self.options.connect_timeout_s, options=options)
 
     # -- frames ------------------------------------------------------------------------
 

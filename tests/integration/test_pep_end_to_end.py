@@ -8,11 +8,14 @@ to a real HTTP server in the peer namespace (reached through the host path of
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from tcptools import (
+    HTTP_PORT,
     connect_result,
     download,
     half_close,
@@ -145,3 +148,31 @@ def test_frames_sent_to_the_guest_are_well_formed(net: Net) -> None:
     vtl.stop()
     assert pcap.stat().st_size > size
     assert tshark_bad_segments(pcap) == []
+
+
+def _congestion_of(ss_output: str, names: list[str]) -> set[str]:
+    """The congestion controls `ss -tin` shows for the connections it lists."""
+    return {tok for tok in ss_output.split() if tok in names}
+
+
+def test_host_connections_get_the_configured_congestion_control(net: Net) -> None:
+    """A guest on reno behind pep: its own TCP stays reno, the host leg uses what
+    ``congestion`` says (a control other than the host's default, so it shows). A
+    network namespace may only default to a control listed in
+    net.ipv4.tcp_allowed_congestion_control (reno always is; cubic is not here)."""
+    names = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    chosen = next(n for n in ("cubic", "bbr") if n in names and n != default)
+    net.guest(["sysctl", "-q", "-w", "net.ipv4.tcp_congestion_control=reno"])
+    start(net, [{**PEP, "congestion": chosen}])
+
+    def look() -> tuple[set[str], set[str]]:
+        flt = ["dst", f"{PEER_IP}:{HTTP_PORT}"]
+        guest_side = net.guest(["ss", "-tinH", *flt]).stdout
+        host_side = subprocess.run(["ss", "-tinH", *flt], capture_output=True, text=True,
+                                   check=True, timeout=10).stdout
+        return _congestion_of(guest_side, names), _congestion_of(host_side, names)
+
+    res = slow_reader(net, 8 << 20, stall_s=2, during_stall=look, timeout=60)
+    assert res.ok
+    assert res.stall_value == ({"reno"}, {chosen}), res.stall_value

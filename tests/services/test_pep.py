@@ -74,6 +74,16 @@ def test_bytes_flow_both_ways_and_fin_follows_the_data() -> None:
     assert pep.report(0.0)["connections_active"] == 1
 
 
+def test_congestion_goes_with_the_host_connection_and_only_when_set() -> None:
+    pep, ctx = make()
+    pep.process(seg("S"), UP, 0.0)
+    assert "congestion" not in ctx.streams[0].request.options  # the kernel's default
+    pep, ctx = make(congestion="bbr")
+    pep.process(seg("S"), UP, 0.0)
+    assert ctx.streams[0].request.options == {"congestion": "bbr"}
+    assert pep.tunable == {"congestion"}
+
+
 def test_refused_upstream_resets_the_guest() -> None:
     pep, ctx = make()
     pep.process(seg("S"), UP, 0.0)

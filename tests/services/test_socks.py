@@ -182,6 +182,16 @@ def test_credentials_from_the_url_go_with_every_connect() -> None:
         (("::1", 9050), "alice", "secret")
 
 
+def test_congestion_goes_with_every_connect_and_a_live_change_with_the_next() -> None:
+    s, ctx = make(congestion="bbr")
+    s.process(syn(), UP, 0.0)
+    assert ctx.streams[0].request.options["congestion"] == "bbr"
+    assert "congestion" in s.tunable
+    s.retune(s.options.model_copy(update={"congestion": "cubic"}), 0.1)
+    s.process(syn(sport=40001), UP, 0.2)
+    assert ctx.streams[1].request.options["congestion"] == "cubic"
+
+
 @pytest.mark.parametrize("reason", ["refused", "timeout", "error", "reset"])
 def test_a_proxy_failure_resets_the_guest_at_once_and_logs_the_cause(
         reason: str, caplog: pytest.LogCaptureFixture) -> None:

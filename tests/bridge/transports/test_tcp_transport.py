@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from vtl.bridge.streams import StreamManager
@@ -57,7 +58,8 @@ def test_builtins_and_option_checks():
     assert set(builtin_transports()) == {"tcp", "socks5", "udt"}
     tcp = TcpTransport()
     tcp.check(StreamRequest("tcp", "::1", 1, options={"bind": ("::1", 0), "mark": 3}))
-    for bad in ({"bind": 5}, {"mark": -1}, {"mark": True}, {"mark": "1"}, {"via": 1}):
+    for bad in ({"bind": 5}, {"mark": -1}, {"mark": True}, {"mark": "1"}, {"via": 1},
+                {"congestion": 5}, {"congestion": ""}):
         with pytest.raises(LocalProtocolError):
             tcp.check(StreamRequest("tcp", "127.0.0.1", 1, options=bad))
 
@@ -73,6 +75,19 @@ def test_socket_is_nonblocking_nodelay_and_keeps_kernel_buffers(listener):
             assert sock.getsockopt(socket.SOL_SOCKET, opt) >= plain.getsockopt(
                 socket.SOL_SOCKET, opt)
         listener.accept()[0].close()
+
+
+def test_congestion_is_set_on_the_socket(listener):
+    tcp = TcpTransport()
+    names = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    assert len(names) >= 2  # reno is always there; bbr or cubic besides
+    for name in names:
+        sock = tcp.connect(StreamRequest("tcp", "127.0.0.1", 1, options={"congestion": name}),
+                           socket.AF_INET, listener.getsockname())
+        with sock:
+            got = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+            assert got.rstrip(b"\0").decode() == name
+            listener.accept()[0].close()
 
 
 def test_bind_sets_the_source_address(lock, listener):
