@@ -9,7 +9,11 @@ iperf3 UDP 64-byte packets per second received, and the ping RTT median, then
 prints both and the ratio. Needs root; cleans up after itself.
 
     .venv/bin/python benchmarks/bridge.py [--seconds 5] [--repeat 3] [--services FILE.toml]
-        [--against empty] [--uplink pcap] [--qdisc-bypass on|off] [--matrix]
+        [--against empty] [--uplink pcap] [--qdisc-bypass on|off] [--matrix] [--latency]
+
+``--latency`` measures only the ping RTT, through VTL's empty chain unpinned, pinned to
+one CPU (``[bridge] cpus``), with busy polling (``busy_poll_us``) and with both, against
+the kernel bridge, ``--repeat`` sittings alternating.
 
 ``--matrix`` measures every pairing of port kinds in one sitting: the TAP with a packet
 uplink, the TAP with a pcap uplink, and two packet ports (a veth into the guest's
@@ -90,8 +94,8 @@ def kernel_bridge(tag: str, seconds: int, repeat: int) -> dict[str, float]:
 
 
 def vtl_bridge(tag: str, seconds: int, repeat: int, services: str,
-               uplink: str = "packet", uplink_extra: str = "", guest: str = "tap"
-               ) -> dict[str, float]:
+               uplink: str = "packet", uplink_extra: str = "", guest: str = "tap",
+               bridge_extra: str = "", only_rtt: bool = False) -> dict[str, float]:
     """``guest``: "tap" (VTL's TAP is the guest's NIC, as a VM's) or "packet" (a veth
     into the guest's namespace, attached with AF_PACKET: the WAN bridge's pairing)."""
     with Topology(tag) as topo, tempfile.TemporaryDirectory() as tmp:
@@ -106,6 +110,7 @@ def vtl_bridge(tag: str, seconds: int, repeat: int, services: str,
         cfg = Path(tmp) / "bench.toml"
         cfg.write_text(f"""[bridge]
 name = "bench"
+{bridge_extra}
 [ports.guest]
 {guest_port}
 [ports.uplink]
@@ -125,9 +130,51 @@ ifname = "{tag}u"
             seen += vtl.stderr.read() or b""
             time.sleep(0.05)
         topo.addr(gns, "eth0" if guest == "packet" else f"{tag}t", f"{G}/24")
+        if only_rtt:
+            return rtt_only(topo, gns, repeat)
         topo.spawn(pns, ["iperf3", "-s", "-B", P, "-p", "5301"])
         topo.wait_tcp(pns, P, 5301)
         return measure(topo, gns, seconds, repeat)
+
+
+def rtt_only(topo: Topology, gns: str, repeat: int) -> dict[str, float]:
+    topo.run(gns, ["ping", "-c", "3", "-i", "0.2", "-W", "2", P], timeout=20)
+    return {"rtt_us": statistics.median(ping_median(topo, gns) for _ in range(repeat))}
+
+
+LATENCY = [("unpinned", ""), ("pinned (cpus = [1])", "cpus = [1]"),
+           ("busy_poll_us = 10000", "busy_poll_us = 10000"),
+           ("busy poll, pinned", "busy_poll_us = 10000\ncpus = [1]")]
+
+
+def latency(tag: str, repeat: int) -> None:
+    """Ping RTT through VTL (empty chain) pinned and unpinned, with and without busy
+    polling, against the kernel bridge; the sittings alternate ``repeat`` times."""
+    rows: dict[str, list[float]] = {"kernel bridge": []}
+    for _ in range(repeat):
+        with Topology(tag) as topo:
+            gns, pns = topo.netns(f"{tag}-g"), topo.netns(f"{tag}-p")
+            ip("link", "add", f"{tag}br", "type", "bridge")
+            topo.links.append(f"{tag}br")
+            topo.veth(f"{tag}g", "eth0", gns)
+            topo.veth(f"{tag}p", "eth0", pns)
+            for port in (f"{tag}g", f"{tag}p"):
+                ip("link", "set", port, "master", f"{tag}br")
+            ip("link", "set", f"{tag}br", "up")
+            topo.addr(gns, "eth0", f"{G}/24")
+            topo.addr(pns, "eth0", f"{P}/24")
+            rows["kernel bridge"].append(rtt_only(topo, gns, 1)["rtt_us"])
+        for label, extra in LATENCY:
+            rows.setdefault(label, []).append(
+                vtl_bridge(tag, 1, 1, "", bridge_extra=extra, only_rtt=True)["rtt_us"])
+    kernel = statistics.median(rows["kernel bridge"])
+    print(f"\n{'ping RTT, 200 pings 5 ms apart':32} {'median (us)':>12} {'added (us)':>11}"
+          "   runs")
+    for label, runs in rows.items():
+        med = statistics.median(runs)
+        added = "" if label == "kernel bridge" else f"{med - kernel:11.1f}"
+        print(f"{label:32} {med:12.1f} {added:>11}   {', '.join(f'{r:.0f}' for r in runs)}")
+    print(f"\n(median of {repeat} sittings; {os.cpu_count()} CPUs)")
 
 
 PAIRINGS = [("tap", "packet"), ("tap", "pcap"), ("packet", "packet")]
@@ -164,6 +211,8 @@ def main() -> None:
                     help="the reference: the kernel bridge, or VTL with an empty chain")
     ap.add_argument("--uplink", choices=("packet", "pcap"), default="packet",
                     help="VTL's uplink port kind")
+    ap.add_argument("--latency", action="store_true",
+                    help="only ping RTT: pinned/unpinned, with/without busy polling")
     ap.add_argument("--matrix", action="store_true",
                     help="every pairing of port kinds (tap/packet, tap/pcap, packet/packet) "
                     "against the kernel bridge")
@@ -177,6 +226,8 @@ def main() -> None:
         f"qdisc_bypass = {'true' if args.qdisc_bypass == 'on' else 'false'}"
     if args.matrix:
         return matrix(tag, args.seconds, args.repeat)
+    if args.latency:
+        return latency(tag, args.repeat)
     if args.against == "kernel":
         kernel = kernel_bridge(tag, args.seconds, args.repeat)
         names = ("kernel bridge", "VTL", "VTL/kernel")

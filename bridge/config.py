@@ -10,6 +10,7 @@ options, which its ``Options`` model validates.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,6 +56,14 @@ class BridgeSection(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="logging threshold")
     batch: int = Field(64, ge=1, le=1024, description="frames read per port per wake-up")
+    busy_poll_us: int = Field(
+        0, ge=0, le=1_000_000,
+        description="after the last frame, one forwarding thread keeps polling both ports "
+                    "this long before it sleeps: round trips lose a wake-up (about 50 us on a "
+                    "VM) for up to a core of CPU while frames keep coming (0: never)")
+    cpus: tuple[int, ...] = Field(
+        (), description="CPUs the bridge's threads may run on (sched_setaffinity), e.g. "
+                        "[1]; empty: any")
     mac_aging_s: float = Field(300.0, gt=0, description="forget a guest MAC after this idle time")
     max_macs: int = Field(
         4096, ge=1, le=1_000_000,
@@ -81,6 +90,18 @@ class BridgeSection(BaseModel):
     control_group: str | None = Field(
         None, description="members of this group may use the control socket too (else only "
                           "root)")
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        allowed = os.sched_getaffinity(0)
+        bad = sorted(set(value) - allowed)
+        if bad:
+            raise PydanticCustomError(
+                "cpus", "CPU {bad} is not one this process may run on ({allowed})",
+                {"bad": ", ".join(map(str, bad)),
+                 "allowed": ", ".join(map(str, sorted(allowed)))})
+        return tuple(sorted(set(value)))
 
     @field_validator("control")
     @classmethod

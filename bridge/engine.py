@@ -64,7 +64,14 @@ from vtl.bridge import compute, datagram, reconfig, vxlan
 from vtl.bridge.chain import Chain
 from vtl.bridge.config import BridgeConfig
 from vtl.bridge.egress import EgressPolicy
-from vtl.bridge.lanes import Lane, forward_plain, negotiate_offloads, precise_timers
+from vtl.bridge.lanes import (
+    Lane,
+    admit,
+    forward_plain,
+    negotiate_offloads,
+    pin_threads,
+    precise_timers,
+)
 from vtl.bridge.ports import Port, make_port
 from vtl.bridge.streams import StreamManager
 
@@ -142,6 +149,8 @@ class Bridge:
 
     def open(self) -> None:
         """Open both ports and start every service; on failure undo what was done."""
+        if self.config.bridge.cpus:
+            pin_threads(self.config.bridge.cpus)  # before the threads it starts
         try:
             for port in (self.guest, self.uplink):
                 port.open()
@@ -289,10 +298,25 @@ class Bridge:
         precise_timers()
         stop = self._stop
         forward = self._forward
+        # busy polling (see vtl.bridge.lanes): this thread only, serving both lanes
+        spin = self.config.bridge.busy_poll_us / 1e6 if lane.to_uplink else 0.0
+        idle_since = 0.0
         while not stop.is_set():
             with lane.lock:
                 busy = forward(lane)
+            if spin and not busy:
+                if other.lock.acquire(blocking=False):
+                    try:
+                        busy = forward(other)
+                    finally:
+                        other.lock.release()
+                now = time.monotonic()
+                deadline = self._deadline
+                if not busy and now - idle_since < spin and (deadline is None or deadline > now):
+                    continue
             if busy:
+                if spin:
+                    idle_since = time.monotonic()
                 # What we just sent has often been answered before send() returned (the
                 # peer's stack runs in our softirq): forward the answer now rather than
                 # wait for the other thread to wake up. Saves a wake-up per round trip.
@@ -317,40 +341,8 @@ class Bridge:
         if not batch:
             return False
         now = time.monotonic()
-        off = lane.off
         counters = self.counters
-        macs = self.macs
-        good = []
-        if lane.to_uplink:
-            for raw in batch:
-                if len(raw) < off + 14:
-                    counters.malformed += 1
-                    continue
-                mac = raw[off + 6:off + 12]  # a bytearray slice, hashed as bytes below
-                if mac != lane.last_src or now - lane.last_seen > 1.0:
-                    mac = bytes(mac)
-                    if not mac[0] & 1 and not macs.touch(mac, now) \
-                            and not macs.put(mac, True, now):
-                        counters.mac_overflow += 1
-                    lane.last_src, lane.last_seen = mac, now
-                good.append(raw)
-        else:
-            expires_at = macs.expires_at
-            for raw in batch:
-                if len(raw) < off + 14:
-                    counters.malformed += 1
-                    continue
-                if raw[off] & 1:
-                    good.append(raw)
-                    continue
-                dst = bytes(raw[off:off + 6])
-                until = expires_at(dst)
-                if until is not None and until > now:
-                    good.append(raw)
-                elif self._pins and self._pins.get(dst, 0.0) > now:
-                    good.append(raw)  # pinned by a service: a paused guest says nothing
-                else:
-                    counters.not_for_guest += 1
+        good = admit(lane, batch, now, self.macs, self._pins, counters)
         if lane.mode is not None:  # an empty chain
             good = forward_plain(lane, good, self._wlocks[id(lane.dst)])
             if not good:

@@ -29,6 +29,19 @@ none: its own kernel segments and checksums (in C, at its line rate), and the
 ``strip`` mode forwards its frames without Python touching their bytes. Toward a
 packet socket on a device without TSO it is offered checksum offload only.
 
+:func:`admit` is the learning switch at a lane's input: frames from the guest teach
+the MAC table their source; frames toward the guest pass only to a MAC the table
+holds (or a service pinned), or to a group address.
+
+Busy polling (``[bridge] busy_poll_us``): after a lane's last frame, the to-uplink
+thread keeps polling both lanes that long before it sleeps, so the next frame in
+either direction is taken at once instead of after a wake-up (a sleeping vCPU comes
+back tens of microseconds late). Only one thread spins: two would fight over the
+GIL and over the guest's CPUs, which made round trips slower, not faster.
+
+:func:`pin_threads` (``[bridge] cpus``) keeps every thread of the bridge on the given
+CPUs; threads started later inherit it.
+
 :func:`precise_timers`: each forwarding thread asks for a 1 us timer slack, so its
 sleeps until the chain's next deadline end on time (the engine's ``_sleep``).
 """
@@ -37,11 +50,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
+from typing import Any
 
 from vtl.bridge.ports import Port
 from vtl.bridge.ports.base import offload_names
 
+from vtl.flow import FlowTable
 from vtl.frame import VNET_HDR_LEN
 from vtl.packet.offload import partial_csum
 from vtl.service import Direction
@@ -106,6 +122,44 @@ def forward_plain(lane: Lane, frames: list[bytes | bytearray], wlock: threading.
     return rest
 
 
+def admit(lane: Lane, batch: list, now: float, macs: FlowTable[bytes, bool],
+          pins: dict[bytes, float], counters: Any) -> list:
+    """The frames of ``batch`` that go on (see the module docstring); ``counters`` (the
+    bridge's) count the rest: ``malformed``, ``mac_overflow``, ``not_for_guest``."""
+    off = lane.off
+    good = []
+    if lane.to_uplink:
+        for raw in batch:
+            if len(raw) < off + 14:
+                counters.malformed += 1
+                continue
+            mac = raw[off + 6:off + 12]  # a bytearray slice, hashed as bytes below
+            if mac != lane.last_src or now - lane.last_seen > 1.0:
+                mac = bytes(mac)
+                if not mac[0] & 1 and not macs.touch(mac, now) and not macs.put(mac, True, now):
+                    counters.mac_overflow += 1
+                lane.last_src, lane.last_seen = mac, now
+            good.append(raw)
+        return good
+    expires_at = macs.expires_at
+    for raw in batch:
+        if len(raw) < off + 14:
+            counters.malformed += 1
+            continue
+        if raw[off] & 1:
+            good.append(raw)
+            continue
+        dst = bytes(raw[off:off + 6])
+        until = expires_at(dst)
+        if until is not None and until > now:
+            good.append(raw)
+        elif pins and pins.get(dst, 0.0) > now:
+            good.append(raw)  # pinned by a service: a paused guest says nothing
+        else:
+            counters.not_for_guest += 1
+    return good
+
+
 def negotiate_offloads(guest: Port, uplink: Port, log: logging.Logger) -> None:
     """Each TAP offers its guest what the other port carries (see the module docstring),
     and the log says what was agreed."""
@@ -127,3 +181,12 @@ def precise_timers() -> None:
         libc.prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(1000), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def pin_threads(cpus: tuple[int, ...]) -> None:
+    """Every thread of this process, and those it starts from now on, on ``cpus``."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            pass  # ended meanwhile

@@ -107,6 +107,10 @@ def test_vtl_check_ok(tmp_path):
     ("[ports.guest]\nkind='tap'\nifname='a'\n[ports.uplink]\nkind='pcap'\nifname='b'\n"
      "[[services]]\ndelay_ms=3\n", "services[0].use: missing"),
     ("this is = = not toml", "not valid TOML"),
+    ("[bridge]\ncpus=[0, 4096]\n[ports.guest]\nkind='tap'\nifname='a'\n[ports.uplink]\n"
+     "kind='pcap'\nifname='b'\n", "bridge.cpus: CPU 4096 is not one this process may run on"),
+    ("[bridge]\nbusy_poll_us=-1\n[ports.guest]\nkind='tap'\nifname='a'\n[ports.uplink]\n"
+     "kind='pcap'\nifname='b'\n", "bridge.busy_poll_us: Input should be greater than"),
 ])
 def test_single_problems(tmp_path, text, needle):
     with pytest.raises(ConfigError) as info:

@@ -93,7 +93,7 @@ def test_set_refuses_bad_values_and_changes_nothing(changes, names):
 def test_set_refuses_options_that_are_not_tunable():
     chain = started(config({"use": "pep"}, svc("Tag", label="a")))
     with pytest.raises(ConfigError, match=r"pep.max_connections: cannot change while the "
-                                          r"bridge runs \(tunable: none\)"):
+                                          r"bridge runs \(tunable: congestion\)"):
         reconfig.check_set(chain.slots[0], {"max_connections": 5})
     with pytest.raises(ConfigError, match=r"tag.weight: cannot change.*tunable: label"):
         reconfig.check_set(chain.slots[1], {"weight": 5, "label": "b"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,32 @@ def test_timers_fire_within_a_fifth_of_a_millisecond(net):
     report = ctl_json(sock, "counters")["services"]["ticker"]
     assert 0 <= report["late_median_us"] < 200, report
     assert vtl.stop() == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_cpus_pin_every_thread_and_busy_polling_stops_when_traffic_does(net):
+    """``cpus`` keeps every thread of the bridge on those CPUs; with ``busy_poll_us`` one
+    thread spins while frames keep coming (pings 5 ms apart: about a core) and stops
+    spinning once they stop, so an idle bridge still costs nothing."""
+    cpu = max(os.sched_getaffinity(0))
+    vtl = net.start(cpus=[cpu], busy_poll_us=20_000)
+    tasks = list(Path(f"/proc/{vtl.pid}/task").iterdir())
+    assert len(tasks) >= 3  # main, two forwarding threads, ...
+    for task in tasks:
+        status = (task / "status").read_text()
+        assert f"Cpus_allowed_list:\t{cpu}\n" in status, (task, status[-400:])
+    before = _cpu_seconds(vtl.pid)
+    t0 = time.monotonic()
+    out = net.guest(["ping", "-c", "300", "-i", "0.005", "-W", "1", PEER_IP], timeout=30).stdout
+    busy = (_cpu_seconds(vtl.pid) - before) / (time.monotonic() - t0)
+    assert len(parse_ping_rtts(out)) >= 295
+    time.sleep(0.2)
+    before, t0 = _cpu_seconds(vtl.pid), time.monotonic()
+    time.sleep(2.0)
+    idle = (_cpu_seconds(vtl.pid) - before) / (time.monotonic() - t0)
+    assert busy > 0.6, busy  # it spun between the pings
+    assert idle < 0.1, idle  # and stopped when they did
