@@ -28,6 +28,7 @@ instead of the kernel bridge (what a service costs), e.g. ``keepalive`` tracking
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from vtl.bridge.topology import Topology, ip, parse_ping_rtts, require_root
@@ -76,7 +78,9 @@ def measure(topo: Topology, gns: str, seconds: int, repeat: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in runs.items()}
 
 
-def kernel_bridge(tag: str, seconds: int, repeat: int) -> dict[str, float]:
+@contextlib.contextmanager
+def kernel_topology(tag: str) -> Iterator[tuple[Topology, str, str]]:
+    """The two namespaces joined by a Linux bridge: (topology, guest ns, peer ns)."""
     with Topology(tag) as topo:
         gns, pns = topo.netns(f"{tag}-g"), topo.netns(f"{tag}-p")
         ip("link", "add", f"{tag}br", "type", "bridge")
@@ -88,6 +92,11 @@ def kernel_bridge(tag: str, seconds: int, repeat: int) -> dict[str, float]:
         ip("link", "set", f"{tag}br", "up")
         topo.addr(gns, "eth0", f"{G}/24")
         topo.addr(pns, "eth0", f"{P}/24")
+        yield topo, gns, pns
+
+
+def kernel_bridge(tag: str, seconds: int, repeat: int) -> dict[str, float]:
+    with kernel_topology(tag) as (topo, gns, pns):
         topo.spawn(pns, ["iperf3", "-s", "-B", P, "-p", "5301"])
         topo.wait_tcp(pns, P, 5301)
         return measure(topo, gns, seconds, repeat)
@@ -152,17 +161,7 @@ def latency(tag: str, repeat: int) -> None:
     polling, against the kernel bridge; the sittings alternate ``repeat`` times."""
     rows: dict[str, list[float]] = {"kernel bridge": []}
     for _ in range(repeat):
-        with Topology(tag) as topo:
-            gns, pns = topo.netns(f"{tag}-g"), topo.netns(f"{tag}-p")
-            ip("link", "add", f"{tag}br", "type", "bridge")
-            topo.links.append(f"{tag}br")
-            topo.veth(f"{tag}g", "eth0", gns)
-            topo.veth(f"{tag}p", "eth0", pns)
-            for port in (f"{tag}g", f"{tag}p"):
-                ip("link", "set", port, "master", f"{tag}br")
-            ip("link", "set", f"{tag}br", "up")
-            topo.addr(gns, "eth0", f"{G}/24")
-            topo.addr(pns, "eth0", f"{P}/24")
+        with kernel_topology(tag) as (topo, gns, _pns):
             rows["kernel bridge"].append(rtt_only(topo, gns, 1)["rtt_us"])
         for label, extra in LATENCY:
             rows.setdefault(label, []).append(
