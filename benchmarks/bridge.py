@@ -18,7 +18,9 @@ the kernel bridge, ``--repeat`` sittings alternating.
 ``--matrix`` measures every pairing of port kinds in one sitting: the TAP with a packet
 uplink, the TAP with a pcap uplink, and two packet ports (a veth into the guest's
 namespace on the guest side, as a WAN bridge between two interfaces), each against the
-kernel bridge.
+kernel bridge; then a one-connection download through ``pep`` and through ``socks``
+(with danted) against the empty chain (the download cells of benchmarks/pep.py and
+benchmarks/socks.py).
 
 ``--against empty`` compares the chain in ``--services`` with VTL's empty chain
 instead of the kernel bridge (what a service costs), e.g. ``keepalive`` tracking:
@@ -190,6 +192,24 @@ def matrix(tag: str, seconds: int, repeat: int) -> None:
         print(f"{label:36} {kernel[key]:14.2f}{cells}")
     print(f"\n(median of {repeat} runs of {seconds} s each; {os.cpu_count()} CPUs; "
           "in brackets: of the kernel bridge)")
+    terminating(seconds, repeat)
+
+
+def terminating(seconds: int, repeat: int) -> None:
+    """One-connection downloads through the TCP-terminating services against the empty
+    chain of the same run (benchmarks/pep.py and benchmarks/socks.py, one cell each)."""
+    import pep
+    import socks
+
+    p = pep.run(seconds, repeat, False, only=("down1",))
+    s = socks.run(seconds, repeat, 1, False, only=("down1",))
+    print(f"\n{'download, 1 connection':36} {'empty chain':>14} {'service':>10} {'ratio':>7}"
+          "   (Gbit/s)")
+    for name, empty, svc in (("pep", p["empty"]["down1"]["gbps"], p["pep"]["down1"]["gbps"]),
+                             ("socks (danted)", s["empty"]["down1"]["value"],
+                              s["socks"]["down1"]["value"])):
+        e, v = float(empty), float(svc)
+        print(f"{name:36} {e:14.2f} {v:10.2f} {v / e:7.2f}")
 
 
 ROWS = [

@@ -176,9 +176,12 @@ class Runs:
                 "runs_gbps": [round(x, 4) for x in self.gbps]}
 
 
-def run(seconds: int, repeat: int, progress: bool) -> dict[str, dict[str, dict[str, object]]]:
+def run(seconds: int, repeat: int, progress: bool, only: tuple[str, ...] = ()
+        ) -> dict[str, dict[str, dict[str, object]]]:
+    """``only``: these cells' keys and no others."""
     tag = f"pb{os.getpid() % 10000:04d}"
-    runs = {c: {k: Runs() for k, *_ in CELLS} for c in CHAINS}
+    cells = [c for c in CELLS if not only or c[0] in only]
+    runs = {c: {k: Runs() for k, *_ in cells} for c in CHAINS}
     with Topology(tag) as topo, tempfile.TemporaryDirectory() as tmp:
         gns, pns = topo.netns(f"{tag}-g"), topo.netns(f"{tag}-p")
         topo.veth(f"{tag}u", "eth0", pns)
@@ -195,7 +198,7 @@ def run(seconds: int, repeat: int, progress: bool) -> dict[str, dict[str, dict[s
                     bridge.wait_ready()
                     topo.addr(gns, f"{tag}t", f"{G}/24")
                     topo.run(gns, ["ping", "-c", "3", "-i", "0.2", "-W", "2", P], timeout=20)
-                    for key, _label, reverse, parallel in CELLS:
+                    for key, _label, reverse, parallel in cells:
                         gbps, cores = iperf(topo, gns, bridge, seconds, key, reverse, parallel)
                         runs[chain][key].gbps.append(gbps)
                         runs[chain][key].cores.append(cores)

@@ -186,9 +186,12 @@ class Runs:
         return out
 
 
-def run(seconds: int, repeat: int, concurrency: int, progress: bool) -> dict:
+def run(seconds: int, repeat: int, concurrency: int, progress: bool,
+        only: tuple[str, ...] = ()) -> dict:
+    """``only``: these cells' keys (``"cps"`` for the connection rate) and no others."""
     tag = f"sb{os.getpid() % 10000:04d}"
-    keys = [k for k, *_ in CELLS] + ["cps"]
+    cells = [c for c in CELLS if not only or c[0] in only]
+    keys = [k for k, *_ in cells] + (["cps"] if not only or "cps" in only else [])
     runs = {c: {k: Runs() for k in keys} for c in CHAINS}
 
     def say(msg: str) -> None:
@@ -222,13 +225,15 @@ def run(seconds: int, repeat: int, concurrency: int, progress: bool) -> dict:
                     if chain == "empty":
                         topo.run(gns, ["ping", "-c", "2", "-i", "0.2", "-W", "2", target],
                                  timeout=20)
-                    for key, _label, reverse, parallel in CELLS:
+                    for key, _label, reverse, parallel in cells:
                         gbps, cores = iperf(topo, gns, bridge, seconds, key, reverse,
                                             parallel, target=target, port=IPERF_PORT)
                         runs[chain][key].values.append(gbps)
                         runs[chain][key].cores.append(cores)
                         say(f"run {r + 1}/{repeat} {chain:5} {key:6} {gbps:6.2f} Gbit/s "
                             f"{cores:4.2f} cores")
+                    if "cps" not in keys:
+                        continue
                     out, cores = connect_rate(topo, gns, bridge, target, seconds, concurrency)
                     runs[chain]["cps"].values.append(out["per_second"])
                     runs[chain]["cps"].cores.append(cores)
