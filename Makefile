@@ -27,7 +27,8 @@ system-deps:
 		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml | system-deps
+# setup.py and the C++ source: the native extension (vtl.bridge.transports._udtcc) rebuilds
+$(VENV)/.installed: pyproject.toml setup.py bridge/transports/udtcc.cpp | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# udt4py 1.2 does not declare its build needs; it builds against libudt-dev.

@@ -21,10 +21,13 @@ Options (``StreamRequest.options`` and, for the listener, ``ListenRequest.option
 - ``window``: bytes; UDT send/receive buffers and flight window, and the
   per-stream credit window of the framing; default 8 MiB;
 - ``max_bw``: bytes per second one UDT connection may send (``UDT_MAXBW``),
-  default 0: no cap. UDT's own rate control overshoots a rate-limited path;
+  default 0: no cap. libudt's native control overshoots a rate-limited path;
   a cap at the path's rate keeps it under the bottleneck;
+- ``congestion``: the UDT congestion control, ``"vtl"`` (default: model-based,
+  finds the bottleneck rate itself and tolerates random loss) or ``"native"``
+  (libudt's DAIMD); see :mod:`.udtcc`;
 - ``mux``: carry the stream inside one shared UDT connection per (peer,
-  mss, window, max_bw) instead of a UDT connection of its own (default False).
+  mss, window, max_bw, congestion) instead of a UDT connection of its own (default False).
 
 Failures name the peer bridge: ``UDT peer 10.0.0.2:9000 could not be
 reached: ...`` (reason ``timeout`` when it did not answer within
@@ -45,6 +48,7 @@ from vtl.bridge.transports.base import (
     TransportError,
     TransportListener,
 )
+from vtl.bridge.transports.udtcc import CONGESTION, DEFAULT
 from vtl.bridge.transports.udtstate import FAIL, MAGIC, OK, RECORD, UP, Tuning
 from vtl.bridge.transports.udtwire import MAX_WINDOW, REASONS, check_flow
 
@@ -117,7 +121,7 @@ class UdtTransport(Transport):
     """Streams to and from peer bridges over UDT (see the module docstring)."""
 
     kind = "udt"
-    options = frozenset({"mss", "window", "max_bw", "mux"})
+    options = frozenset({"mss", "window", "max_bw", "congestion", "mux"})
 
     def __init__(self) -> None:
         self._hub = None
@@ -129,9 +133,13 @@ class UdtTransport(Transport):
         return self._hub
 
     def _settings(self, opts) -> Tuning:
+        cc = opts.get("congestion", DEFAULT)
+        if cc not in CONGESTION:
+            raise LocalProtocolError(f"udt option congestion={cc!r}: give one of "
+                                     f"{', '.join(CONGESTION)}")
         return Tuning(_int_opt(opts, "mss", DEFAULT_MSS, 76, 65536),
                       _int_opt(opts, "window", DEFAULT_WINDOW, MIN_WINDOW, MAX_WINDOW),
-                      _int_opt(opts, "max_bw", 0, 0, 1 << 40))
+                      _int_opt(opts, "max_bw", 0, 0, 1 << 40), cc)
 
     def check(self, request: StreamRequest) -> None:
         super().check(request)
@@ -159,10 +167,10 @@ class UdtTransport(Transport):
         return RecordHandshake(f"{request.host}:{request.port}", request.timeout_s)
 
     def listen(self, request: ListenRequest, deliver) -> TransportListener:
-        unknown = set(request.options) - {"mss", "window", "max_bw"}
+        unknown = set(request.options) - {"mss", "window", "max_bw", "congestion"}
         if unknown:
             raise LocalProtocolError(f"udt listen: unknown option(s) {sorted(unknown)} "
-                                     "(known: mss, window, max_bw)")
+                                     "(known: mss, window, max_bw, congestion)")
         tuning = self._settings(request.options)
         hub = self.hub()
 

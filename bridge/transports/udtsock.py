@@ -4,7 +4,8 @@ Theory of operation. A pipe is a loopback TCP pair (:func:`tcp_pair`) rather
 than a ``socketpair()``: closing it with ``SO_LINGER`` 0 is a real reset, so the
 stream manager reports ``"reset"``; its kernel buffers are forced up to
 :data:`PAIR_BUFFER` so a pipe carries 100+ Mbit/s at 10 ms. The UDT helpers
-apply a :class:`~.udtstate.Tuning` (buffers, flow window, rate cap) and switch a
+apply a :class:`~.udtstate.Tuning` (buffers, flow window, rate cap, congestion
+control: :mod:`.udtcc`) and switch a
 socket to non-blocking. Nothing here keeps state beyond the pairs' listener.
 """
 
@@ -14,6 +15,7 @@ import socket
 import threading
 
 from udt4py import UDTException, UDTSocket
+from vtl.bridge.transports import udtcc
 from vtl.bridge.transports.udtstate import Tuning
 
 PAIR_BUFFER = 1 << 20  # each side of a pipe: kernel buffers (100+ Mbit/s at 10 ms)
@@ -59,10 +61,13 @@ def set_opts(sock: UDTSocket, tuning: Tuning) -> None:
     sock.UDT_RCVBUF = window
     sock.UDT_FC = max(25600, window // max(mss - 44, 1) + 1)
     if tuning.max_bw > 0:
-        # UDT's own rate control overshoots a rate-limited WAN by far (tail drops of
+        # libudt's native control overshoots a rate-limited WAN by far (tail drops of
         # 30-40 % at 0 % loss, measured with benchmarks/udt.py); a cap at the link rate
-        # keeps its pacing under the bottleneck
+        # keeps its pacing under the bottleneck. The vtl control finds the rate itself
+        # and applies the cap in its own pacing.
         sock.UDT_MAXBW = tuning.max_bw
+    # before connect/listen; accepted sockets inherit the listener's control
+    udtcc.install(sock.socket, tuning.congestion, tuning.max_bw)
 
 
 def uclose(sock: UDTSocket) -> None:

@@ -8,7 +8,8 @@ acts on: the states as enums with their allowed moves (:data:`PIPE_MOVES`,
 (:data:`LEGAL`), the per-stream credit fields, the byte queues toward a UDT
 socket or a pipe (:class:`ByteQueue`), the status records a pipe starts with
 (:data:`RECORD`: UP, then OK or FAIL; the transport's handshake reads them), the
-socket settings (:class:`Tuning`) and the commands a session gives its hub.
+socket settings (:class:`Tuning`: buffers, rate cap, congestion control) and the
+commands a session gives its hub.
 Nothing here does I/O or decides anything.
 """
 
@@ -33,11 +34,13 @@ _COALESCE_SMALL, _COALESCE_MAX = 65536, 262144
 
 
 class Tuning(NamedTuple):
-    """What a UDT socket is set up with (the transport's ``mss``, ``window``, ``max_bw``)."""
+    """What a UDT socket is set up with (the transport's ``mss``, ``window``, ``max_bw``,
+    ``congestion``)."""
 
     mss: int
     window: int
     max_bw: int = 0  # bytes per second a connection may send; 0: no cap (UDT_MAXBW -1)
+    congestion: str = "vtl"  # the congestion control (vtl.bridge.transports.udtcc)
 
 
 def record(code: int, reason: str = "", message: str = "") -> bytes:

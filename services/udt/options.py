@@ -134,9 +134,15 @@ class UdtOptions(ServiceOptions):
     mss: int = Field(1500, ge=576, le=65535, description="UDT packet size (bytes)")
     window: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=1 << 30,
                         description="UDT buffer per connection (bytes)")
+    congestion: Literal["vtl", "native"] = Field(
+        "vtl", description="UDT congestion control: vtl (model-based like BBR: finds the "
+        "bottleneck rate itself, random loss is not a congestion signal) or native "
+        "(libudt's own DAIMD, which cuts its rate on every loss and overshoots a "
+        "rate-limited WAN unless max_rate_mbit is set)")
     max_rate_mbit: float = Field(0.0, ge=0, le=1_000_000, description="cap on what one UDT "
-                                 "connection sends, in Mbit/s of UDT packets (0: no cap); set "
-                                 "it to the WAN's rate")
+                                 "connection sends, in Mbit/s of UDT packets (0: no cap); with "
+                                 "congestion = \"native\" set it about 10 % under the WAN's "
+                                 "rate")
     mux: bool = Field(True, description="one UDT connection per pair of bridges (true) or "
                       "one per TCP connection (false)")
     buffer_bytes: int = Field(2 * 1024 * 1024, ge=16 * 1024, le=1 << 30,

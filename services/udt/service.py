@@ -10,7 +10,8 @@ Synopsis
     retry_s = 10                    # a failed peer bridge gets the fallback at once this long
     mss = 1500                      # UDT packet size (to the transport)
     window = 8388608                # UDT buffer per connection (to the transport)
-    max_rate_mbit = 90              # cap one UDT connection ~10 % under the WAN's rate (0: none)
+    congestion = "vtl"              # UDT congestion control: "vtl" (default) or "native"
+    max_rate_mbit = 0               # optional cap on one UDT connection, Mbit/s (0: none)
     mux = true                      # one UDT connection per pair of bridges, or per TCP one
     buffer_bytes = 2097152
     max_connections = 1024
@@ -44,13 +45,25 @@ What it does to frames
     (FIN to FIN, RST to RST).
 
 Notes
-    - UDT's own rate control (DAIMD, with a packet-pair capacity estimate)
-      overshoots a rate-limited path badly: on a 100 Mbit/s emulated WAN with a
-      one-BDP queue it lost 30-40 % of its packets to tail drops at 0 % loss and
-      got 0.4x plain TCP. ``max_rate_mbit`` caps its pacing (``UDT_MAXBW``); set it
-      about 10 % under the WAN's rate: libudt's pacing clock is not exact (a
-      90 Mbit/s cap gave 92 Mbit/s of goodput) and the WAN also carries headers.
-      With 90 on the 100 Mbit/s WAN: 0.98x plain TCP at 60 ms / 0 % loss.
+    - ``congestion = "vtl"`` (the default) is VTL's own UDT congestion control
+      (``vtl.bridge.transports.udtcc``, a C++ extension built with VTL): model-based
+      like BBR, it paces at the bottleneck bandwidth it measures from the delivery
+      rate, keeps about two bandwidth-delay products in flight, probes with a gain
+      cycle, and does not take random loss as a congestion signal (loss counts only
+      together with an inflated RTT, i.e. an overflowing queue). It needs no
+      ``max_rate_mbit``.
+    - ``congestion = "native"`` is libudt's own control (DAIMD, with a packet-pair
+      capacity estimate). It cuts its rate on every loss event, so random loss is
+      its worst case, and it overshoots a rate-limited path badly: on a 100 Mbit/s
+      emulated WAN with a one-BDP queue it lost 30-40 % of its packets to tail drops
+      at 0 % loss and got 0.4x plain TCP. With it, set ``max_rate_mbit`` (it caps the
+      pacing, ``UDT_MAXBW``) about 10 % under the WAN's rate: libudt's pacing clock is
+      not exact (a 90 Mbit/s cap gave 92 Mbit/s of goodput) and the WAN also carries
+      headers. With 90 on the 100 Mbit/s WAN: 0.98x plain TCP at 60 ms / 0 % loss.
+    - Give both bridges the same ``congestion``: each end's control paces what that
+      end sends, and the vtl control measures the delivery rate from reports its
+      peer's vtl control sends (against a native peer it falls back to a coarser
+      estimate from ACKs and loss reports).
     - ``mux`` (default true): every connection to a peer bridge rides one UDT
       connection, framed per stream with its own credit window. Measured at
       60 ms RTT (benchmarks/udt.py): a new connection's first byte after
@@ -72,7 +85,8 @@ Notes
     - Counters: ``connections_opened``, ``connections_<outcome>``,
       ``connections_failed``, ``bytes_up``/``bytes_down``, ``inbound_offers``,
       ``inbound_accepted``, ``inbound_refused``, ``fallback_reset``,
-      ``fallback_passthrough``; ``report()`` adds ``passthrough_active``.
+      ``fallback_passthrough``; ``report()`` adds ``passthrough_active``,
+      ``peers_down`` and ``congestion``.
 
 See also
     UDT (Gu and Grossman, draft-gg-udt-03); ``pep`` (the same split-TCP
@@ -152,7 +166,7 @@ class Udt(SplitService):
                                 write_buffer=self.budget.chunk,
                                 offer_timeout_s=o.connect_timeout_s + 2,
                                 options={"mss": o.mss, "window": o.window,
-                                         "max_bw": o.max_bw})
+                                         "max_bw": o.max_bw, "congestion": o.congestion})
         self.listener = self.ctx.listen_streams(request, self._on_offer)
 
     def stop(self, now: float) -> None:
@@ -167,7 +181,7 @@ class Udt(SplitService):
         self.passthrough.expire(now)
         self.down.expire(now)
         return {**super().report(now), "passthrough_active": len(self.passthrough),
-                "peers_down": len(self.down)}
+                "peers_down": len(self.down), "congestion": self.options.congestion}
 
     # -- frames -----------------------------------------------------------------------
 
@@ -234,7 +248,8 @@ class Udt(SplitService):
         src_mac, dst_mac = bytes(d[6:12]), bytes(d[0:6])
         request = self.budget.request(
             "udt", peer.host, peer.port, timeout_s=o.connect_timeout_s,
-            options={"mss": o.mss, "window": o.window, "max_bw": o.max_bw, "mux": o.mux},
+            options={"mss": o.mss, "window": o.window, "max_bw": o.max_bw,
+                     "congestion": o.congestion, "mux": o.mux},
             flow=StreamFlow(key, src_mac, dst_mac))
         where = (peer.host, peer.port)
 
