@@ -75,7 +75,18 @@ def test_syn_to_a_peer_prefix_asks_for_a_udt_stream_with_the_flow() -> None:
                                 mac_bytes(GW_A))
     assert "flow" not in r.options
     assert (r.options["mss"], r.options["window"], r.options["mux"]) == (1400, 1 << 20, True)
+    assert (r.options["congestion"], r.options["max_bw"]) == ("vtl", 0)
     assert ctx.extra("connections_opened") == 1
+    assert udt.report(0.0)["congestion"] == "vtl"
+
+
+def test_congestion_native_reaches_the_transport_and_the_report() -> None:
+    udt, ctx = make(congestion="native", max_rate_mbit=80)
+    udt.process(seg("S"), UP, 0.0)
+    [stream] = ctx.streams
+    assert (stream.request.options["congestion"], stream.request.options["max_bw"]) == \
+        ("native", 10_000_000)
+    assert udt.report(0.0)["congestion"] == "native"
 
 
 def test_connected_answers_the_syn() -> None:

@@ -80,6 +80,8 @@ def test_hostport_rejects(value: str, words: str) -> None:
     ({"mss": 100}, "services[0].mss", "576"),
     ({"window": 10}, "services[0].window", ""),
     ({"mux": "maybe"}, "services[0].mux", ""),
+    ({"congestion": "bbr"}, "services[0].congestion", "'vtl' or 'native'"),
+    ({"congestion": 1}, "services[0].congestion", "'vtl' or 'native'"),
     ({"max_connections": 0}, "services[0].max_connections", ""),
     ({"bufer_bytes": 1}, "services[0].bufer_bytes", "unknown key"),
 ])
@@ -98,3 +100,10 @@ def test_ipv6_bridges_are_refused_with_the_reason() -> None:
     for value in ("[::1]:9000", "[2001:db8::1]:1"):
         with pytest.raises(ValueError, match="IPv4 only"):
             parse_hostport(value)
+
+
+def test_congestion_defaults_to_vtl_and_takes_native() -> None:
+    assert UdtOptions().congestion == "vtl"
+    assert UdtOptions(congestion="native").congestion == "native"
+    assert problems(congestion="native") == []
+    assert UdtOptions(max_rate_mbit=90).max_bw == 11_250_000
