@@ -10,17 +10,33 @@ off on every veth, so the WAN sees wire-sized frames and loses them one by one
 (the mean frame size it counted is checked after every run).
 
 Section 1 (goodput): for every RTT x loss cell, iperf3 in VM-A sends to iperf3 -s
-in VM-B over ONE connection (data VM-A -> VM-B; ``--direction down`` for -R),
-once with both bridges on the empty chain (plain TCP end to end: VM-A's kernel
-TCP, cubic unless the machine says otherwise) and once with ``udt`` on both
-bridges (VM-A's TCP ends at bridge A, the bytes cross the WAN over UDT, bridge B
-re-originates TCP to VM-B). The two alternate within each cell. It prints the
-goodput the receiving iperf3 counted, the ratio UDT/plain, and the WAN bridge's
-CPU (utime+stime of its `vtl run`, in cores) in each case. A first sanity row
-measures the empty chain at 0 ms / 0 % (it should reach the 100 Mbit/s line,
-~94 Mbit/s of TCP goodput) and at an unlimited rate (the WAN bridge's headroom).
+in VM-B over ONE connection (data VM-A -> VM-B; ``--direction down`` for -R), once
+per variant (``--variants``), the variants alternating within each cell:
 
-Section 2 (mux): udt with ``mux = false`` (one UDT connection per TCP connection)
+- ``plain-cubic``, ``plain-bbr``: both bridges on the empty chain, plain TCP end to
+  end with the VMs' congestion control set to cubic / bbr (route ``congctl``: a new
+  namespace would inherit the machine's default, bbr on this kernel);
+- ``native``, ``vtl``: ``udt`` on both bridges with ``congestion = "native"`` (libudt's
+  own control, capped at ``--max-rate``, 90 by default: it overshoots the WAN
+  otherwise) or ``"vtl"`` (VTL's control, ``--vtl-max-rate``, no cap by default); VM-A's
+  TCP ends at bridge A, the bytes cross the WAN over UDT, bridge B re-originates TCP
+  to VM-B; the VMs' control is ``--cc`` (cubic);
+- ``pep-bbr``: ``pep`` with ``congestion = "bbr"`` on bridge A only and a cubic VM-A:
+  VM-A's TCP ends at bridge A, whose host opens a bbr connection to VM-B.
+
+It prints the goodput the receiving iperf3 counted per variant, vtl against the link's
+goodput ceiling (100 Mbit/s x 1448 / (1514 + 24): 94.1 Mbit/s) and against plain
+bbr, and the share of vtl's packets the WAN's rate queue (one BDP) tail-dropped. A
+first sanity row measures the empty chain at 0 ms / 0 % (it should reach the
+100 Mbit/s line, ~94 Mbit/s of TCP goodput) and at an unlimited rate (the WAN bridge's
+headroom).
+
+Section 2 (fairness, ``--fairness``): two connections at once over the WAN at
+``--fairness-rtt`` and 0 % loss (benchmarks/udt_fairness.py): two vtl ones (each its
+own UDT connection), one vtl against one plain bbr, two native ones; each one's
+goodput and share.
+
+Section 3 (mux): udt with ``mux = false`` (one UDT connection per TCP connection)
 vs ``mux = true`` (one per peer pair) at 60 ms RTT, 0 % loss: time to first byte
 of a small HTTP GET on a new connection (first one cold, then the median of
 later ones), and the time for 50 parallel 1 MB downloads; plain TCP for scale.
@@ -28,7 +44,12 @@ later ones), and the time for 50 parallel 1 MB downloads; plain TCP for scale.
 Needs root. The default run takes about 10-15 minutes.
 
     .venv/bin/python benchmarks/udt.py [--seconds 8] [--rtts 10,30,60,120]
-        [--losses 0,0.001,0.01] [--repeat 1] [--mux false|true] [--direction up|down]
+        [--losses 0,0.001,0.01] [--variants plain-cubic,plain-bbr,native,vtl,pep-bbr]
+        [--repeat 1] [--mux false|true] [--direction up|down] [--fairness]
+        [--fairness-rows "vtl x2,vtl vs plain bbr"] [--skip-goodput] [--skip-mux]
+
+    e.g. one cell, three runs: --rtts 60 --losses 0.01 --variants plain-bbr,vtl --repeat 3
+        --skip-sanity --skip-mux
 """
 
 from __future__ import annotations
@@ -48,18 +69,20 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "integration")]
 
+import udt_fairness  # noqa: E402
 from pep import BenchError, iperf  # noqa: E402  (the same iperf3 run and its checks)
 from tcptools import ensure_http_server, parallel_downloads  # noqa: E402
-from udtnet import VM_B, NsVtl, UdtNet, udt_service  # noqa: E402
+from udtnet import BR_A, VM_B, NsVtl, UdtNet, udt_service  # noqa: E402
 from vtl.bridge import plugins  # noqa: E402
-from vtl.bridge.topology import Topology, require_root  # noqa: E402
+from vtl.bridge.topology import Topology, ip, require_root  # noqa: E402
 
 from vtl.errors import ConfigError, SetupError  # noqa: E402
 
 PORT = 5301
 HTTP_PORT = 8080
-GOAL_LOSSY, AMBITIOUS_LOSSY, GOAL_CLEAN = 5.0, 10.0, 0.9
 MAX_FRAME = 1514
+CEILING = 100 * 1448 / (1514 + 24)  # TCP goodput of the 100 Mbit/s WAN (netem counts +24)
+VARIANTS = ("plain-cubic", "plain-bbr", "native", "vtl", "pep-bbr")
 
 
 class Meter:
@@ -112,15 +135,25 @@ class Bench:
         if self.progress:
             print(msg, file=sys.stderr, flush=True)
 
-    def chain(self, name: str, **udt: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        if name == "plain":
-            return [], []
-        udt.setdefault("max_rate_mbit", self.args.max_rate)
-        return [udt_service("a", **udt)], [udt_service("b", **udt)]
+    def chain(self, variant: str, **udt: Any
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+        """(bridge A's services, bridge B's, the VMs' congestion control) of a variant."""
+        if variant.startswith("plain-"):
+            return [], [], variant.removeprefix("plain-")
+        if variant == "pep-bbr":
+            # pep's host connection leaves bridge A's host for VM-B: on-link both ways
+            ip("-n", self.net.bra, "route", "replace", "10.187.0.0/16", "dev", "uplink")
+            ip("-n", self.net.vmb, "route", "replace", f"{BR_A}/32", "dev", "eth0")
+            return [{"use": "pep", "congestion": "bbr"}], [], "cubic"
+        udt.setdefault("congestion", variant)
+        udt.setdefault("max_rate_mbit", self.args.max_rate if variant == "native"
+                       else self.args.vtl_max_rate)
+        return [udt_service("a", **udt)], [udt_service("b", **udt)], self.args.cc
 
     def one_iperf(self, chain: str, seconds: int, cell: Cell, **udt: Any) -> None:
         net = self.net
-        a, b = self.chain(chain, **udt)
+        a, b, cc = self.chain(chain, **udt)
+        net.congestion_control(cc)
         net.start("a", a)
         net.start("b", b)
         try:
@@ -167,7 +200,7 @@ class Bench:
 
     def goodput(self) -> dict[tuple[float, float], dict[str, Cell]]:
         args = self.args
-        chains = ["plain"] + (["udt"] if not args.no_udt else [])
+        chains = list(args.variants)
         udt_opts = {} if args.mux is None else {"mux": args.mux == "true"}
         res: dict[tuple[float, float], dict[str, Cell]] = {}
         cells = [(0.0, 0.0, "sanity")] if not args.skip_sanity else []
@@ -175,30 +208,32 @@ class Bench:
         for rtt, loss, tag in cells:
             seconds = cell_seconds(args.seconds, rtt)
             self.net.start_wan(rtt, loss)
+            sanity = f"plain-{args.cc}"
             row = res.setdefault((rtt, loss), {c: Cell() for c in
-                                               (chains if tag != "sanity" else ["plain"])})
+                                               (chains if tag != "sanity" else [sanity])})
             for r in range(args.repeat):
                 for chain in row:
                     try:
-                        self.one_iperf(chain, seconds, row[chain], **udt_opts)
+                        opts = udt_opts if chain in ("native", "vtl") else {}
+                        self.one_iperf(chain, seconds, row[chain], **opts)
                     except (BenchError, SetupError, AssertionError) as exc:
                         row[chain].error = str(exc).splitlines()[0][:200]
                         self.log(f"  {chain} failed: {exc}")
                         continue
                     c = row[chain]
                     self.log(f"run {r + 1}/{args.repeat} rtt {rtt:g} ms loss {loss:g} "
-                             f"{chain:5} {c.mbps[-1]:7.2f} Mbit/s  WAN {c.wan_cores[-1]:.2f} "
+                             f"{chain:11} {c.mbps[-1]:7.2f} Mbit/s  WAN {c.wan_cores[-1]:.2f} "
                              f"cores  A+B {c.bridge_cores[-1]:.2f} cores  "
                              f"{c.frame[-1]:.0f} B/frame  WAN queue drops {c.qdrop[-1]:.1%}")
             if tag == "sanity":
                 self.net.start_wan(0, 0, rate_mbit=0)
-                unl = res.setdefault((0.0, -1.0), {"plain": Cell()})
+                unl = res.setdefault((0.0, -1.0), {sanity: Cell()})
                 try:
-                    self.one_iperf("plain", args.seconds, unl["plain"])
-                    self.log(f"WAN without rate limit: {unl['plain'].mbps[-1]:.0f} Mbit/s, "
-                             f"WAN bridge {unl['plain'].wan_cores[-1]:.2f} cores")
+                    self.one_iperf(sanity, args.seconds, unl[sanity])
+                    self.log(f"WAN without rate limit: {unl[sanity].mbps[-1]:.0f} Mbit/s, "
+                             f"WAN bridge {unl[sanity].wan_cores[-1]:.2f} cores")
                 except (BenchError, SetupError, AssertionError) as exc:
-                    unl["plain"].error = str(exc).splitlines()[0][:200]
+                    unl[sanity].error = str(exc).splitlines()[0][:200]
         return res
 
     # -- section 2 ----------------------------------------------------------------------
@@ -219,11 +254,12 @@ class Bench:
         net.start_wan(rtt, 0.0)
         ensure_http_server(net, HTTP_PORT, VM_B)  # type: ignore[arg-type]
         out: dict[str, dict[str, Any]] = {}
-        variants = [("plain", {})] + ([] if self.args.no_udt else
-                                      [("udt mux=false", {"mux": False}),
-                                       ("udt mux=true", {"mux": True})])
+        variants = [(f"plain-{self.args.cc}", {})] + ([] if self.args.no_udt else
+                                                    [("vtl mux=false", {"mux": False}),
+                                                     ("vtl mux=true", {"mux": True})])
         for name, opts in variants:
-            a, b = self.chain("plain" if name == "plain" else "udt", **opts)
+            a, b, cc = self.chain(name.split()[0], **opts)
+            net.congestion_control(cc)
             net.start("a", a)
             net.start("b", b)
             try:
@@ -259,29 +295,30 @@ def f(x: float, spec: str = ".1f") -> str:
     return "n/a" if x != x else format(x, spec)
 
 
-def goodput_table(res: dict[tuple[float, float], dict[str, Cell]]) -> str:
-    head = ["RTT / loss", "plain Mbit/s", "UDT Mbit/s", "UDT/plain", "WAN CPU plain",
-            "WAN CPU UDT", "A+B CPU UDT", "queue drops plain", "queue drops UDT"]
+def med(row: dict[str, Cell], variant: str, name: str = "mbps") -> float:
+    c = row.get(variant)
+    return c.med(name) if c is not None and not c.error else float("nan")
+
+
+def goodput_table(res: dict[tuple[float, float], dict[str, Cell]], variants: list[str]) -> str:
+    head = (["RTT / loss"] + [f"{v} Mbit/s" for v in variants]
+            + ["vtl/link", "vtl/plain bbr", "vtl WAN drops", "A+B CPU vtl"])
     rows = []
     for (rtt, loss), row in res.items():
-        p = row.get("plain", Cell())
-        u = row.get("udt", Cell())
         if loss < 0:
             label = "sanity: 0 ms, no rate limit"
         elif rtt == 0:
             label = "sanity: 0 ms / 0 %"
         else:
             label = f"{rtt:g} ms / {loss * 100:g} %"
-        pm, um = p.med("mbps"), u.med("mbps")
-        ratio = um / pm if pm and pm == pm and um == um else float("nan")
-        rows.append([label, p.error and "error" or f(pm),
-                     u.error and "error" or (f(um) if "udt" in row else "-"),
-                     f(ratio, ".2f") if "udt" in row else "-",
-                     f(p.med("wan_cores"), ".2f"),
-                     f(u.med("wan_cores"), ".2f") if "udt" in row else "-",
-                     f(u.med("bridge_cores"), ".2f") if "udt" in row else "-",
-                     f(p.med("qdrop") * 100, ".1f") + " %",
-                     f(u.med("qdrop") * 100, ".1f") + " %" if "udt" in row else "-"])
+        cells = []
+        for v in variants:
+            c = row.get(v)
+            cells.append("-" if c is None else "error" if c.error else f(c.med("mbps")))
+        vtl, bbr = med(row, "vtl"), med(row, "plain-bbr")
+        rows.append([label, *cells, f(vtl / CEILING, ".2f"), f(vtl / bbr, ".2f"),
+                     f(med(row, "vtl", "qdrop") * 100, ".1f") + " %",
+                     f(med(row, "vtl", "bridge_cores"), ".2f")])
     return fmt_table(head, rows)
 
 
@@ -299,28 +336,30 @@ def mux_table(res: dict[str, dict[str, Any]]) -> str:
 
 
 def verdicts(res: dict[tuple[float, float], dict[str, Cell]]) -> list[str]:
+    """Issue 18's goals, for the cells that were measured."""
     out = []
 
-    def ratio(rtt: float, loss: float) -> float:
-        row = res.get((rtt, loss))
-        if not row or "udt" not in row:
-            return float("nan")
-        p, u = row["plain"].med("mbps"), row["udt"].med("mbps")
-        return u / p if p else float("nan")
+    def say(what: str, value: float, goal: float, unit: str = "x") -> None:
+        if value == value:
+            met = "met" if value >= goal else "NOT met"
+            out.append(f"{what}: {value:.2f}{unit} (goal >= {goal:g}{unit}): {met}")
 
-    r = ratio(60.0, 0.01)
-    if r == r:
-        met = ("ambitious goal met" if r >= AMBITIOUS_LOSSY else "goal met" if r >= GOAL_LOSSY
-               else "goal NOT met")
-        out.append(f"60 ms / 1 %: UDT {r:.1f}x plain (goal >= {GOAL_LOSSY:g}x, ambitious >= "
-                   f"{AMBITIOUS_LOSSY:g}x): {met}")
-    clean = [(rtt, ratio(rtt, 0.0)) for (rtt, loss) in res if loss == 0.0 and rtt > 0]
-    clean = [(rtt, x) for rtt, x in clean if x == x]
-    if clean:
-        worst = min(clean, key=lambda t: t[1])
-        met = "goal met" if worst[1] >= GOAL_CLEAN else "goal NOT met"
-        out.append(f"0 % loss: worst UDT/plain {worst[1]:.2f} at {worst[0]:g} ms (goal >= "
-                   f"{GOAL_CLEAN:g}): {met}")
+    row = res.get((60.0, 0.01), {})
+    say("60 ms / 1 %: vtl / link goodput ceiling", med(row, "vtl") / CEILING, 0.9)
+    say("60 ms / 1 %: vtl / plain bbr", med(row, "vtl") / med(row, "plain-bbr"), 1.0)
+    say("60 ms / 1 %: pep bbr / plain cubic", med(row, "pep-bbr") / med(row, "plain-cubic"),
+        5.0)
+    say("120 ms / 1 %: vtl / link goodput ceiling", med(res.get((120.0, 0.01), {}), "vtl")
+        / CEILING, 0.8)
+    for (rtt, loss), row in res.items():
+        if loss == 0.0 and rtt > 0:
+            best = max(med(row, "plain-cubic"), med(row, "plain-bbr"))
+            say(f"{rtt:g} ms / 0 %: vtl / best plain", med(row, "vtl") / best, 0.95)
+            drops = med(row, "vtl", "qdrop")
+            if drops == drops:
+                met = "met" if drops < 0.01 else "NOT met"
+                out.append(f"{rtt:g} ms / 0 %, queue one BDP: vtl's WAN drops {drops:.2%} "
+                           f"(goal < 1 %): {met}")
     return out
 
 
@@ -332,6 +371,14 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in VARIANTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}; known: {VARIANTS}")
+    return names
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=8,
@@ -341,17 +388,27 @@ def main() -> int:
     ap.add_argument("--losses", type=_floats, default=[0.0, 0.001, 0.01],
                     help="comma-separated loss probabilities, each direction (default "
                     "0,0.001,0.01)")
+    ap.add_argument("--variants", type=_names, default=list(VARIANTS),
+                    help="comma-separated, of " + ",".join(VARIANTS) + " (default: all)")
     ap.add_argument("--max-rate", type=float, default=90.0,
-                    help="the udt service's max_rate_mbit (default 90: ~10 %% under the WAN's "
-                         "100; 0: no cap, UDT's own rate control alone)")
+                    help="native's max_rate_mbit (default 90: ~10 %% under the WAN's 100; "
+                         "0: no cap, libudt's control alone)")
+    ap.add_argument("--vtl-max-rate", type=float, default=0.0,
+                    help="vtl's max_rate_mbit (default 0: no cap)")
+    ap.add_argument("--fairness", action="store_true", help="run the fairness section")
+    ap.add_argument("--fairness-rtt", type=float, default=60.0, help="its RTT (default 60)")
+    ap.add_argument("--fairness-rows", type=lambda t: [x.strip() for x in t.split(",")],
+                    default=[], help="comma-separated row names (default: all)")
+    ap.add_argument("--skip-goodput", action="store_true", help="no goodput section")
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell, median (default 1)")
     ap.add_argument("--mux", choices=["false", "true"], default=None,
                     help="udt's mux in section 1 (default: the service's default)")
     ap.add_argument("--direction", choices=["up", "down"], default="up",
                     help="up: VM-A sends to VM-B (default); down: iperf3 -R")
     ap.add_argument("--cc", default="cubic",
-                    help="the VMs' TCP congestion control (default cubic, Linux's default; "
-                    "this machine's namespaces would otherwise inherit its own)")
+                    help="the VMs' TCP congestion control in the transformed runs and the "
+                    "sanity rows (default cubic, Linux's default; this machine's namespaces "
+                    "would otherwise inherit its own)")
     ap.add_argument("--no-udt", action="store_true", help="plain TCP only")
     ap.add_argument("--skip-sanity", action="store_true", help="no 0 ms sanity rows")
     ap.add_argument("--skip-mux", action="store_true", help="no mux section")
@@ -366,6 +423,8 @@ def main() -> int:
         print(f"benchmarks/udt.py: the udt service is not available ({why}); "
               "measuring plain TCP only", file=sys.stderr)
         args.no_udt = True
+    if args.no_udt:
+        args.variants = [v for v in args.variants if v not in ("native", "vtl")]
     tag = f"vub{os.getpid() % 10000:04d}"
     try:
         require_root("the benchmark")
@@ -378,7 +437,10 @@ def main() -> int:
                 topo.spawn(net.vmb, ["iperf3", "-s", "-B", VM_B, "-p", str(PORT)])
                 topo.wait_tcp(net.vmb, VM_B, PORT)
                 bench = Bench(net, args, progress=not args.json)
-                res = bench.goodput()
+                res = {} if args.skip_goodput else bench.goodput()
+                fair = {} if not args.fairness or args.no_udt else udt_fairness.run(
+                    net, args.fairness_rtt, 0.0, cell_seconds(args.seconds, args.fairness_rtt),
+                    args.repeat, args.max_rate, args.fairness_rows, bench.log)
                 mux = {} if args.skip_mux else bench.mux()
             finally:
                 net.stop_all()
@@ -394,19 +456,32 @@ def main() -> int:
             "args": {k: v for k, v in vars(args).items()}, "congestion_control": cc,
             "goodput": {f"{rtt:g}ms/{loss:g}": {c: vars(v) for c, v in row.items()}
                         for (rtt, loss), row in res.items()},
+            "fairness": {k: vars(v) for k, v in fair.items()},
             "mux": mux, "seconds": elapsed}, indent=2))
         return 0
     print()
-    print(goodput_table(res))
     data = "VM-A -> VM-B" if args.direction == "up" else "VM-B -> VM-A"
-    print(f"\n(one TCP connection, data {data}"
-          f"; goodput counted by the receiving iperf3, median of {args.repeat} run(s) of "
-          f"{args.seconds} s + RTT/20 ms, first second omitted; WAN: netem in a `vtl run`, "
-          f"100 Mbit/s, loss in both directions, queue ~1 BDP; VM-A's TCP: {cc}; "
-          f"CPU in cores of 2; udt mux = {args.mux or 'default'}; queue drops: frames the "
-          f"WAN's rate queue tail-dropped in the data direction, of those offered)")
-    for line in verdicts(res):
-        print(line)
+    if res:
+        print(goodput_table(res, args.variants))
+        print(f"\n(one TCP connection, data {data}"
+              f"; goodput counted by the receiving iperf3, median of {args.repeat} run(s) of "
+              f"{args.seconds} s + RTT/20 ms, first second omitted; WAN: netem in a `vtl run`, "
+              f"100 Mbit/s, loss in both directions, queue ~1 BDP; the VMs' TCP in the "
+              f"transformed rows: {cc}; "
+              f"CPU in cores of 2; udt mux = {args.mux or 'default'}; native capped at "
+              f"{args.max_rate:g} Mbit/s, vtl at {args.vtl_max_rate:g} (0: none); link goodput "
+              f"ceiling {CEILING:.1f} Mbit/s; WAN drops: frames the WAN's rate queue "
+              f"tail-dropped in the data direction, of those offered; the machine's load "
+              f"average at the end: {os.getloadavg()[0]:.1f})")
+        for line in verdicts(res):
+            print(line)
+    if fair:
+        print()
+        print(udt_fairness.table(fair, args.fairness_rtt, 0.0, fmt_table))
+        print(f"(median of {args.repeat} run(s) of "
+              f"{cell_seconds(args.seconds, args.fairness_rtt)} s, both at once)")
+        for line in udt_fairness.verdicts(fair):
+            print(line)
     if mux:
         print()
         print(mux_table(mux))
