@@ -429,6 +429,7 @@ class SplitTable:
                     "closing": closing, "age_s": round(now - self.opened.get(key, now), 3),
                     "bytes_up": relay.stats.bytes_up, "bytes_down": relay.stats.bytes_down,
                     "buffered": relay.buffered,
+                    "retransmits": relay.endpoint.retransmits,  # toward the guest
                     "upstream": f"{req.kind} {req.host}:{req.port}" if req else None,
                     "upstream_state": ("closed" if relay.upstream_closed else "connected"
                                        if relay.connected else "connecting"),

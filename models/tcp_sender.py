@@ -191,8 +191,8 @@ class TcpSender:
                 self._retransmit_hole(now)
         elif self.cwnd < self.ssthresh:
             self.cwnd += min(acked, 2 * self.config.gso_max)
-        else:
-            self.cwnd += max(1, t.mss * t.mss // max(self.cwnd, 1))
+        else:  # one MSS per window of bytes acknowledged (RFC 3465), however many per ACK
+            self.cwnd += max(1, acked * t.mss // max(self.cwnd, 1))
         self.cwnd = min(self.cwnd, 1 << 30)
         if self.want_writable and self.send_room > 0:
             self.want_writable = False

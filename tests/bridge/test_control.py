@@ -484,7 +484,8 @@ def test_pep_lists_its_connections_with_live_bytes():
     [row] = pep.connections(0.5)
     assert row == {"flow": "tcp 10.0.0.1:40000 -> 10.0.0.2:80", "state": "LISTEN",
                    "closing": False, "age_s": 0.5, "bytes_up": 0, "bytes_down": 0,
-                   "buffered": 0, "upstream": "tcp 10.0.0.2:80", "upstream_state": "connecting"}
+                   "buffered": 0, "retransmits": 0, "upstream": "tcp 10.0.0.2:80",
+                   "upstream_state": "connecting"}
     pep, ctx = make()
     gseq, pseq = handshake(pep, ctx)
     pep.process(seg("PA", gseq, pseq, b"x" * 100), UP, 1.0)

@@ -674,3 +674,23 @@ def test_timestamp_echo_older_than_the_latest_retransmission_is_no_rtt_sample():
     [d] = peer.take(ep)
     ep.receive(peer.ack(options=peer.options(ts=(peer.tsval, d.tsval))), t2 + 0.06)
     assert ep.rto.srtt != srtt  # a fresh echo is a sample again
+
+
+def test_congestion_avoidance_grows_a_segment_per_window_however_few_the_acks():
+    """RFC 3465: in congestion avoidance cwnd grows by one MSS per cwnd of bytes acked.
+    A guest ACKs each 64 KB GSO frame once; counted per ACK (RFC 5681's per-ACK form)
+    the window would grow ~70 bytes per round trip and a download toward the guest
+    stayed stuck near the window a single loss left it (measured: 78 KB, one frame)."""
+    ep, peer = passive_established(cfg(offload=True, send_buffer=1 << 22),
+                                   Peer(wscale=7, window=30000))
+    ep.ssthresh = ep.cwnd = 20 * MSS  # as a loss would leave it
+    now = NOW
+    for rnd in range(5):
+        before = ep.cwnd
+        ep.send(b"d" * before, now)
+        frames = peer.take(ep, learn=False)
+        assert sum(len(f.payload) for f in frames) == before  # the window, all in flight
+        peer.rcv_nxt = seq(frames[-1].seq + len(frames[-1].payload))
+        now += 0.001
+        ep.receive(peer.ack(), now)  # one cumulative ACK for the whole window
+        assert ep.cwnd == pytest.approx(before + MSS, abs=2), rnd
