@@ -156,8 +156,10 @@ class Bridge:
                 port.open()
                 self._opened.append(port)
             negotiate_offloads(self.guest, self.uplink, self.log)
-            self.streams = StreamManager(self._lock, self._after_stream_events,
-                                         self.log.getChild("streams"), self.name)
+            # what stream events produce is written after the lock is released
+            self.streams = StreamManager(self._lock, self._after_external,
+                                         self.log.getChild("streams"), self.name,
+                                         send_output=self._send_output)
             self.egress = EgressPolicy.from_config(self.config.bridge, self.log.getChild("egress"))
             self.egress.start()  # the host's own addresses, followed while the bridge runs
             self.streams.policy = self.egress

@@ -59,6 +59,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from vtl.bridge.stream_connect import Connector
 from vtl.bridge.stream_handle import CLOSE_LINGER_S, StreamHandle
@@ -87,11 +88,13 @@ class StreamManager:
     """
 
     def __init__(self, lock: threading.Lock,
-                 after_events: Callable[[float], None] | None = None,
+                 after_events: Callable[[float], Any] | None = None,
                  log: logging.Logger | None = None, name: str = "vtl",
-                 transports: Mapping[str, Transport] | None = None):
+                 transports: Mapping[str, Transport] | None = None,
+                 send_output: Callable[[Any], None] | None = None):
         self._lock = lock
         self._after_events = after_events
+        self._send_output = send_output
         self.log = log or logging.getLogger("vtl.streams")
         self.name = name
         self.transports: dict[str, Transport] = dict(
@@ -220,7 +223,7 @@ class StreamManager:
                     return
                 io.io_active = True
                 now = time.monotonic()
-                self._housekeeping(now)
+                pending = self._housekeeping(now)
                 io.epoch += 1
                 epoch = io.epoch
                 timeout = _MAX_POLL_S
@@ -231,6 +234,8 @@ class StreamManager:
                     timeout = min(timeout, max(0.0, offers_due - now))
                 io.poll_until = now + timeout
                 io.io_active = False
+            if pending is not None:
+                self._flush(pending)
             try:
                 events = ep.poll(timeout, 256)
             except InterruptedError:
@@ -256,20 +261,35 @@ class StreamManager:
                     except Exception as exc:  # noqa: BLE001 - a bug here must not hang all
                         self.log.exception("stream %s: I/O failed", s.id)
                         io.finish(s, "error", f"internal error: {exc!r}", now, rst=True)
-                    self._after(now)
+                    pending = self._after(now)
                     io.io_active = False
+                if pending is not None:
+                    self._flush(pending)
 
-    def _after(self, now: float) -> None:
+    def _after(self, now: float) -> Any:
+        """After handlers ran (lock held): the bridge's ``after_events``; what it returns
+        is given to ``send_output`` once the lock is released (:meth:`_flush`)."""
         io = self._io
+        out = None
         if io.delivered and self._after_events is not None and not io.halted:
             io.delivered = False
             try:
-                self._after_events(now)
+                out = self._after_events(now)
             except Exception:  # noqa: BLE001
                 self.log.exception("after stream events")
         io.delivered = False
+        return out if self._send_output is not None else None
 
-    def _housekeeping(self, now: float) -> None:
+    def _flush(self, pending: Any) -> None:
+        """Write what the handlers produced with the lock released: the frames toward
+        the guest (64 KB GSO frames the guest's stack takes in our system call) no
+        longer hold up the forwarding threads, nor this thread's next reads."""
+        try:
+            self._send_output(pending)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001
+            self.log.exception("sending what stream events produced")
+
+    def _housekeeping(self, now: float) -> Any:
         io = self._io
         self._connector.drain(now)
         if self._inbound.poll(now):
@@ -280,7 +300,7 @@ class StreamManager:
             if s._deadline == deadline:
                 self._expire(s, now)
         io.deliver_deferred(now)
-        self._after(now)
+        return self._after(now)
 
     def _expire(self, s: StreamHandle, now: float) -> None:
         """The stream's deadline passed: before OPEN it timed out; CLOSING lingered enough."""

@@ -105,7 +105,7 @@ class Relay:
     def on_stream_event(self, event: StreamEvent, now: float) -> None:
         ep = self.endpoint
         if isinstance(event, StreamData):
-            self.pending = self.pending + event.data if self.pending else event.data
+            self.pending = bytes(self.pending) + event.data if self.pending else event.data
         elif isinstance(event, StreamConnected):
             self.connected = True
             ep.accept(now)
@@ -217,7 +217,8 @@ class Relay:
         if self.pending:
             n = ep.send(self.pending, now)
             self.stats.bytes_down += n
-            self.pending = self.pending[n:]
+            if n:  # the rest as a view: no copy of what the endpoint could not take yet
+                self.pending = memoryview(self.pending)[n:] if n < len(self.pending) else b""
         want_pause = bool(self.pending)
         if want_pause != self._paused and not self.upstream_closed:
             self._paused = want_pause

@@ -42,7 +42,7 @@ class SendBuffer:
         self.capacity = capacity
         self.una = 0
         self._end = 0
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self._starts: list[int] = []  # offset of each chunk's first byte
         self._first = 0  # chunks before this one are acknowledged whole
 
@@ -62,7 +62,7 @@ class SendBuffer:
         """Append up to :attr:`room` bytes; returns how many were taken."""
         n = min(len(data), self.room)
         if n:
-            self._chunks.append(bytes(data[:n] if n < len(data) else data))
+            self._chunks.append(_keep(data, n))
             self._starts.append(self._end)
             self._end += n
         return n
@@ -83,8 +83,9 @@ class SendBuffer:
         self._first = first
         return n
 
-    def view(self, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset + size)`` (clipped to what is queued)."""
+    def view(self, offset: int, size: int) -> bytes | memoryview:
+        """Bytes ``[offset, offset + size)`` (clipped to what is queued); a read-only view
+        when they lie in one chunk."""
         if offset < self.una:
             raise ValueError("offset before the oldest unacknowledged byte")
         stop = min(offset + size, self._end)
@@ -94,7 +95,7 @@ class SendBuffer:
         i = bisect.bisect_right(starts, offset, self._first) - 1
         chunk, at = chunks[i], offset - starts[i]
         if at + stop - offset <= len(chunk):
-            return chunk[at:at + stop - offset]  # within one chunk: one copy
+            return memoryview(chunk)[at:at + stop - offset]  # within one chunk: no copy
         parts = [chunk[at:]]
         got = len(chunk) - at
         while got < stop - offset:
@@ -103,6 +104,16 @@ class SendBuffer:
             parts.append(part)
             got += len(part)
         return b"".join(parts)
+
+
+def _keep(data: bytes | bytearray | memoryview, n: int) -> bytes | memoryview:
+    """The first ``n`` bytes of ``data`` to hold on to: immutable bytes (or a view of
+    them) are kept as they are, without a copy; a mutable buffer is copied."""
+    if type(data) is bytes:
+        return data if n == len(data) else memoryview(data)[:n]
+    if type(data) is memoryview and type(data.obj) is bytes:
+        return data if n == len(data) else data[:n]
+    return bytes(data[:n])
 
 
 class ReceiveBuffer:
@@ -117,7 +128,7 @@ class ReceiveBuffer:
         self._data = bytearray()
         self._skip = 0
         self._starts: list[int] = []  # out-of-order range starts, sorted
-        self._chunks: list[bytes] = []  # their bytes
+        self._chunks: list[bytes | memoryview] = []  # their bytes
         self._ooo_bytes = 0
         self._recent: list[int] = []  # starts of ranges, most recently changed first
 

@@ -285,3 +285,19 @@ def test_rto_backoff_doubles_then_a_sample_recomputes() -> None:
     est = RtoEstimator(1.0, 0.2, 60.0)
     est.sample(0.01)
     assert est.rto == 0.2  # 0.03, floored (2.4)
+
+
+def test_send_buffer_keeps_immutable_bytes_without_a_copy_and_copies_mutable_ones():
+    buf = SendBuffer(1 << 20)
+    block = bytes(range(256)) * 256  # 64 KiB
+    assert buf.push(block) == len(block)
+    view = buf.view(100, 1000)
+    assert isinstance(view, memoryview) and view.obj is block  # no copy on either side
+    assert view == block[100:1100]
+    scratch = bytearray(b"x" * 1000)
+    buf.push(scratch)
+    scratch[:] = b"y" * 1000  # the caller reuses its buffer: what was queued stays
+    assert buf.view(len(block), 1000) == b"x" * 1000
+    small = SendBuffer(10)
+    assert small.push(memoryview(block)[5:]) == 10  # a view of bytes, cut at the room
+    assert small.view(0, 10) == block[5:15]
