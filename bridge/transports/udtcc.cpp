@@ -78,8 +78,10 @@ const int kBwRounds = 10;
 const int64_t kMinRttWindowUs = 10 * 1000 * 1000;
 const int kRing = 256;  // ACK samples kept for the windowed delivery rate
 const double kInitCwnd = 32;
+const double kLossCwnd = 0.25;  // cwnd headroom (x BDP) while losses are reported
+const double kCwndGain = 1.75;  // PROBE_BW cwnd (x BDP) of the pipe: a queue <= 3/4 BDP
 const double kCutRtt = 1.5, kCut = 0.95;
-const double kQueueRtt = 1.25, kQueueGain = 0.9;  // cruising with RTT > 1.25 min RTT + 2 ms  // loss with RTT > 1.5 min RTT + 5 ms: btlbw x 0.95
+const double kQueueRtt = 1.25, kQueueGain = 1.0;  // cruising with RTT > 1.25 min RTT + 2 ms  // loss with RTT > 1.5 min RTT + 5 ms: btlbw x 0.95
 
 int64_t now_us() {
   using namespace std::chrono;
@@ -247,7 +249,7 @@ class VtlCC : public CCC {
   void processCustomMsg(const CPacket* pkt) override {
     const int32_t* w = reinterpret_cast<const int32_t*>(pkt->m_pcData);
     // CPacket::getLength() is not exported: read the data iovec of the same layout
-    if (reinterpret_cast<const RawPacket*>(pkt)->vec[1].iov_len < 20 ||
+    if (reinterpret_cast<const RawPacket*>(pkt)->vec[1].iov_len < 24 ||
         uint32_t(w[0]) != kReportMagic)
       return;
     const int64_t arrived = (int64_t(uint32_t(w[2])) << 32) | uint32_t(w[1]);
@@ -258,6 +260,11 @@ class VtlCC : public CCC {
       if (rt <= last.t || arrived < last.delivered) return;  // reordered
     }
     rep_[rep_head_ % kRing] = Sample{rt, arrived, t};
+    // the highest sequence number the peer has received: the pipe ends there
+    if (w[5] >= 0 && seqoff(w[5], m_iSndCurrSeqNo) >= 0 && seqoff(highest_, inc(w[5])) > 0) {
+      highest_ = inc(w[5]);
+      delivered_ = seqoff(isn_, highest_) - lost_;
+    }
     ++rep_head_;
     last_report_ = t;
   }
@@ -272,10 +279,11 @@ class VtlCC : public CCC {
     ++arrived_;
     if (t - last_sent_report_ >= kReportUs) {
       last_sent_report_ = t;
-      int32_t words[5] = {int32_t(kReportMagic), int32_t(uint32_t(arrived_)),
+      const int32_t top = int32_t((int64_t(rcv_base_seq_) + rcv_highest_) & 0x7FFFFFFF);
+      int32_t words[6] = {int32_t(kReportMagic), int32_t(uint32_t(arrived_)),
                           int32_t(uint32_t(arrived_ >> 32)), int32_t(uint32_t(t)),
-                          int32_t(uint32_t(t >> 32))};
-      RawPacket report(0x7FFF, words, 5);
+                          int32_t(uint32_t(t >> 32)), rcv_started_ ? top : -1};
+      RawPacket report(0x7FFF, words, 6);
       sendCustomMsg(*reinterpret_cast<CPacket*>(&report));
     }
     if (!rcv_started_) {
@@ -340,14 +348,18 @@ class VtlCC : public CCC {
     return nullptr;
   }
 
-  // the newest delivery report at least `age` microseconds (receiver clock) before the last
+  // the newest delivery report at least `age` microseconds (receiver clock) before the last,
+  // and not right after a silence of the receiver
   const Sample* report_at_age(int64_t age) const {
     const int n = int(std::min<int64_t>(rep_head_, kRing));
     if (n == 0) return nullptr;
     const int64_t last = rep_[(rep_head_ - 1) % kRing].t;
-    for (int k = 1; k < n; ++k) {
+    for (int k = 1; k + 1 < n; ++k) {
       const Sample& s = rep_[(rep_head_ - 1 - k) % kRing];
-      if (last - s.t >= age) return &s;
+      const Sample& before = rep_[(rep_head_ - 2 - k) % kRing];
+      // a report right after a silence is the first packet a stalled receiving thread
+      // took: the backlog it takes next would count as arrivals after it
+      if (last - s.t >= age && s.t - before.t <= kReportUs * 3 / 2) return &s;
     }
     return nullptr;
   }
@@ -428,7 +440,7 @@ class VtlCC : public CCC {
   }
 
   void apply(int64_t t) {
-    double pacing_gain = 1, cwnd_gain = 2;
+    double pacing_gain = 1, cwnd_gain = kCwndGain;
     if (state_ == State::STARTUP) {
       pacing_gain = cwnd_gain = kStartupGain;
     } else if (state_ == State::DRAIN) {
@@ -438,7 +450,8 @@ class VtlCC : public CCC {
       pacing_gain = kProbeGains[phase_];
       // a standing queue while cruising (libudt's pacing clock runs a little fast, and
       // retransmissions ride on top): pace under btlbw until the RTT is back down
-      if (pacing_gain == 1 && m_iRTT > kQueueRtt * min_rtt_ + 2000) pacing_gain = kQueueGain;
+      if (kQueueGain < 1 && pacing_gain == 1 && m_iRTT > kQueueRtt * min_rtt_ + 2000)
+        pacing_gain = kQueueGain;
     }
     double rate = std::max(pacing_gain * btlbw_, 10.0);
     const double cap = max_bw_pkts();
@@ -448,7 +461,7 @@ class VtlCC : public CCC {
     // packets past the highest known received are the ones really in the pipe; libudt
     // also counts those between the cumulative ACK and it (received, behind a hole)
     cwnd += std::max(0, seqoff(last_ack_, highest_));
-    if (last_loss_ > 0 && t - last_loss_ < 4 * min_rtt_ + 500000) cwnd += bdp();
+    if (last_loss_ > 0 && t - last_loss_ < 4 * min_rtt_ + 500000) cwnd += kLossCwnd * bdp();
     cwnd_ = std::max(cwnd + 16, kInitCwnd);
     setRTO(int(std::max(500000.0, 3 * min_rtt_ + 200000)));
     m_dPktSndPeriod = 1e6 / rate;
@@ -459,10 +472,10 @@ class VtlCC : public CCC {
     last_debug_ = t;
     std::fprintf(stderr,
                  "udtcc %p t=%.1fs %s phase=%d btlbw=%.0fpps (%.1f Mbit/s) sample=%.0f "
-                 "rcv=%d bw=%d min_rtt=%.1fms rtt=%.1fms cwnd=%.0f inflight=%.0f lost=%lld "
+                 "pipe=%.0f rcv=%d bw=%d min_rtt=%.1fms rtt=%.1fms cwnd=%.0f inflight=%.0f lost=%lld "
                  "cuts=%d timeouts=%d renaks=%lld holes=%zu samples=%lld/applim=%lld/rep=%lld send=%.0f\n",
                  static_cast<void*>(this), (t - start_) / 1e6, state_name(state_), phase_,
-                 btlbw_, btlbw_ * m_iMSS * 8 / 1e6, last_sample_, m_iRcvRate, m_iBandwidth, min_rtt_ / 1e3,
+                 btlbw_, btlbw_ * m_iMSS * 8 / 1e6, last_sample_, pipe(), m_iRcvRate, m_iBandwidth, min_rtt_ / 1e3,
                  m_iRTT / 1e3, cwnd_, inflight(), static_cast<long long>(lost_), cuts_,
                  timeouts_, static_cast<long long>(renaks_), holes_.size(), (long long)samples_,
                  (long long)app_limited_samples_, (long long)report_samples_, last_send_rate_);
