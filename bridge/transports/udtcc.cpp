@@ -27,15 +27,16 @@
 // - states: STARTUP (pacing gain 2.885 until btlbw grew < 25 % in 3 rounds, or more than
 //   3 % of what this round sent was reported lost: the queue overflowed), DRAIN (gain
 //   1/2.885 until the pipe holds one BDP, at most 3 min RTTs), PROBE_BW (gain cycle
-//   1.25, 0.75, 1 x6, each phase one min RTT; the 1 phases pace at 0.9 while the RTT
-//   shows a standing queue, > 1.25 min RTT + 2 ms: libudt's pacing clock runs a little
-//   fast and retransmissions ride on top);
-// - cwnd: 2 x BDP (2.885 x in STARTUP/DRAIN) of packets past the highest known received
-//   (the pipe), plus those between the cumulative ACK and it (received, behind a hole:
-//   libudt counts them as in flight), plus one BDP while losses are reported, so that a
-//   hole never blocks the sender: a blocked sender hears nothing, and libudt's timeout
-//   then re-sends every unacknowledged packet. The RTO (setRTO) is at least 500 ms and
-//   3 min RTTs + 200 ms for the same reason;
+//   1.25, 0.75, 1 x6, each phase one min RTT);
+// - cwnd: 1.75 x BDP (2.885 x in STARTUP/DRAIN) of packets past the highest known
+//   received (the pipe; the delivery reports carry the receiver's highest sequence
+//   number, so it is at most 10 ms old), plus those between the cumulative ACK and it
+//   (received, behind a hole: libudt counts them as in flight, and a hole must never
+//   block the sender: a blocked sender hears nothing, and libudt's timeout then
+//   re-sends every unacknowledged packet), plus BDP / 4 while losses are reported.
+//   1.75 rather than BBR's 2: the delivery-rate samples here are noisier than a
+//   kernel's (a few % high at times), and the cwnd is what keeps the queue under one
+//   BDP then. The RTO (setRTO) is at least 500 ms and 3 min RTTs + 200 ms;
 // - repeated loss reports (receiver side): libudt 4.11 reports a gap once (its periodic
 //   report is compiled out), so a lost retransmission waited for that timeout; VtlCC
 //   reports a gap again when it is still open 1.5 RTT + 20 ms after its last report;
@@ -80,8 +81,7 @@ const int kRing = 256;  // ACK samples kept for the windowed delivery rate
 const double kInitCwnd = 32;
 const double kLossCwnd = 0.25;  // cwnd headroom (x BDP) while losses are reported
 const double kCwndGain = 1.75;  // PROBE_BW cwnd (x BDP) of the pipe: a queue <= 3/4 BDP
-const double kCutRtt = 1.5, kCut = 0.95;
-const double kQueueRtt = 1.25, kQueueGain = 1.0;  // cruising with RTT > 1.25 min RTT + 2 ms  // loss with RTT > 1.5 min RTT + 5 ms: btlbw x 0.95
+const double kCutRtt = 1.5, kCut = 0.95;  // loss with RTT > 1.5 min RTT + 5 ms: btlbw x 0.95
 
 int64_t now_us() {
   using namespace std::chrono;
@@ -448,10 +448,6 @@ class VtlCC : public CCC {
       cwnd_gain = kStartupGain;
     } else {
       pacing_gain = kProbeGains[phase_];
-      // a standing queue while cruising (libudt's pacing clock runs a little fast, and
-      // retransmissions ride on top): pace under btlbw until the RTT is back down
-      if (kQueueGain < 1 && pacing_gain == 1 && m_iRTT > kQueueRtt * min_rtt_ + 2000)
-        pacing_gain = kQueueGain;
     }
     double rate = std::max(pacing_gain * btlbw_, 10.0);
     const double cap = max_bw_pkts();
