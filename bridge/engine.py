@@ -451,7 +451,7 @@ class Bridge:
                 self._wlocks[id(self.uplink)].release()
         if gu is not None:
             try:
-                if len(gu) > 1 and self.guest.vnet:
+                if len(gu) > 1 and self.guest.vnet_tx:
                     gu = coalesce(gu)  # one write and one pass of the guest's stack per run
                 for frame in gu:
                     self._write(self.guest, frame)
@@ -460,7 +460,7 @@ class Bridge:
 
     def _write(self, port: Port, frame: Frame) -> None:
         try:
-            if port.vnet:
+            if port.vnet_tx:
                 head = frame.vnet_bytes()
                 if head is None:
                     # from a port without virtio headers: its checksums may be unfinished

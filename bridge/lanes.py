@@ -7,12 +7,13 @@ direction never overtake each other), and the learning switch's memory of the la
 source MAC. With an empty chain a lane forwards without building a
 :class:`~vtl.frame.Frame` (:func:`forward_plain`), in one of three modes:
 
-- ``same``: both ports speak virtio-net headers, or neither does: each frame is
-  written as it was read (a 64 KB GSO frame stays whole);
-- ``strip``: from a port with virtio-net headers to one without (a TAP toward a pcap
-  uplink): a frame whose header asks nothing (no GSO, no partial checksum) loses its
-  10 bytes on the way out; any other is left to the chain path, which cuts and
-  checksums it in software;
+- ``same``: the input's frames carry virtio-net headers exactly when the output's
+  take them (``src.vnet == dst.vnet_tx``; a TAP toward a packet or pcap uplink):
+  each frame is written as it was read (a 64 KB GSO frame stays whole);
+- ``strip``: from a port with virtio-net headers to one without (a TAP toward a
+  packet socket configured without ``vnet_hdr``): a frame whose header asks nothing
+  (no GSO, no partial checksum) loses its 10 bytes on the way out; any other is left
+  to the chain path, which cuts and checksums it in software;
 - ``add``: from a port without headers to one with them (pcap toward a TAP): libpcap
   on a local interface hands over checksums that were never finished (the sender's
   stack left them to the device), and nothing says which, so a TCP or UDP frame
@@ -24,10 +25,11 @@ source MAC. With an empty chain a lane forwards without building a
 
 Offload negotiation (:func:`negotiate_offloads`, when the ports open): a TAP offers
 its guest only the offloads the other port can carry (``Port.carries``). Toward a
-pcap uplink, or a packet socket without virtio-net headers, the guest is offered
-none: its own kernel segments and checksums (in C, at its line rate), and the
-``strip`` mode forwards its frames without Python touching their bytes. Toward a
-packet socket on a device without TSO it is offered checksum offload only.
+packet socket without virtio-net headers the guest is offered none: its own kernel
+segments and checksums (in C, at its line rate), and the ``strip`` mode forwards its
+frames without Python touching their bytes. Toward a packet or pcap uplink on a
+device without TSO it is offered checksum offload only; with TSO, everything (the
+host's kernel segments on the way out).
 
 :func:`admit` is the learning switch at a lane's input: frames from the guest teach
 the MAC table their source; frames toward the guest pass only to a MAC the table
@@ -86,7 +88,7 @@ class Lane:
         """Take (or leave) the chainless path when the chain becomes empty (or not)."""
         if not empty:
             self.mode = None
-        elif self.src.vnet == self.dst.vnet:
+        elif self.src.vnet == self.dst.vnet_tx:
             self.mode = "same"
         else:
             self.mode = "strip" if self.src.vnet else "add"

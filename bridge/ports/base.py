@@ -15,7 +15,10 @@ Invariants every port keeps:
   and change (tap and packet ports: the engine's frame takes it over without a
   copy); it starts with the 10-byte virtio-net header exactly when
   ``port.vnet`` is true (see :mod:`vtl.frame`).
-- ``send`` takes the same layout back. It never raises for a problem with one
+- ``send`` takes a frame that starts with a virtio-net header exactly when
+  ``port.vnet_tx`` is true: the same as ``vnet`` for every port but ``pcap``,
+  which reads through libpcap (no header) and writes through a packet socket of
+  its own with one (so GSO frames leave whole). It never raises for a problem with one
   frame (full queue, frame too big, malformed virtio header, link down): it
   returns ``False`` and counts the frame in ``counters.tx_dropped``.
 - ``counters`` byte counts are Ethernet bytes, *without* the virtio-net header,
@@ -107,6 +110,7 @@ class Port(abc.ABC):
         self.role = role
         self.ifname = ifname
         self.vnet = vnet
+        self.vnet_tx = vnet  # frames written carry the header (see the module docstring)
         self.mtu = mtu
         self.mac = None
         self.counters = PortCounters()
@@ -119,7 +123,7 @@ class Port(abc.ABC):
         """The offloads (``OFF_*``) a frame written to this port may ask for, the port
         being open: the kernel does that work (or the device), not Python. Without
         virtio-net headers, none."""
-        return OFF_ALL if self.vnet else 0
+        return OFF_ALL if self.vnet_tx else 0
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -11,11 +11,18 @@ the host itself sends). The handle is made non-blocking and its selectable fd
 ``dispatch``. Frames never carry a virtio-net header (``vnet`` is False).
 
 Sending: libpcap's ``pcap_inject`` on Linux is one ``send()`` on the handle's own
-packet socket, but pcapy-ng's ``sendpacket`` holds the GIL for the whole system
-call (the other forwarding thread stops meanwhile). So ``send`` makes that same
-``send()`` itself, on a duplicate of the handle's socket, with the GIL released
-(and no copy of a memoryview): the hot path written here because the library is
-too slow for it.
+packet socket, without a virtio-net header: every GSO frame the guest's TAP hands
+over would have to be cut and checksummed in Python first, and pcapy-ng's
+``sendpacket`` holds the GIL for the whole system call. So the port writes
+through a packet socket of its own bound to the same interface with
+``PACKET_VNET_HDR`` (``vnet_tx``; it receives nothing: protocol 0): a 64 KB GSO
+frame leaves in one ``send()``, with the GIL released, and the kernel segments
+and checksums it (``carries``: csum, and TSO when the device has it), as for the
+``packet`` port. The frames go through the interface's qdisc, so ``tcpdump`` on
+the uplink sees them. On the handle's own socket the port sets
+``PACKET_IGNORE_OUTGOING``, so what it sends is not copied into libpcap's ring
+only to be dropped there by the ``PCAP_D_IN`` check (kernels before 4.20 lack
+it: libpcap then drops them itself).
 
 ``mac`` is the interface's own MAC, so the engine can leave frames addressed
 to the host to the host.
@@ -29,8 +36,7 @@ Pitfalls
   checksums its stack left to the device, and a peer with TSO or a NIC with GRO
   delivers frames bigger than the MTU. The bridge asks the guest's kernel to
   finish those checksums and gives big frames GSO metadata (``bridge/lanes.py``,
-  ``prepare_offloads``); toward this port, the guest is offered no offloads, so
-  it sends wire-size frames with finished checksums.
+  ``prepare_offloads``).
 - A captured frame shorter than on the wire (caplen < len) is counted in
   ``rx_errors`` and dropped rather than forwarded truncated.
 """
@@ -44,8 +50,19 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from vtl.errors import SetupError
+from vtl.frame import VNET_HDR_LEN
 
-from .base import IfName, Port, interface_mac_mtu, require_interface
+from .base import (
+    OFF_ALL,
+    OFF_CSUM,
+    IfName,
+    Port,
+    describe_oserror,
+    device_tso,
+    interface_mac_mtu,
+    require_interface,
+)
+from .packet import PACKET_IGNORE_OUTGOING, PACKET_VNET_HDR, SOL_PACKET
 
 try:  # pcapy-ng installs the module "pcapy"
     import pcapy
@@ -80,10 +97,11 @@ class PcapPort(Port):
 
     def __init__(self, role: str, cfg: PcapPortConfig):
         super().__init__(role, cfg.ifname, vnet=False)
+        self.vnet_tx = True  # written through the port's own packet socket
         self.cfg = cfg
         self._pcap = None
         self._fd = -1
-        self._sock: socket.socket | None = None  # the handle's socket, duplicated: send()
+        self._sock: socket.socket | None = None  # our packet socket for sending
         self._batch: list[bytes] = []
 
     @property
@@ -119,10 +137,11 @@ class PcapPort(Port):
             _close_handle(handle)
             raise SetupError(f"cannot {what}: libpcap gives no selectable fd for it")
         try:
-            self._sock = socket.socket(fileno=os.dup(fd))
+            self._sock = _send_socket(cfg.ifname)
+            _ignore_outgoing(fd)
         except OSError as exc:
             _close_handle(handle)
-            raise SetupError(f"cannot {what}: {exc.strerror}") from None
+            raise SetupError(f"cannot {what}: {describe_oserror(exc, 'CAP_NET_RAW')}") from None
         self._pcap, self._fd = handle, fd
 
     def close(self) -> None:
@@ -156,19 +175,49 @@ class PcapPort(Port):
         return out
 
     def send(self, raw: bytes | bytearray | memoryview) -> bool:
+        return self.send_parts(b"", raw)  # ``raw`` starts with its virtio-net header
+
+    def send_parts(self, head: bytes, body: bytes | bytearray | memoryview) -> bool:
+        """One frame sent from two buffers (sendmsg: the body is not copied here)."""
         sock = self._sock
         c = self.counters
         if sock is None:
             c.tx_dropped += 1
             return False
         try:
-            sock.send(raw)  # what pcap_inject does, without holding the GIL
+            sock.sendmsg((head, body))
         except OSError:  # ENOBUFS, EMSGSIZE, link down...: per-frame, never raise
             c.tx_dropped += 1
             return False
         c.tx_frames += 1
-        c.tx_bytes += len(raw)
+        c.tx_bytes += len(head) + len(body) - VNET_HDR_LEN
         return True
+
+    def carries(self) -> int:
+        """A partial checksum always; GSO frames when the device has TSO on."""
+        return OFF_ALL if device_tso(self.ifname) is not False else OFF_CSUM
+
+
+def _send_socket(ifname: str) -> socket.socket:
+    """A packet socket that only sends, on ``ifname``, with virtio-net headers."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        sock.bind((ifname, 0))  # protocol 0: no frame is ever queued to it
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _ignore_outgoing(fd: int) -> None:
+    """``PACKET_IGNORE_OUTGOING`` on libpcap's socket (a duplicate of its fd: the same
+    socket); best effort, see the module docstring."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as dup:
+            dup.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+    except OSError:
+        pass
 
 
 def _close_handle(handle) -> None:

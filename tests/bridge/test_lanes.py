@@ -23,8 +23,9 @@ GSO = VnetHeader(flags=1, gso_type=1, hdr_len=54, gso_size=1448, csum_start=34,
 
 class Fake:
     def __init__(self, vnet: bool, role: str = "uplink", carries: int = OFF_ALL,
-                 mtu: int = 1500):
+                 mtu: int = 1500, vnet_tx: bool | None = None):
         self.vnet, self.role, self.ifname, self.mtu = vnet, role, f"{role}0", mtu
+        self.vnet_tx = vnet if vnet_tx is None else vnet_tx
         self._carries = carries
         self.sent: list[bytes] = []
         self.offered: int | None = None
@@ -38,7 +39,7 @@ class Fake:
         return True
 
     def carries(self) -> int:
-        return self._carries if self.vnet else 0
+        return self._carries if self.vnet_tx else 0
 
     def offer(self, offloads: int) -> None:
         self.offered = offloads
@@ -53,6 +54,8 @@ def test_the_mode_follows_the_ports_and_the_chain() -> None:
     assert lane(Fake(False), Fake(False)).mode == "same"
     assert lane(Fake(True), Fake(False)).mode == "strip"
     assert lane(Fake(False), Fake(True)).mode == "add"
+    pcap = Fake(False, vnet_tx=True)  # reads without headers, writes with them
+    assert lane(Fake(True), pcap).mode == "same" and lane(pcap, Fake(True)).mode == "add"
     one = lane(Fake(True), Fake(True), empty=False)
     assert one.mode is None
     one.chain_is(True)

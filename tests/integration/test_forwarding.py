@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from vtl.bridge.topology import parse_ping_rtts
-from vtlnet import PEER_IP, PEER_IP6, ctl_json, wait_for
+from vtlnet import PEER_IP, PEER_IP6, ctl_json, host, wait_for
 
 TICKER = Path(__file__).with_name("timerservice.py")
 
@@ -28,22 +28,28 @@ def test_arp_and_ping_through_empty_chain(net, uplink_kind):
     assert "Traceback" not in vtl.stderr
 
 
-@pytest.mark.parametrize("uplink_kind", ["packet", "pcap"])
-def test_the_guest_is_offered_only_the_offloads_the_uplink_carries(net, uplink_kind):
-    """Toward a pcap uplink the guest's own kernel segments and checksums: Python never
-    cuts a GSO frame on the way (the bridge's ``segmented`` stays 0) and the guest's
-    TCP still gets through, both ways."""
+@pytest.mark.parametrize(("uplink_kind", "tso"), [("packet", True), ("pcap", True),
+                                                   ("pcap", False)])
+def test_the_guest_is_offered_only_the_offloads_the_uplink_carries(net, uplink_kind, tso):
+    """Both uplink kinds write with virtio-net headers: the guest is offered TSO when the
+    uplink device has it (the host's kernel segments on the way out) and checksum
+    offload only when it has not (the guest's own kernel segments). Either way Python
+    never cuts a GSO frame (the bridge's ``segmented`` stays 0) and every byte arrives."""
+    if not tso:
+        host(["ethtool", "-K", net.uplink, "tso", "off"])
     vtl = net.start(uplink_kind=uplink_kind)
     features = net.guest(["ethtool", "-k", net.tap]).stdout
-    tso = "on" if uplink_kind == "packet" else "off"
-    assert f"tcp-segmentation-offload: {tso}" in features
+    assert f"tcp-segmentation-offload: {'on' if tso else 'off'}" in features
+    assert "tx-checksumming: on" in features
     status = ctl_json(f"/run/vtl/{net.tag}.sock", "status")
-    want = "csum+tso4+tso6+tso-ecn" if uplink_kind == "packet" else "none"
-    assert status["ports"][0]["offloads"] == want
-    net.topo.spawn(net.peer_ns, ["sh", "-c", f"nc -lk {PEER_IP} 7100 > /dev/null"])
+    assert status["ports"][0]["offloads"] == ("csum+tso4+tso6+tso-ecn" if tso else "csum")
+    got = net.tmp / "received"
+    net.topo.spawn(net.peer_ns, ["sh", "-c", f"nc -l {PEER_IP} 7100 > {got}"])
     net.topo.wait_tcp(net.peer_ns, PEER_IP, 7100)
-    net.guest(["sh", "-c", f"head -c 20000000 /dev/zero | nc -N -w 5 {PEER_IP} 7100"],
-              timeout=60)
+    net.guest(["sh", "-c", f"head -c 20000000 /dev/urandom | tee {net.tmp}/sent | "
+               f"nc -N -w 5 {PEER_IP} 7100"], timeout=60)
+    assert wait_for(lambda: got.exists() and got.stat().st_size >= 20_000_000, timeout=10)
+    assert got.read_bytes() == (net.tmp / "sent").read_bytes()
     counters = ctl_json(f"/run/vtl/{net.tag}.sock", "counters")
     assert counters["bridge"]["segmented"] == 0
     assert counters["ports"]["uplink"]["tx_bytes"] > 20_000_000

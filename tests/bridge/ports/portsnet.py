@@ -148,7 +148,7 @@ def serve(port, peer: FakePeer, cmd: str, timeout: float = 8.0) -> tuple[int | N
                 seen.append(frame)
                 reply = peer.answer(frame)
                 if reply is not None:
-                    wire = bytes(off) + reply
+                    wire = bytes(VNET_LEN if port.vnet_tx else 0) + reply
                     assert port.send(wire), "send of a reply failed"
                     peer.sent.append(reply)
             if proc.poll() is not None:
