@@ -130,6 +130,16 @@ class Bench:
     def __init__(self, net: UdtNet, args: argparse.Namespace, progress: bool):
         self.net, self.args, self.progress = net, args, progress
         self.topo: Topology = net.topo
+        self.server: Any = None
+
+    def fresh_server(self) -> None:
+        """A new iperf3 server in VM-B: after a transformed run the old one may still be
+        busy with a test whose connection the stopped bridges left half-open."""
+        if self.server is not None:
+            self.topo.stop_proc(self.server)
+        self.server = self.topo.spawn(self.net.vmb, ["iperf3", "-s", "-B", VM_B, "-p",
+                                                     str(PORT)])
+        self.topo.wait_tcp(self.net.vmb, VM_B, PORT)
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -154,6 +164,7 @@ class Bench:
         net = self.net
         a, b, cc = self.chain(chain, **udt)
         net.congestion_control(cc)
+        self.fresh_server()
         net.start("a", a)
         net.start("b", b)
         try:
@@ -434,8 +445,6 @@ def main() -> int:
                 machine_cc = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
                 net.congestion_control(args.cc)
                 cc = f"{args.cc} (route congctl; the machine's default: {machine_cc})"
-                topo.spawn(net.vmb, ["iperf3", "-s", "-B", VM_B, "-p", str(PORT)])
-                topo.wait_tcp(net.vmb, VM_B, PORT)
                 bench = Bench(net, args, progress=not args.json)
                 res = {} if args.skip_goodput else bench.goodput()
                 fair = {} if not args.fairness or args.no_udt else udt_fairness.run(
