@@ -84,7 +84,10 @@ class StreamManager:
     ``lock`` is the lock the chain runs under; :meth:`open`, :meth:`halt` and
     every handle method must be called with it held; :meth:`start` and
     :meth:`stop` without. ``after_events(now)`` is called (lock held) after
-    handlers ran. ``policy`` (default None) is the egress policy (see the module).
+    handlers ran; with ``send_output``, what it returns is handed to
+    ``send_output`` once the lock is released (the bridge writes the frames the
+    handlers produced there, as its forwarding threads do). ``policy`` (default
+    None) is the egress policy (see the module).
     """
 
     def __init__(self, lock: threading.Lock,
