@@ -8,10 +8,12 @@
 //
 // - delivery reports (receiver side, onPktReceived): every 10 ms the receiver sends the
 //   sender a custom control packet (type 0x7FFF, "VTLD") with how many data packets
-//   arrived so far and its own clock. libudt's own feedback is no good for a delivery
-//   rate: the cumulative ACK stalls at every hole for an RTT and then jumps, and the
-//   arrival rate in full ACKs (m_iRcvRate) read 10-40x the link rate here (the receiving
-//   thread takes packets in bursts; its median of 16 gaps sees the burst);
+//   arrived so far, the highest sequence number and its own clock (every RTT/4 when
+//   that is shorter: at 10 ms RTT a 10 ms old pipe estimate held the sender back).
+//   libudt's own feedback is no good for a delivery rate: the cumulative ACK stalls at
+//   every hole for an RTT and then jumps, and the arrival rate in full ACKs
+//   (m_iRcvRate) read 10-40x the link rate here (the receiving thread takes packets in
+//   bursts; its median of 16 gaps sees the burst);
 // - bottleneck bandwidth (btlbw): the largest delivery rate of the last 10 rounds. A
 //   sample is the arrivals over at least one min RTT of the receiver's clock, at most
 //   1.05x those over three min RTTs (a stalled receiving thread counts a burst at once;
@@ -145,7 +147,7 @@ struct RawPacket {
 static_assert(sizeof(RawPacket) == sizeof(CPacket), "CPacket layout changed");
 
 const uint32_t kReportMagic = 0x56544C44;  // "VTLD": a delivery report (custom message)
-const int64_t kReportUs = 10000;           // a receiver reports its arrivals every 10 ms
+const int64_t kReportUs = 10000;  // a receiver reports its arrivals every RTT/4, <= 10 ms
 const int kMaxHoles = 8192;   // missing packets a receiver tracks (beyond: libudt's timeout)
 const int kMaxRenak = 300;    // sequence numbers in one repeated loss report
 
@@ -277,7 +279,8 @@ class VtlCC : public CCC {
     const int32_t seq = pkt->m_iSeqNo;
     const int64_t t = now_us();
     ++arrived_;
-    if (t - last_sent_report_ >= kReportUs) {
+    const int64_t every = std::clamp<int64_t>(m_iRTT / 4, 1000, kReportUs);
+    if (t - last_sent_report_ >= every) {
       last_sent_report_ = t;
       const int32_t top = int32_t((int64_t(rcv_base_seq_) + rcv_highest_) & 0x7FFFFFFF);
       int32_t words[6] = {int32_t(kReportMagic), int32_t(uint32_t(arrived_)),
