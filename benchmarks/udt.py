@@ -41,7 +41,8 @@ vs ``mux = true`` (one per peer pair) at 60 ms RTT, 0 % loss: time to first byte
 of a small HTTP GET on a new connection (first one cold, then the median of
 later ones), and the time for 50 parallel 1 MB downloads; plain TCP for scale.
 
-Needs root. The default run takes about 10-15 minutes.
+Needs root. The default run (every cell, every variant, once) takes about 35 minutes;
+single cells with --rtts, --losses, --variants.
 
     .venv/bin/python benchmarks/udt.py [--seconds 8] [--rtts 10,30,60,120]
         [--losses 0,0.001,0.01] [--variants plain-cubic,plain-bbr,native,vtl,pep-bbr]
