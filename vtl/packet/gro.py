@@ -14,7 +14,8 @@ first except the IP total length, ID and checksum and the TCP sequence number an
 checksum (so the same addresses, ports, TTL, TCP options and window), starts where the
 previous one ended, carries only ACK (PSH ends the run, as in Linux), and the previous
 segments all had the run's full payload size. Only untagged IPv4 without options or
-fragments and IPv6 without extension headers qualify. Each segment's TCP checksum is
+fragments and IPv6 without extension headers qualify, and no frame bigger than a jumbo
+frame (:data:`MAX_SEGMENT`: it was coalesced before). Each segment's TCP checksum is
 verified first: a corrupted segment (``netem corrupt``) is left alone, for the guest to
 drop, rather than made valid by the partial checksum. Frames that do not qualify keep
 their place in the order.
@@ -28,6 +29,10 @@ from vtl.packet.checksum import checksum, fold, ones_sum, pseudo_sum_v4, pseudo_
 NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0x01, 1, 4, 0x80
 ACK, PSH, CWR = 0x10, 0x08, 0x80
 MAX_MERGED = 65000  # bytes of IP packet in one merged frame (the IPv4 length field's room)
+# a frame bigger than a jumbo frame was coalesced already (a NIC's or a veth peer's GRO,
+# read through pcap): nothing to merge, and verifying its checksum in Python cost the
+# pcap peer->guest path half its time
+MAX_SEGMENT = 9238
 
 
 class _Run:
@@ -100,8 +105,8 @@ def _segment(d: bytearray) -> tuple[int, int, int, int, int] | None:
     """(IP version, TCP offset, TCP header length, sequence, payload length) of a plain
     TCP data segment carrying only ACK (or ACK|PSH) with a valid checksum; else None."""
     n = len(d)
-    if n < 66:
-        return None
+    if n < 66 or n > MAX_SEGMENT:
+        return None  # too short for TCP data, or already bigger than any wire's frame
     if d[12] == 0x08 and d[13] == 0x00:
         if d[14] != 0x45 or d[23] != 6 or d[20] & 0x3F or d[21] \
                 or (d[16] << 8 | d[17]) != n - 14:
