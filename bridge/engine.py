@@ -339,7 +339,7 @@ class Bridge:
 
     def _forward(self, lane: Lane) -> bool:
         """Read one batch from the lane's input and forward it; False when nothing came."""
-        batch = lane.src.recv_batch(self.batch)
+        batch = lane.src.recv_batch(self.batch, True)  # views: copied only if kept
         if not batch:
             return False
         now = time.monotonic()

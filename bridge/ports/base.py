@@ -14,7 +14,12 @@ Invariants every port keeps:
   item is one frame as ``bytes``, or a fresh ``bytearray`` the caller may keep
   and change (tap and packet ports: the engine's frame takes it over without a
   copy); it starts with the 10-byte virtio-net header exactly when
-  ``port.vnet`` is true (see :mod:`vtl.frame`).
+  ``port.vnet`` is true (see :mod:`vtl.frame`). With ``views=True`` the tap and
+  packet ports read the first :data:`RING_FRAMES` frames into buffers of their
+  own and hand out read-only-by-contract ``memoryview`` s of them, valid until
+  the next ``recv_batch``: the engine writes a frame it forwards unchanged
+  without ever copying it (a 64 KB copy cost as much as the read itself), and
+  copies what it keeps.
 - ``send`` takes a frame that starts with a virtio-net header exactly when
   ``port.vnet_tx`` is true: the same as ``vnet`` for every port but ``pcap``,
   which reads through libpcap (no header) and writes through a packet socket of
@@ -94,6 +99,9 @@ def offload_names(flags: int) -> str:
     return "+".join(names) or "none"
 
 
+RING_FRAMES = 64  # read buffers a port keeps for ``recv_batch(views=True)``
+
+
 class Port(abc.ABC):
     """One side of a bridge: a non-blocking source and sink of Ethernet frames."""
 
@@ -112,6 +120,7 @@ class Port(abc.ABC):
         self.vnet = vnet
         self.vnet_tx = vnet  # frames written carry the header (see the module docstring)
         self.mtu = mtu
+        self._ring: list[bytearray] = []  # see recv_batch(views=True); filled as needed
         self.mac = None
         self.counters = PortCounters()
 
@@ -134,8 +143,20 @@ class Port(abc.ABC):
         """A file descriptor that polls readable when frames may be waiting."""
 
     @abc.abstractmethod
-    def recv_batch(self, max_frames: int = 64) -> list[bytes | bytearray]:
-        """Up to ``max_frames`` frames, without blocking; ``[]`` when none is ready."""
+    def recv_batch(self, max_frames: int = 64, views: bool = False
+                   ) -> list[bytes | bytearray | memoryview]:
+        """Up to ``max_frames`` frames, without blocking; ``[]`` when none is ready
+        (``views``: see the module docstring)."""
+
+    def _slot(self, k: int) -> bytearray | None:
+        """The ``k``-th read buffer of ``recv_batch(views=True)``, or None past the last."""
+        ring = self._ring
+        if k < len(ring):
+            return ring[k]
+        if k >= RING_FRAMES:
+            return None
+        ring.append(bytearray(READ_BUF_SIZE))
+        return ring[k]
 
     @abc.abstractmethod
     def send(self, raw: bytes | bytearray | memoryview) -> bool:

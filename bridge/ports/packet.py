@@ -205,17 +205,21 @@ class PacketPort(Port):
         if sock is not None:
             sock.close()  # drops the promiscuous membership too
 
-    def recv_batch(self, max_frames: int = 64) -> list[bytes | bytearray]:
+    def recv_batch(self, max_frames: int = 64, views: bool = False
+                   ) -> list[bytes | bytearray | memoryview]:
         sock = self._sock
         if sock is None:
             return []
-        out: list[bytes | bytearray] = []
+        out: list[bytes | bytearray | memoryview] = []
         buf, view, hdr, c = self._buf, self._view, self._hdr, self.counters
         recv_into = sock.recv_into
         size = len(buf)
+        slot = None
         while len(out) < max_frames:
+            if views:
+                slot = self._slot(len(out))
             try:
-                n = recv_into(buf, size, socket.MSG_TRUNC)
+                n = recv_into(slot or buf, size, socket.MSG_TRUNC)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -229,7 +233,10 @@ class PacketPort(Port):
             if n > size or n <= hdr:
                 c.rx_errors += 1  # truncated (longer than any GSO frame) or empty
                 continue
-            out.append(bytearray(view[:n]))  # the frame takes it over: no 2nd copy
+            if slot is None:
+                out.append(bytearray(view[:n]))  # the frame takes it over: no 2nd copy
+            else:
+                out.append(memoryview(slot)[:n])  # valid until the next call
             c.rx_bytes += n - hdr
         c.rx_frames += len(out)
         return out

@@ -161,7 +161,8 @@ class PcapPort(Port):
         self._batch.append(data)
         c.rx_bytes += len(data)
 
-    def recv_batch(self, max_frames: int = 64) -> list[bytes | bytearray]:
+    def recv_batch(self, max_frames: int = 64, views: bool = False
+                   ) -> list[bytes | bytearray | memoryview]:
         handle = self._pcap
         if handle is None:
             return []

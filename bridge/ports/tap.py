@@ -236,16 +236,20 @@ class TapPort(Port):
 
     # ------------------------------------------------------------------ fast path
 
-    def recv_batch(self, max_frames: int = 64) -> list[bytes | bytearray]:
+    def recv_batch(self, max_frames: int = 64, views: bool = False
+                   ) -> list[bytes | bytearray | memoryview]:
         fd = self._fd
         if fd is None:
             return []
-        out: list[bytes | bytearray] = []
+        out: list[bytes | bytearray | memoryview] = []
         buf, view, hdr, c = self._buf, self._view, self._hdr, self.counters
         readv = os.readv
+        slot = None
         while len(out) < max_frames:
+            if views:
+                slot = self._slot(len(out))
             try:
-                n = readv(fd, (buf,))
+                n = readv(fd, (slot or buf,))
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -258,7 +262,10 @@ class TapPort(Port):
             if n <= hdr:
                 c.rx_errors += 1
                 continue
-            out.append(bytearray(view[:n]))  # the frame takes it over: no 2nd copy
+            if slot is None:
+                out.append(bytearray(view[:n]))  # the frame takes it over: no 2nd copy
+            else:
+                out.append(memoryview(slot)[:n])  # valid until the next call
             c.rx_bytes += n - hdr
         c.rx_frames += len(out)
         return out

@@ -68,6 +68,21 @@ def test_vnet_header_present_on_receive(link):
         assert port.counters.tx_dropped == 1
 
 
+def test_views_are_the_same_frames_read_into_the_ports_own_buffers(link):
+    ns, host, _peer = link
+    with make_port("uplink", PacketPortConfig(kind="packet", ifname=host)) as port:
+        sh(f"ip netns exec {ns} arping -c3 -w2 -I eth0 10.251.0.7 || "
+           f"ip netns exec {ns} ping -c3 -i0.2 -W1 10.251.0.7", check=False)
+        frames = port.recv_batch(64, views=True)
+        assert frames and all(isinstance(f, memoryview) for f in frames)
+        assert all(f.obj is port._ring[k] for k, f in enumerate(frames))  # no copy made
+        arp = next(bytes(f) for f in frames if parse_arp(bytes(f[VNET_LEN:])))
+        assert VnetHeader.unpack(arp).is_plain
+        assert port.counters.rx_frames == len(frames)
+        # buffers are made as needed (one more for the read that found none), then reused
+        assert len(frames) <= len(port._ring) <= len(frames) + 1 <= 65
+
+
 def test_missing_interface():
     name = "vtpt" + suffix() + "n"
     port = make_port("uplink", PacketPortConfig(kind="packet", ifname=name))
