@@ -59,7 +59,7 @@ class Conn:
 
     __slots__ = ("key", "proto", "version", "orig_src", "orig", "state", "seen", "seen_reply",
                  "assured", "confirmed", "dead", "last_index", "last_dir", "last_seq", "last_end",
-                 "last_win", "last_ack", "last_flags", "last_wscale", "last_seg", "retrans",
+                 "last_win", "last_ack", "last_flags", "last_wscale", "retrans",
                  "packets", "nbytes", "created", "stream_at", "timeout", "until", "fast_keys",
                  "verdict")
 
@@ -76,7 +76,6 @@ class Conn:
         self.last_dir = 0
         self.last_seq = self.last_end = self.last_win = self.last_ack = 0
         self.last_flags = self.last_wscale = 0
-        self.last_seg: tuple[int, int, int, int, int] | None = None
         self.retrans = 0
         self.packets = [0, 0]
         self.nbytes = [0, 0]

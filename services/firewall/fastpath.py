@@ -147,11 +147,11 @@ class FastPath:
         r_flags = receiver.flags
         if ack == r_end:
             r_flags = receiver.flags = r_flags & ~F_UNACKED
-        seg = (d, seq, ack, end, win)
-        if conn.last_seg == seg:
+        if conn.last_dir == d and conn.last_seq == seq and conn.last_ack == ack \
+                and conn.last_end == end and conn.last_win == win:
             conn.retrans += 1
-        else:
-            conn.last_seg = seg
+        else:  # the kernel's last_* fields, as tcpct.update keeps them
+            conn.last_seq, conn.last_ack, conn.last_end, conn.last_win = seq, ack, end, win
             conn.retrans = 0
         conn.packets[d] += 1
         conn.nbytes[d] += ip_len

@@ -104,7 +104,11 @@ class Conn(Protocol):
     seen: tuple[Side, Side]
     state: int
     last_index: int
-    last_seg: tuple[int, int, int, int, int] | None
+    last_dir: int
+    last_seq: int
+    last_ack: int
+    last_end: int
+    last_win: int
     retrans: int
 
 
@@ -255,9 +259,12 @@ def update(conn: Conn, sender: Side, receiver: Side, direction: int, index: int,
     if ack == receiver.td_end:
         receiver.flags &= ~F_UNACKED
     if index == I_ACK:
-        key = (direction, seq, ack, end, win_raw)
-        if conn.last_seg == key:
+        # the kernel keeps one set of last_* fields: an in-window ACK rewrites them (a
+        # RST that follows it must start at its last_end to count as part of a train)
+        if conn.last_dir == direction and conn.last_seq == seq and conn.last_ack == ack \
+                and conn.last_end == end and conn.last_win == win_raw:
             conn.retrans += 1
         else:
-            conn.last_seg = key
+            conn.last_dir, conn.last_seq, conn.last_ack = direction, seq, ack
+            conn.last_end, conn.last_win = end, win_raw
             conn.retrans = 0

@@ -62,6 +62,22 @@ def test_an_outgoing_connection_is_tracked_and_its_replies_pass() -> None:
     assert h.extra("dropped_by_default") == 1
 
 
+def test_a_rst_where_its_senders_last_segment_ended_is_a_train_and_closes() -> None:
+    """As the kernel's conntrack: every in-window ACK segment records where it ended, so
+    a RST of the same side that starts there ends the connection though the other side
+    has not acknowledged those bytes yet (a "train"); in CLOSE any RST passes. Found by
+    the random differential trace: the end was only recorded for ignored segments, the
+    RST kept the connection, and a later RST was dropped where the kernel passed it."""
+    h = fw(invalid="drop")
+    handshake_out(h)
+    assert h.send(in_tcp("PA", seq=5001, ack=1001, payload=b"x" * 100), IN, now=0.4) is PASS
+    assert h.send(in_tcp("R", seq=5101), IN, now=0.5) is PASS  # not ACKed by the guest yet
+    [conn] = h.service.connections(0.6)
+    assert conn["state"] == "CLOSE"
+    far = (1001 + 2**31 + 1) & 0xFFFFFFFF  # "before" the far side's highest ACK
+    assert h.send(out_tcp("RA", seq=far, ack=5100), OUT, now=0.7) is PASS
+
+
 def test_a_dropped_syn_leaves_no_connection() -> None:
     h = fw()
     assert h.send(in_tcp("S", dport=23), IN, now=0.1) is DROP

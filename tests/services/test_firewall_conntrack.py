@@ -32,7 +32,8 @@ def snapshot(ct: Conntrack) -> list[tuple]:
     out = []
     for _, c in ct.table.items():
         out.append((c.state, c.assured, c.seen_reply, tuple(c.packets), tuple(c.nbytes),
-                    c.last_index, c.last_dir, c.retrans, c.last_seg, c.timeout,
+                    c.last_index, c.last_dir, c.retrans, c.last_seq, c.last_ack, c.last_end,
+                    c.last_win, c.timeout,
                     tuple((s.td_end, s.td_maxend, s.td_maxwin, s.td_maxack, s.td_scale,
                            s.flags) for s in c.seen)))
     return out
