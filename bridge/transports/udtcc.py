@@ -28,7 +28,7 @@ DEFAULT: Final[Congestion] = "vtl"
 def available() -> str:
     """"" when the native extension loads, else why not (what to do)."""
     try:
-        from vtl.bridge.transports import _udtcc  # noqa: F401
+        import vtl.bridge.transports._udtcc  # noqa: F401
     except ImportError as exc:
         return (f"the UDT congestion control extension is not built ({exc}); reinstall VTL "
                 "with `make setup` (needs libudt-dev and g++)")
@@ -49,7 +49,7 @@ def install(udt_socket_id: int, kind: str, max_bw: int = 0) -> None:
     why = available()
     if why:
         raise OSError(why)
-    from vtl.bridge.transports import _udtcc
+    import vtl.bridge.transports._udtcc as _udtcc
 
     _udtcc.install(udt_socket_id, kind, max_bw)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import socket
 import threading
 
+import vtl.bridge.transports.udtcc as udtcc
 from udt4py import UDTException, UDTSocket
-from vtl.bridge.transports import udtcc
 from vtl.bridge.transports.udtstate import Tuning
 
 PAIR_BUFFER = 1 << 20  # each side of a pipe: kernel buffers (100+ Mbit/s at 10 ms)
