@@ -48,15 +48,16 @@ Notes
     - ``congestion = "vtl"`` (the default) is VTL's own UDT congestion control
       (``vtl.bridge.transports.udtcc``, a C++ extension built with VTL): model-based
       like BBR, it paces at the bottleneck bandwidth it measures from the delivery
-      rate, keeps about two bandwidth-delay products in flight, probes with a gain
+      rate, keeps about 1.75 bandwidth-delay products in flight, probes with a gain
       cycle, and does not take random loss as a congestion signal (loss counts only
       together with an inflated RTT, i.e. an overflowing queue). It needs no
       ``max_rate_mbit``. Measured with benchmarks/udt.py (100 Mbit/s WAN, queue one
-      BDP, medians of 3, one iperf3 connection, on a 2-core machine under other load):
-      at 60 ms / 1 % loss 86.0 Mbit/s (plain TCP: bbr guests 89.1, cubic guests 2.1;
-      native capped at 90: 11.0), at 60 ms / 0 % 83.4 (plain 94.1 / 90.7, native
-      70.4) with 1.4 % of its packets tail-dropped at the WAN's queue; both bridges
-      spend about one core between them at that rate, which is what limits it here.
+      BDP, medians of 3, one iperf3 connection, a quiet 2-core machine): at 60 ms / 1 %
+      loss 92.4 Mbit/s (plain TCP: bbr guests 91.9, cubic guests about 2; native capped
+      at 90: about 11), at 60 ms / 0 % 92.3 (plain bbr 91.6) with 3.4 % of its packets
+      tail-dropped at the WAN's queue, at 10 / 30 / 120 ms and 0 % 83.4 / 94.4 / 85.1
+      (best plain 94.1 / 94.2 / 93.4). Both bridges spend about one core between them
+      at that rate.
     - ``congestion = "native"`` is libudt's own control (DAIMD, with a packet-pair
       capacity estimate). It cuts its rate on every loss event, so random loss is
       its worst case, and it overshoots a rate-limited path badly: on a 100 Mbit/s
