@@ -259,6 +259,13 @@ def device_tso(ifname: str) -> bool | None:
     return bool(value[1])
 
 
+def device_offloads(ifname: str) -> int:
+    """What a packet socket with virtio-net headers on ``ifname`` carries: a partial
+    checksum always (the kernel completes it on the way out); GSO frames only when the
+    device has TSO on, else the guest's own kernel, not the host's, cuts them."""
+    return OFF_ALL if device_tso(ifname) is not False else OFF_CSUM
+
+
 def describe_oserror(exc: OSError, privilege: str = "CAP_NET_ADMIN") -> str:
     """A plain-language reason and fix for common errnos."""
     if exc.errno in (errno.EPERM, errno.EACCES):

@@ -72,13 +72,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from vtl.errors import SetupError
 
 from .base import (
-    OFF_ALL,
-    OFF_CSUM,
     READ_BUF_SIZE,
     IfName,
     Port,
     describe_oserror,
-    device_tso,
+    device_offloads,
     interface_mac_mtu,
     require_interface,
 )
@@ -153,12 +151,8 @@ class PacketPort(Port):
         return self._sock is not None
 
     def carries(self) -> int:
-        """With virtio-net headers a partial checksum always (the kernel completes it on
-        the way out); GSO frames only when the device has TSO on: else the guest's own
-        kernel, not the host's, cuts them."""
-        if not self.vnet:
-            return 0
-        return OFF_ALL if device_tso(self.ifname) is not False else OFF_CSUM
+        """Without virtio-net headers nothing; with them, :func:`device_offloads`."""
+        return device_offloads(self.ifname) if self.vnet else 0
 
     def fileno(self) -> int:
         if self._sock is None:

@@ -8,7 +8,7 @@ for a 64 KB GRO/GSO frame), promiscuous by default, and a 1 ms read timeout.
 interface, so VTL never re-reads what it injected with ``sendpacket`` (nor what
 the host itself sends). The handle is made non-blocking and its selectable fd
 (``getfd``) is what the engine polls; ``recv_batch`` drains it with
-``dispatch``. Frames never carry a virtio-net header (``vnet`` is False).
+``dispatch``. Frames read never carry a virtio-net header (``vnet`` is False).
 
 Sending: libpcap's ``pcap_inject`` on Linux is one ``send()`` on the handle's own
 packet socket, without a virtio-net header: every GSO frame the guest's TAP hands
@@ -53,12 +53,10 @@ from vtl.errors import SetupError
 from vtl.frame import VNET_HDR_LEN
 
 from .base import (
-    OFF_ALL,
-    OFF_CSUM,
     IfName,
     Port,
     describe_oserror,
-    device_tso,
+    device_offloads,
     interface_mac_mtu,
     require_interface,
 )
@@ -195,8 +193,8 @@ class PcapPort(Port):
         return True
 
     def carries(self) -> int:
-        """A partial checksum always; GSO frames when the device has TSO on."""
-        return OFF_ALL if device_tso(self.ifname) is not False else OFF_CSUM
+        """As a packet port with virtio-net headers: :func:`device_offloads`."""
+        return device_offloads(self.ifname)
 
 
 def _send_socket(ifname: str) -> socket.socket:
