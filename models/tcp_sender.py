@@ -302,6 +302,14 @@ class TcpSender:
             size = min(room, end - self.nxt, chunk)
             if size < t.mss and self.nxt + size < end and self.max_sent > self.sbuf.una:
                 break  # sender SWS avoidance: wait for a full segment while data is in flight
+            if size < chunk <= room and cfg.offload and not self.fin_queued \
+                    and self.max_sent - self.sbuf.una >= 2 * t.mss:
+                # TSO deferral (as Linux's tcp_tso_should_defer): the windows allow a full
+                # super-frame but the queue holds only a tail of one; the ACK of what is in
+                # flight comes within the VM's round trip, and by then the upstream has
+                # usually added to it. Sent at once, a 64 KiB read became a 62 KiB frame
+                # and a 2 KiB one: two frames and two ACKs for one frame's worth.
+                break
             self._send_data(self.nxt, size, now)
             sent = True
         if self.fin_queued and not self.fin_sent and self.nxt >= end and t.state.can_send:

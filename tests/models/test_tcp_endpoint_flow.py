@@ -694,3 +694,33 @@ def test_congestion_avoidance_grows_a_segment_per_window_however_few_the_acks():
         now += 0.001
         ep.receive(peer.ack(), now)  # one cumulative ACK for the whole window
         assert ep.cwnd == pytest.approx(before + MSS, abs=2), rnd
+
+
+def test_a_tail_shorter_than_a_super_frame_waits_for_the_ack_of_what_is_in_flight():
+    """TSO deferral: with data in flight, a queue tail smaller than a super-frame waits for
+    the next ACK (or more data) instead of leaving as a frame of its own; a FIN, or
+    nothing in flight, sends it at once."""
+    ep, peer = passive_established(cfg(offload=True, send_buffer=1 << 22),
+                                   Peer(wscale=7, window=30000))
+    ep.cwnd = 1 << 22
+    full = ep.config.gso_max
+
+    def sent() -> int:
+        return sum(len(s.payload) for s in peer.take(ep, learn=False))
+
+    assert sent() == 0
+    ep.send(b"t" * 2048, NOW)
+    assert sent() == 2048  # nothing in flight: no reason to wait
+    peer.rcv_nxt = seq(ISS + 1 + 2048)
+    ep.receive(peer.ack(), NOW)
+    ep.send(b"a" * 65536, NOW)
+    assert sent() == full  # one super-frame; its 2 KiB tail waits
+    ep.send(b"b" * 65536, NOW)
+    assert sent() == full  # the tail joined the next read: again one full frame
+    peer.rcv_nxt = seq(ISS + 1 + 2048 + 2 * full)
+    ep.receive(peer.ack(), NOW + 0.001)
+    assert sent() == 2 * 65536 - 2 * full  # nothing in flight any more: the tail goes
+    ep.send(b"c" * 65536, NOW + 0.002)
+    assert sent() == full
+    ep.shutdown(NOW + 0.002)
+    assert sent() == 65536 - full  # a FIN: nothing more will join the tail
