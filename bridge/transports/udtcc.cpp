@@ -25,7 +25,9 @@
 //   neither pacing- nor window-limited (app-limited) only ever raise btlbw, and
 //   app-limited rounds do not count toward leaving STARTUP;
 // - min RTT: the smallest RTT of the last 5-10 s (libudt's smoothed m_iRTT; two 5 s
-//   buckets, so an expiring minimum is replaced by the smallest recent one);
+//   buckets, so an expiring minimum is replaced by the smallest recent one). libudt's
+//   RTT starts at 100 ms and moves 1/8 of the way per sample, so its first 24 values
+//   are taken as they are, not as a minimum (at 120 ms the minimum stuck near 100 ms);
 // - states: STARTUP (pacing gain 2.885 until btlbw grew < 25 % in 3 rounds, or more than
 //   3 % of what this round sent was reported lost: the queue overflowed), DRAIN (gain
 //   1/2.885 until the pipe holds one BDP, at most 3 min RTTs), PROBE_BW (gain cycle
@@ -44,11 +46,21 @@
 //   reports a gap again when it is still open 1.5 RTT + 20 ms after its last report;
 // - loss alone is not a congestion signal. Loss while the RTT is inflated (> 1.5 x min
 //   RTT + 5 ms: a queue is full) lowers btlbw by 5 %, at most once per min RTT;
+// - inflight_hi (BBRv2's): loss while the RTT is up by a third (> 1.3 x min RTT + 2 ms),
+//   or of more than 3 % of what the round sent (random loss is not that much), means
+//   the buffer overflowed: the pipe is kept under 0.85 x what it held then (never under
+//   1.5 BDP), and each 1.25 probe lets it hold 5 % of a BDP more. On a busy machine the
+//   bandwidth samples run a few % high, and pacing on them filled a one-BDP buffer
+//   until the cwnd stopped it, at 2 BDPs: 4-8 % of the packets were dropped;
+// - PROBE_RTT, short: a second after STARTUP and every 5 s, pace at half the rate for
+//   two min RTTs (at least 100 ms, for libudt's smoothed RTT to see it). A queue that
+//   never drains (STARTUP's, or one the samples kept) inflates the min RTT, so the BDP
+//   and the cwnd. It costs about 2 % of the time at half rate;
 // - max_bw (bytes/s, 0: none) caps btlbw and the pacing rate (libudt 4.11 does not apply
 //   UDT_MAXBW to a custom control's period).
 //
-// It does not do BBR's PROBE_RTT (the cwnd is never cut to 4 packets: the transformed
-// connection's goodput matters more than a fair share of an old queue), nor ECN. Before
+// BBR's PROBE_RTT cuts the cwnd to 4 packets; this one only halves the pacing rate (the
+// transformed connection's goodput matters more than a fair share of an old queue). No ECN. Before
 // the first delivery-rate sample it paces at 2.885 x 32 packets per (initial) RTT.
 //
 // Set VTL_UDTCC_DEBUG=1 to print the model of every connection to stderr twice a second.
@@ -79,11 +91,18 @@ const double kStartupGain = 2.885;
 const double kProbeGains[8] = {1.25, 0.75, 1, 1, 1, 1, 1, 1};
 const int kBwRounds = 10;
 const int64_t kMinRttWindowUs = 10 * 1000 * 1000;
-const int kRing = 256;  // ACK samples kept for the windowed delivery rate
+const int kRing = 256;
+const int kRttSettle = 24;  // libudt RTT updates before its smoothed value counts for the min  // ACK samples kept for the windowed delivery rate
 const double kInitCwnd = 32;
 const double kLossCwnd = 0.25;  // cwnd headroom (x BDP) while losses are reported
 const double kCwndGain = 1.75;  // PROBE_BW cwnd (x BDP) of the pipe: a queue <= 3/4 BDP
 const double kCutRtt = 1.5, kCut = 0.95;  // loss with RTT > 1.5 min RTT + 5 ms: btlbw x 0.95
+const double kHiRtt = 1.3;    // loss with RTT > 1.3 min RTT + 2 ms: the buffer overflowed
+const double kHiBeta = 0.85;  // the pipe is kept under this share of what overflowed it
+const double kHiProbe = 0.05; // each probe lets the pipe hold this much (x BDP) more
+const int64_t kProbeRttFirstUs = 1000000, kProbeRttEveryUs = 5000000;
+const double kProbeRttGain = 0.5;
+const double kHiFloor = 1.5;  // but never less than this (x BDP): samples lag, the link must stay busy
 
 int64_t now_us() {
   using namespace std::chrono;
@@ -176,7 +195,17 @@ class VtlCC : public CCC {
     if (seqoff(last_ack_, ack) > 0) last_ack_ = ack;
     if (seqoff(highest_, ack) > 0) highest_ = ack;
     delivered_ = seqoff(isn_, highest_) - lost_;
-    if (m_iRTT > 0) {
+    if (m_iRTT > 0 && m_iRTT != last_rtt_) {
+      last_rtt_ = m_iRTT;
+      ++rtt_updates_;
+    }
+    if (rtt_updates_ < kRttSettle) {
+      // libudt's RTT starts at 100 ms and moves 1/8 of the way per sample: until it has
+      // settled it is the best guess there is, but not a minimum (at 120 ms it would
+      // have held the min RTT at ~100 ms, the BDP and cwnd a fifth short, for 5 s)
+      min_rtt_ = cur_min_rtt_ = prev_min_rtt_ = m_iRTT > 0 ? m_iRTT : min_rtt_;
+      min_rtt_stamp_ = t;
+    } else if (m_iRTT > 0) {
       if (t - min_rtt_stamp_ > kMinRttWindowUs / 2) {  // a new bucket
         prev_min_rtt_ = cur_min_rtt_;
         cur_min_rtt_ = 1e12;
@@ -206,6 +235,7 @@ class VtlCC : public CCC {
 
   void onLoss(const int32_t* list, int n) override {
     const int64_t t = now_us();
+    int64_t newly_lost = 0;
     for (int i = 0; i < n; ++i) {
       int32_t first = list[i] & 0x7FFFFFFF, end = list[i];
       if (list[i] & 0x80000000) {
@@ -218,6 +248,7 @@ class VtlCC : public CCC {
       if (seqoff(highest_, end) >= 0) {
         if (seqoff(highest_, first) < 0) first = highest_;
         lost_ += seqoff(first, end) + 1;
+        newly_lost += seqoff(first, end) + 1;
         highest_ = inc(inc(end));
       }
     }
@@ -230,6 +261,22 @@ class VtlCC : public CCC {
         state_ = State::DRAIN;
         state_stamp_ = t;
       }
+    }
+    // Loss while a queue stands (the RTT up by a third) is the buffer overflowing: what
+    // was in the pipe then is more than it holds. Keep the pipe under 0.85 of it from
+    // now on (BBRv2's inflight_hi): the bandwidth samples run a few % high on a busy
+    // machine, and pacing on them grows the queue until the cwnd stops it, which at
+    // 1.75 BDPs (and more while the RTT is inflated) is past a one-BDP buffer.
+    // Or loss of more than 3 % of what this round sent: random loss is not that much
+    // (the 1 % WAN), and the min RTT may itself be inflated by a queue that never drained.
+    const int64_t round_lost = lost_ - round_lost_base_;
+    const int64_t round_sent = sent_all_.load(std::memory_order_relaxed) - round_sent_base_;
+    const bool heavy = round_lost >= 8 && round_lost > 0.03 * round_sent;
+    if (newly_lost > 0 && state_ == State::PROBE_BW &&
+        (m_iRTT > kHiRtt * min_rtt_ + 2000 || heavy) && t - last_hi_cut_ > min_rtt_) {
+      last_hi_cut_ = t;
+      ++hi_cuts_;
+      inflight_hi_ = std::max(kHiBeta * pipe(), kHiFloor * bdp());
     }
     // loss with a full queue (inflated RTT) is congestion; random loss is not
     if (state_ == State::PROBE_BW && m_iRTT > kCutRtt * min_rtt_ + 5000 &&
@@ -435,10 +482,23 @@ class VtlCC : public CCC {
         (pipe() <= bdp() || t - state_stamp_ > 3 * min_rtt_)) {
       state_ = State::PROBE_BW;
       state_stamp_ = t;
+      next_probe_rtt_ = t + kProbeRttFirstUs;
       phase_ = 2 + int(t % 6);  // never start in the 0.75 phase right after draining
-    } else if (state_ == State::PROBE_BW && t - state_stamp_ > min_rtt_) {
+    }
+    // A short PROBE_RTT: pace at half the rate for two min RTTs (at least 100 ms, so
+    // libudt's smoothed RTT sees it) a second after STARTUP and every 5 s after. A queue
+    // that never drains (STARTUP's, or one the noisy samples kept) inflates the min RTT,
+    // so the BDP, so the cwnd, and the buffer overflows at its full size. Costs ~2 %.
+    if (state_ == State::PROBE_BW && next_probe_rtt_ > 0 && t >= next_probe_rtt_) {
+      probe_rtt_until_ = t + std::max<int64_t>(2 * int64_t(min_rtt_), 100000);
+      next_probe_rtt_ = t + kProbeRttEveryUs;
+      ++probe_rtts_;
+    }
+    if (state_ == State::PROBE_BW && t - state_stamp_ > min_rtt_) {
       phase_ = (phase_ + 1) % 8;
       state_stamp_ = t;
+      // probing: the pipe may hold a little more than at the last overflow
+      if (phase_ == 0 && inflight_hi_ < 1e17) inflight_hi_ += kHiProbe * bdp();
     }
   }
 
@@ -450,17 +510,18 @@ class VtlCC : public CCC {
       pacing_gain = 1 / kStartupGain;
       cwnd_gain = kStartupGain;
     } else {
-      pacing_gain = kProbeGains[phase_];
+      pacing_gain = t < probe_rtt_until_ ? kProbeRttGain : kProbeGains[phase_];
     }
     double rate = std::max(pacing_gain * btlbw_, 10.0);
     const double cap = max_bw_pkts();
     if (cap > 0) rate = std::min(rate, cap);
     pacing_rate_ = rate;
     double cwnd = cwnd_gain * bdp();
+    if (last_loss_ > 0 && t - last_loss_ < 4 * min_rtt_ + 500000) cwnd += kLossCwnd * bdp();
+    if (state_ == State::PROBE_BW) cwnd = std::min(cwnd, inflight_hi_);
     // packets past the highest known received are the ones really in the pipe; libudt
     // also counts those between the cumulative ACK and it (received, behind a hole)
     cwnd += std::max(0, seqoff(last_ack_, highest_));
-    if (last_loss_ > 0 && t - last_loss_ < 4 * min_rtt_ + 500000) cwnd += kLossCwnd * bdp();
     cwnd_ = std::max(cwnd + 16, kInitCwnd);
     setRTO(int(std::max(500000.0, 3 * min_rtt_ + 200000)));
     m_dPktSndPeriod = 1e6 / rate;
@@ -472,10 +533,11 @@ class VtlCC : public CCC {
     std::fprintf(stderr,
                  "udtcc %p t=%.1fs %s phase=%d btlbw=%.0fpps (%.1f Mbit/s) sample=%.0f "
                  "pipe=%.0f rcv=%d bw=%d min_rtt=%.1fms rtt=%.1fms cwnd=%.0f inflight=%.0f lost=%lld "
-                 "cuts=%d timeouts=%d renaks=%lld holes=%zu samples=%lld/applim=%lld/rep=%lld send=%.0f\n",
+                 "cuts=%d hi=%.0f/%lld prtt=%lld timeouts=%d renaks=%lld holes=%zu samples=%lld/applim=%lld/rep=%lld send=%.0f\n",
                  static_cast<void*>(this), (t - start_) / 1e6, state_name(state_), phase_,
                  btlbw_, btlbw_ * m_iMSS * 8 / 1e6, last_sample_, pipe(), m_iRcvRate, m_iBandwidth, min_rtt_ / 1e3,
                  m_iRTT / 1e3, cwnd_, inflight(), static_cast<long long>(lost_), cuts_,
+                 inflight_hi_ < 1e17 ? inflight_hi_ : 0.0, static_cast<long long>(hi_cuts_), static_cast<long long>(probe_rtts_),
                  timeouts_, static_cast<long long>(renaks_), holes_.size(), (long long)samples_,
                  (long long)app_limited_samples_, (long long)report_samples_, last_send_rate_);
   }
@@ -493,8 +555,11 @@ class VtlCC : public CCC {
   int64_t round_lost_base_ = 0, round_sent_base_ = 0;
   int32_t last_ack_ = 0, highest_ = 0, round_end_ = 0, isn_ = 0;
   double cur_min_rtt_ = 1e12, prev_min_rtt_ = 1e12;
+  int last_rtt_ = 0, rtt_updates_ = 0;
   double min_rtt_ = 100000, btlbw_ = 0, full_bw_ = 0, pacing_rate_ = 0, cwnd_ = kInitCwnd;
-  double last_sample_ = 0;
+  double last_sample_ = 0, inflight_hi_ = 1e18;
+  int64_t last_hi_cut_ = 0, hi_cuts_ = 0;
+  int64_t next_probe_rtt_ = 0, probe_rtt_until_ = 0, probe_rtts_ = 0;
   double bw_slot_[kBwRounds] = {0};
   Sample ring_[kRing] = {};
   std::map<int64_t, int64_t> holes_;  // receiver: missing packet -> when last reported

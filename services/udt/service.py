@@ -50,14 +50,17 @@ Notes
       like BBR, it paces at the bottleneck bandwidth it measures from the delivery
       rate, keeps about 1.75 bandwidth-delay products in flight, probes with a gain
       cycle, and does not take random loss as a congestion signal (loss counts only
-      together with an inflated RTT, i.e. an overflowing queue). It needs no
-      ``max_rate_mbit``. Measured with benchmarks/udt.py (100 Mbit/s WAN, queue one
-      BDP, medians of 3, one iperf3 connection, a quiet 2-core machine): at 60 ms / 1 %
-      loss 92.4 Mbit/s (plain TCP: bbr guests 91.9, cubic guests about 2; native capped
-      at 90: about 11), at 60 ms / 0 % 92.3 (plain bbr 91.6) with 3.4 % of its packets
-      tail-dropped at the WAN's queue, at 10 / 30 / 120 ms and 0 % 83.4 / 94.4 / 85.1
-      (best plain 94.1 / 94.2 / 93.4). Both bridges spend about one core between them
-      at that rate.
+      with an inflated RTT or when it is more than 3 % of a round: an overflowing
+      queue; then the data in flight is kept under what overflowed it). A short
+      PROBE_RTT (half rate for two RTTs every 5 s) keeps its min RTT honest. It needs
+      no ``max_rate_mbit``. Measured with benchmarks/udt.py (100 Mbit/s WAN, queue
+      one BDP, medians of 3, one iperf3 connection, 2-core machine, plain bbr guests
+      in the same sitting): at 60 ms / 1 % loss 92.5 Mbit/s (plain bbr 89.9, cubic
+      guests about 2; native capped at 90: about 11); at 120 ms / 1 % 85.1 (bbr 80.7);
+      at 0 % loss and 30 / 60 / 120 ms 90.8 / 93.1 / 91.8 (bbr 94.1 / 92.3 / 83.9),
+      with 0.5-0.8 % of its packets tail-dropped at the WAN's queue (plain bbr 1-3 %,
+      14 % at 120 ms). At 10 ms it is CPU-bound on such a machine and reaches 77 (bbr
+      94). Both bridges spend about one core between them at that rate.
     - ``congestion = "native"`` is libudt's own control (DAIMD, with a packet-pair
       capacity estimate). It cuts its rate on every loss event, so random loss is
       its worst case, and it overshoots a rate-limited path badly: on a 100 Mbit/s
