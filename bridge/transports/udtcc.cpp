@@ -235,7 +235,7 @@ class VtlCC : public CCC {
 
   void onLoss(const int32_t* list, int n) override {
     const int64_t t = now_us();
-    int64_t newly_lost = 0;
+    const int64_t lost_before = lost_;
     for (int i = 0; i < n; ++i) {
       int32_t first = list[i] & 0x7FFFFFFF, end = list[i];
       if (list[i] & 0x80000000) {
@@ -248,31 +248,28 @@ class VtlCC : public CCC {
       if (seqoff(highest_, end) >= 0) {
         if (seqoff(highest_, first) < 0) first = highest_;
         lost_ += seqoff(first, end) + 1;
-        newly_lost += seqoff(first, end) + 1;
         highest_ = inc(inc(end));
       }
     }
     delivered_ = seqoff(isn_, highest_) - lost_;
     last_loss_ = t;
-    if (state_ == State::STARTUP) {
-      const int64_t lost = lost_ - round_lost_base_;
-      const int64_t sent = sent_all_.load(std::memory_order_relaxed) - round_sent_base_;
-      if (lost >= 8 && lost > 0.03 * sent) {  // the queue overflowed
-        state_ = State::DRAIN;
-        state_stamp_ = t;
-      }
+    // more than 3 % of what this round sent was reported lost: random loss is not that
+    // much (the 1 % WAN), a queue that overflowed is
+    const int64_t round_lost = lost_ - round_lost_base_;
+    const int64_t round_sent = sent_all_.load(std::memory_order_relaxed) - round_sent_base_;
+    const bool heavy = round_lost >= 8 && round_lost > 0.03 * round_sent;
+    if (state_ == State::STARTUP && heavy) {  // the queue overflowed
+      state_ = State::DRAIN;
+      state_stamp_ = t;
     }
     // Loss while a queue stands (the RTT up by a third) is the buffer overflowing: what
     // was in the pipe then is more than it holds. Keep the pipe under 0.85 of it from
     // now on (BBRv2's inflight_hi): the bandwidth samples run a few % high on a busy
     // machine, and pacing on them grows the queue until the cwnd stops it, which at
     // 1.75 BDPs (and more while the RTT is inflated) is past a one-BDP buffer.
-    // Or loss of more than 3 % of what this round sent: random loss is not that much
-    // (the 1 % WAN), and the min RTT may itself be inflated by a queue that never drained.
-    const int64_t round_lost = lost_ - round_lost_base_;
-    const int64_t round_sent = sent_all_.load(std::memory_order_relaxed) - round_sent_base_;
-    const bool heavy = round_lost >= 8 && round_lost > 0.03 * round_sent;
-    if (newly_lost > 0 && state_ == State::PROBE_BW &&
+    // Or heavy loss (above): the min RTT may itself be inflated by a queue that never
+    // drained, and then the RTT does not look up by a third.
+    if (lost_ > lost_before && state_ == State::PROBE_BW &&
         (m_iRTT > kHiRtt * min_rtt_ + 2000 || heavy) && t - last_hi_cut_ > min_rtt_) {
       last_hi_cut_ = t;
       ++hi_cuts_;
