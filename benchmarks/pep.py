@@ -113,20 +113,37 @@ class Bridge:
         return self.proc.returncode
 
 
-def bridge_config(tag: str, gns: str, chain: str) -> str:
-    return bridge_toml(tag, gns, CHAINS[chain], "pepbench")
+def bridge_config(tag: str, gns: str, chain: str, placement: str = "spread") -> str:
+    return bridge_toml(tag, gns, CHAINS[chain], "pepbench", placement)
 
 
-def bridge_toml(tag: str, gns: str, services: str, name: str) -> str:
+#: where the bridge and the guest's stack run. "spread": anywhere (the scheduler's
+#: choice; the guest namespace's receive processing runs inside the bridge's TAP writes).
+#: "pinned": the bridge on CPU 0 (``[bridge] cpus``), the guest's receive processing
+#: steered to the last CPU (``[ports.guest] rx_cpus``), as a VM's stack runs on its own
+#: vCPUs rather than in the bridge's system calls
+PLACEMENTS = ("spread", "pinned")
+
+
+def placement_keys(placement: str) -> tuple[str, str]:
+    """The ``[bridge]`` and ``[ports.guest]`` lines of a placement."""
+    if placement == "spread":
+        return "", ""
+    last = (os.cpu_count() or 1) - 1
+    return "cpus = [0]\n", f"rx_cpus = [{last}]\n"
+
+
+def bridge_toml(tag: str, gns: str, services: str, name: str, placement: str = "spread") -> str:
     """`vtl run` config: guest TAP ``{tag}t`` in ``gns``, uplink ``{tag}u``, ``services``."""
+    bridge_keys, guest_keys = placement_keys(placement)
     return f"""[bridge]
 name = "{name}"
 stats_interval_s = 1
-[ports.guest]
+{bridge_keys}[ports.guest]
 kind = "tap"
 ifname = "{tag}t"
 netns = "{gns}"
-[ports.uplink]
+{guest_keys}[ports.uplink]
 kind = "packet"
 ifname = "{tag}u"
 {services}"""
@@ -176,9 +193,9 @@ class Runs:
                 "runs_gbps": [round(x, 4) for x in self.gbps]}
 
 
-def run(seconds: int, repeat: int, progress: bool, only: tuple[str, ...] = ()
-        ) -> dict[str, dict[str, dict[str, object]]]:
-    """``only``: these cells' keys and no others."""
+def run(seconds: int, repeat: int, progress: bool, only: tuple[str, ...] = (),
+        placement: str = "spread") -> dict[str, dict[str, dict[str, object]]]:
+    """``only``: these cells' keys and no others; ``placement``: see :data:`PLACEMENTS`."""
     tag = f"pb{os.getpid() % 10000:04d}"
     cells = [c for c in CELLS if not only or c[0] in only]
     runs = {c: {k: Runs() for k, *_ in cells} for c in CHAINS}
@@ -192,7 +209,7 @@ def run(seconds: int, repeat: int, progress: bool, only: tuple[str, ...] = ()
         for r in range(repeat):
             for chain in CHAINS:
                 cfg = Path(tmp) / f"{chain}.toml"
-                cfg.write_text(bridge_config(tag, gns, chain))
+                cfg.write_text(bridge_config(tag, gns, chain, placement))
                 bridge = Bridge(topo, cfg, chain)
                 try:
                     bridge.wait_ready()
@@ -255,6 +272,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=5, help="seconds per iperf3 run (default 5)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell, median (default 3)")
+    ap.add_argument("--placement", choices=PLACEMENTS, default="spread",
+                    help="spread: bridge and guest stack anywhere (default); pinned: the "
+                         "bridge on CPU 0, the guest namespace's receive processing on the "
+                         "last CPU (both chains alike)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     if args.seconds < 1 or args.repeat < 1:
@@ -262,7 +283,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _terminate)  # so that SIGTERM cleans up like Ctrl-C
     try:
         require_root("the benchmark")
-        res = run(args.seconds, args.repeat, progress=not args.json)
+        res = run(args.seconds, args.repeat, progress=not args.json, placement=args.placement)
     except (BenchError, SetupError) as exc:
         print(f"benchmarks/pep.py: {exc}", file=sys.stderr)
         return 1
@@ -271,6 +292,7 @@ def main() -> int:
         return 130
     if args.json:
         print(json.dumps({"seconds": args.seconds, "repeat": args.repeat,
+                          "placement": args.placement,
                           "cpus": os.cpu_count(), "results": res,
                           "ratio_pep_empty": {k: ratio(res, k) for k, *_ in CELLS}}, indent=2))
         return 0
@@ -278,7 +300,7 @@ def main() -> int:
     print(table(res))
     print(f"\n(goodput counted by the receiving iperf3; median of {args.repeat} runs of "
           f"{args.seconds} s each after 1 s omitted; bridge CPU = utime+stime of `vtl run` "
-          f"during the run; {os.cpu_count()} CPUs)")
+          f"during the run; {os.cpu_count()} CPUs; placement {args.placement})")
     print(verdict(res))
     return 0
 

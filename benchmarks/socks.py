@@ -52,7 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "integration")]
 
-from pep import BenchError, Bridge, bridge_toml, iperf  # noqa: E402  (the same `vtl run` wrapper)
+from pep import PLACEMENTS, BenchError, Bridge, bridge_toml, iperf  # noqa: E402  (the same `vtl run` wrapper)
 from socksnet import Dante  # noqa: E402  (danted in a private mount namespace)
 from vtl.bridge.topology import Topology, ip, require_root  # noqa: E402
 
@@ -132,7 +132,7 @@ async def _connect_loop(host: str, port: int, seconds: float, concurrency: int) 
 
 # ---------------------------------------------------------------- the harness
 
-def bridge_config(tag: str, gns: str, chain: str, proxy: str) -> str:
+def bridge_config(tag: str, gns: str, chain: str, proxy: str, placement: str = "spread") -> str:
     services = "" if chain == "empty" else f"""[[services]]
 use = "socks"
 proxy = "{proxy}"
@@ -140,7 +140,7 @@ gateway_mac = "{GATEWAY_MAC}"
 connect_timeout_s = 5
 max_connections = 4096
 """
-    return bridge_toml(tag, gns, services, "socksbench")
+    return bridge_toml(tag, gns, services, "socksbench", placement)
 
 
 def connect_rate(topo: Topology, gns: str, bridge: Bridge, target: str, seconds: int,
@@ -187,8 +187,9 @@ class Runs:
 
 
 def run(seconds: int, repeat: int, concurrency: int, progress: bool,
-        only: tuple[str, ...] = ()) -> dict:
-    """``only``: these cells' keys (``"cps"`` for the connection rate) and no others."""
+        only: tuple[str, ...] = (), placement: str = "spread") -> dict:
+    """``only``: these cells' keys (``"cps"`` for the connection rate) and no others;
+    ``placement``: see ``pep.PLACEMENTS``."""
     tag = f"sb{os.getpid() % 10000:04d}"
     cells = [c for c in CELLS if not only or c[0] in only]
     keys = [k for k, *_ in cells] + (["cps"] if not only or "cps" in only else [])
@@ -216,7 +217,7 @@ def run(seconds: int, repeat: int, concurrency: int, progress: bool,
             for chain in CHAINS:
                 target = S_LINK if chain == "empty" else S_PROXIED
                 cfg = tmp / f"{chain}.toml"
-                cfg.write_text(bridge_config(tag, gns, chain, dante.url()))
+                cfg.write_text(bridge_config(tag, gns, chain, dante.url(), placement))
                 bridge = Bridge(topo, cfg, chain)
                 try:
                     bridge.wait_ready()
@@ -311,6 +312,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell, median (default 3)")
     ap.add_argument("--concurrency", type=int, default=32,
                     help="connections in flight in the connection-rate loop (default 32)")
+    ap.add_argument("--placement", choices=PLACEMENTS, default="spread",
+                    help="as benchmarks/pep.py: spread (default) or pinned (the bridge on "
+                         "CPU 0, the guest's receive processing on the last CPU)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     if args.seconds < 1 or args.repeat < 1 or args.concurrency < 1:
@@ -318,7 +322,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         require_root("the benchmark")
-        res = run(args.seconds, args.repeat, args.concurrency, progress=not args.json)
+        res = run(args.seconds, args.repeat, args.concurrency, progress=not args.json,
+                  placement=args.placement)
     except (BenchError, SetupError) as exc:
         print(f"benchmarks/socks.py: {exc}", file=sys.stderr)
         return 1
@@ -328,6 +333,7 @@ def main() -> int:
     if args.json:
         print(json.dumps({"seconds": args.seconds, "repeat": args.repeat,
                           "concurrency": args.concurrency, "cpus": os.cpu_count(),
+                          "placement": args.placement,
                           "results": res,
                           "ratio_socks_empty": {k: ratio(res, k) for k in res["empty"]}},
                          indent=2))

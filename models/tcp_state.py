@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from vtl.models.seq import MASK
 
-from vtl.packet.tcp import TcpOptions
+from vtl.packet.tcp import TcpOptions, timestamp_option
 
 DEFAULT_MSS_V4 = 536  # RFC 9293 3.7.1: the MSS to assume without the option
 DEFAULT_MSS_V6 = 1220  # RFC 8200: 1280 - 40 - 20
@@ -185,6 +185,8 @@ def segment_options(half: HalfState, now: float,
     if permitted (at most 3 with timestamps, 4 without, RFC 2018 3)."""
     if not half.ts_ok and not (half.sack_ok and sack_blocks):
         return b""
+    if not sack_blocks:  # timestamps alone: most segments
+        return timestamp_option(half.ts_val(now), half.ts_recent)
     blocks = sack_blocks[: (3 if half.ts_ok else 4)] if half.sack_ok else ()
     ts = (half.ts_val(now), half.ts_recent) if half.ts_ok else None
     return TcpOptions(timestamps=ts, sack_blocks=blocks).encode()

@@ -97,6 +97,24 @@ class TapPortConfig(BaseModel):
         pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$",
         description="MAC address of the kernel side (the VM's MAC), e.g. 52:54:00:12:34:56.",
     )
+    rx_cpus: tuple[int, ...] = Field(
+        default=(),
+        description="CPUs that process the frames VTL writes toward the guest (receive "
+        "packet steering on the TAP's queue, rps_cpus), e.g. [1]. A guest in a network "
+        "namespace otherwise runs its TCP/IP stack inside the bridge's own write; steered "
+        "to CPUs the bridge does not run on (`[bridge] cpus`), it runs beside the bridge. "
+        "Empty: no steering (the kernel's default).",
+    )
+
+    @field_validator("rx_cpus")
+    @classmethod
+    def _valid_rx_cpus(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        n = os.cpu_count() or 1
+        bad = sorted(c for c in set(v) if not 0 <= c < n)
+        if bad:
+            raise ValueError(f"CPU {', '.join(map(str, bad))} does not exist "
+                             f"(this machine has CPUs 0-{n - 1})")
+        return tuple(sorted(set(v)))
 
     @field_validator("netns")
     @classmethod
@@ -200,6 +218,8 @@ class TapPort(Port):
         if cfg.mac:
             link += ["address", cfg.mac]
         _ip(link, f"set MTU/MAC of TAP device {cfg.ifname!r}")
+        if cfg.rx_cpus:  # before the move: sysfs shows the device here, and the map moves with it
+            _steer(cfg.ifname, cfg.rx_cpus)
         if self.guest_mac is None and cfg.netns is not None:
             try:
                 self.guest_mac = interface_mac_mtu(cfg.ifname)[0]
@@ -319,6 +339,28 @@ def _tunsetiff_reason(exc: OSError, ifname: str) -> str:
             "flags; delete it (`ip link del " + ifname + "`) or choose another name"
         )
     return exc.strerror or str(exc)
+
+
+def cpu_mask(cpus: tuple[int, ...]) -> str:
+    """The kernel's CPU-mask text for ``cpus``: hex, in comma-separated 32-bit groups."""
+    digits = f"{sum(1 << c for c in cpus):x}"
+    digits = "0" * (-len(digits) % 8) + digits
+    return ",".join(digits[i:i + 8] for i in range(0, len(digits), 8))
+
+
+def _steer(ifname: str, cpus: tuple[int, ...]) -> None:
+    """Receive packet steering of the TAP's one queue to ``cpus`` (frames VTL writes are
+    the kernel side's receive: with RPS they are queued to those CPUs' backlogs, and the
+    write returns without running the guest's stack)."""
+    path = f"/sys/class/net/{ifname}/queues/rx-0/rps_cpus"
+    try:
+        with open(path, "w") as f:
+            f.write(cpu_mask(cpus))
+    except OSError as exc:
+        reason = ("the kernel has no receive packet steering (CONFIG_RPS)"
+                  if isinstance(exc, FileNotFoundError) else exc.strerror or str(exc))
+        raise SetupError(f"cannot steer the receive processing of TAP device {ifname!r} to "
+                         f"CPUs {', '.join(map(str, cpus))} (rx_cpus): {reason}") from None
 
 
 def _ip(args: list[str], what: str, exists: str | None = None,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from portsnet import VNET_LEN, FakePeer, collect, link_exists, netns, parse_arp, serve, sh, suffix
 from pydantic import ValidationError
 from vtl.bridge.ports import TapPort, TapPortConfig, make_port
+from vtl.bridge.ports.tap import cpu_mask
 
 from vtl.errors import SetupError
 from vtl.frame import VnetHeader
@@ -166,3 +169,36 @@ def test_device_gone_with_its_namespace():
         assert port.send(bytes(VNET_LEN + 60)) is False
     finally:
         port.close()
+
+
+def test_rx_cpus_steer_the_guest_receive_processing(ns):
+    """The frames the bridge writes are the namespace's receive: steered (RPS) to the CPUs
+    of ``rx_cpus``, and still delivered (the guest answers a ping through them)."""
+    last = (os.cpu_count() or 1) - 1
+    cfg = tap_cfg(netns=ns, mac=GUEST_MAC, rx_cpus=[last])
+    with make_port("guest", cfg) as port:
+        rps = sh(f"ip netns exec {ns} cat /sys/class/net/{cfg.ifname}/queues/rx-0/rps_cpus")
+        assert int(rps.stdout.strip().replace(",", ""), 16) == 1 << last
+        sh(f"ip -n {ns} addr add 10.250.0.1/24 dev {cfg.ifname}")
+        rc, _ = serve(port, FakePeer(PEER_MAC, "10.250.0.2"),
+                      f"ip netns exec {ns} ping -c1 -W3 10.250.0.2")
+        assert rc == 0, "the steered guest did not take our ARP reply and echo reply"
+
+
+def test_without_rx_cpus_the_kernel_default_stays(ns):
+    cfg = tap_cfg(netns=ns)
+    with make_port("guest", cfg):
+        rps = sh(f"ip netns exec {ns} cat /sys/class/net/{cfg.ifname}/queues/rx-0/rps_cpus")
+        assert int(rps.stdout.strip().replace(",", ""), 16) == 0
+
+
+def test_rx_cpus_that_do_not_exist_are_a_config_error():
+    n = os.cpu_count() or 1
+    with pytest.raises(ValidationError, match=f"CPU {n} does not exist"):
+        tap_cfg(rx_cpus=[0, n])
+
+
+def test_cpu_mask_text():
+    assert cpu_mask((0,)) == "00000001"
+    assert cpu_mask((0, 1)) == "00000003"
+    assert cpu_mask((1, 33)) == "00000002,00000002"

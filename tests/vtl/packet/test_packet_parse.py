@@ -22,7 +22,7 @@ from scapy.packet import Raw
 from vtl.errors import LocalProtocolError, PacketError
 from vtl.frame import Frame
 from vtl.packet import Packet, ip_str, mac_str, parse
-from vtl.packet.tcp import TcpOptions
+from vtl.packet.tcp import TcpOptions, timestamp_option
 
 E = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 
@@ -110,6 +110,23 @@ def test_tcp_options_parse_and_build() -> None:
     assert dict((k, v) for k, v in back.options if k != "NOP")["MSS"] == 1460
     with pytest.raises(LocalProtocolError):
         TcpOptions(sack_blocks=((1, 2),) * 5, mss=1).encode()
+
+
+def test_timestamps_alone_take_the_aligned_fast_path_both_ways() -> None:
+    """NOP, NOP, TS (most segments): encoded and decoded as the general code does, and a
+    value out of range is still a clear error."""
+    o = TcpOptions(timestamps=(0xFFFFFFFF, 7))
+    enc = o.encode()
+    assert enc == bytes((1, 1, 8, 10)) + bytes.fromhex("ffffffff00000007")
+    assert enc == timestamp_option(0xFFFFFFFF, 7)
+    assert TcpOptions.decode(enc) == o
+    scapy_opts = TCP(bytes(TCP(dataofs=8) / Raw(b""))[:20] + enc).options
+    assert dict(scapy_opts)["Timestamp"] == (0xFFFFFFFF, 7)
+    # the same 12 bytes in another layout go the general way (TS first, then two NOPs)
+    other = bytes((8, 10)) + bytes.fromhex("0000000100000002") + bytes((1, 1))
+    assert TcpOptions.decode(other) == TcpOptions(timestamps=(1, 2))
+    with pytest.raises(LocalProtocolError):
+        TcpOptions(timestamps=(1 << 32, 0)).encode()
 
 
 def test_ipv6_extension_walk_and_tcp() -> None:
