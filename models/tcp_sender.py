@@ -137,7 +137,7 @@ class TcpSender:
         if ack_off < una:
             return True  # old duplicate ACK: ignore, but the segment may carry data
         wnd = seg.window << t.snd_shift
-        if self.tcb.sack_ok:
+        if self.tcb.sack_ok and (self.sacked or seg.options.sack_blocks):
             self._note_sacks(seg)
         self.probes_unanswered = 0  # the VM is alive
         if ack_off > una:
@@ -161,7 +161,8 @@ class TcpSender:
         data_end = self.sbuf.end
         acked = self.sbuf.ack(min(ack_off, data_end))
         una = self.sbuf.una
-        self.sacked = [(max(s, una), e) for s, e in self.sacked if e > una]
+        if self.sacked:
+            self.sacked = [(max(s, una), e) for s, e in self.sacked if e > una]
         if self.fin_sent and ack_off == self.max_sent + 1:
             self.fin_acked = True
         t.snd_una = self._seq(self.sbuf.una) if not self.fin_acked else \
