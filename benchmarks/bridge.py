@@ -197,19 +197,22 @@ def matrix(tag: str, seconds: int, repeat: int) -> None:
 
 def terminating(seconds: int, repeat: int) -> None:
     """One-connection downloads through the TCP-terminating services against the empty
-    chain of the same run (benchmarks/pep.py and benchmarks/socks.py, one cell each)."""
+    chain of the same run (benchmarks/pep.py and benchmarks/socks.py, one cell each), with
+    the bridge and the guest's stack spread by the scheduler and pinned apart
+    (``pep.PLACEMENTS``)."""
     import pep
     import socks
 
-    p = pep.run(seconds, repeat, False, only=("down1",))
-    s = socks.run(seconds, repeat, 1, False, only=("down1",))
     print(f"\n{'download, 1 connection':36} {'empty chain':>14} {'service':>10} {'ratio':>7}"
           "   (Gbit/s)")
-    for name, empty, svc in (("pep", p["empty"]["down1"]["gbps"], p["pep"]["down1"]["gbps"]),
-                             ("socks (danted)", s["empty"]["down1"]["value"],
-                              s["socks"]["down1"]["value"])):
-        e, v = float(empty), float(svc)
-        print(f"{name:36} {e:14.2f} {v:10.2f} {v / e:7.2f}")
+    for placement in pep.PLACEMENTS:
+        p = pep.run(seconds, repeat, False, only=("down1",), placement=placement)
+        s = socks.run(seconds, repeat, 1, False, only=("down1",), placement=placement)
+        for name, empty, svc in (("pep", p["empty"]["down1"]["gbps"], p["pep"]["down1"]["gbps"]),
+                                 ("socks (danted)", s["empty"]["down1"]["value"],
+                                  s["socks"]["down1"]["value"])):
+            e, v = float(empty), float(svc)
+            print(f"{name + ', ' + placement:36} {e:14.2f} {v:10.2f} {v / e:7.2f}", flush=True)
 
 
 ROWS = [
