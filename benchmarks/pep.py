@@ -21,7 +21,11 @@ the chains alternate within each repetition), the ratio pep/empty, and the CPU
 the bridge process used during the transfer (utime+stime from /proc, in cores).
 Needs root.
 
-    .venv/bin/python benchmarks/pep.py [--seconds 5] [--repeat 3] [--json]
+    .venv/bin/python benchmarks/pep.py [--seconds 5] [--repeat 3] [--placement pinned] [--json]
+
+``--placement pinned`` runs the bridge on CPU 0 and steers the guest namespace's receive
+processing to the last CPU (``[bridge] cpus``, ``[ports.guest] rx_cpus``), both chains alike:
+docs/operating.md, "Throughput of split connections".
 """
 
 from __future__ import annotations
