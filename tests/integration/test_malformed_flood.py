@@ -60,10 +60,11 @@ pytestmark = pytest.mark.integration
 MB = 1 << 20
 FRAMES = int(os.environ.get("VTL_FUZZ_FRAMES", "200000"))
 RATE = float(os.environ.get("VTL_FUZZ_RATE", "20000"))
-# the socks flood's growth over its 10 s was 25.6-30.1 MB in four measured runs on 2026-12-07 (30.3-30.5
-# before that day's lighter segment building), with 3,000 connections and tombstones made
-# and the tables at their bounds: 30 MB failed about one run in five. A leak of a table or
-# of frames grows with the flood's length (benchmarks/flood.py runs 1,000,000 frames)
+# the socks flood's growth over its 10 s was 25.6-30.1 MB in four measured runs on
+# 2026-12-07 (30.3-30.5 before that day's lighter segment building), with 3,000 connections
+# and tombstones made and the tables at their bounds: 30 MB failed about one run in five.
+# A leak of a table or of frames grows with the flood's length (benchmarks/flood.py runs
+# 1,000,000 frames)
 RSS_BOUND = 40 * MB
 PEP: dict[str, Any] = {"use": "pep", "connect_timeout_s": 2.0}
 
