@@ -39,6 +39,7 @@ _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
 _TCP_IN = struct.Struct("!IIBBH")  # seq, ack, offset, flags, window at TCP offset 4
+_IP4_FIXED = 0x4500 + 0x4000  # version/IHL/TOS and DF: the IPv4 words every frame has
 _JOIN = bytearray().join  # a frame's parts into one new bytearray, one allocation
 
 
@@ -137,8 +138,7 @@ class Segment:
 class SegmentWriter:
     """Builds TCP frames for one direction of a connection."""
 
-    __slots__ = ("addrs", "offload", "ttl", "_l2", "_v6", "_pseudo", "_ip4_sum", "_ip_id", "_src",
-                 "_dst")
+    __slots__ = ("addrs", "offload", "ttl", "_l2", "_v6", "_pseudo", "_ip_id", "_src", "_dst")
 
     def __init__(self, addrs: FlowAddrs, offload: bool = True, ttl: int = 64):
         self.addrs = addrs
@@ -152,10 +152,6 @@ class SegmentWriter:
         self._src, self._dst = addrs.src_ip, addrs.dst_ip
         base = int.from_bytes(self._src + self._dst, "big") + 6
         self._pseudo = base  # plus the L4 length (v6: 32-bit length, same sum mod 0xFFFF)
-        # the IPv4 header's words that never change (version/IHL, DF, protocol, addresses):
-        # per frame only the length, the ID and the TTL are added (RFC 1071, as a sum)
-        self._ip4_sum = 0x4500 + 0x4000 + 6 + int.from_bytes(self._src, "big") % 0xFFFF \
-            + int.from_bytes(self._dst, "big") % 0xFFFF
         self._ip_id = 0
 
     def build(self, seq: int, ack: int, flags: int, window: int, options: bytes = b"",
@@ -177,7 +173,9 @@ class SegmentWriter:
         else:
             self._ip_id = ip_id = (self._ip_id + 1) & 0xFFFF
             total = 20 + l4len
-            c = ~fold(self._ip4_sum + (self.ttl << 8) + total + ip_id) & 0xFFFF
+            # the pseudo-header sum already holds the addresses and the protocol; add the
+            # header's other words (RFC 1071, as one sum): no pass over the header
+            c = ~fold(self._pseudo + _IP4_FIXED + (self.ttl << 8) + total + ip_id) & 0xFFFF
             iph = _IP4.pack(0x45, 0, total, ip_id, 0x4000, self.ttl, 6, c, self._src, self._dst)
         data = _JOIN((self._l2, iph, tcp, options, payload))
         cpos = len(self._l2) + len(iph) + 16
