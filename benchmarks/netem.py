@@ -97,8 +97,7 @@ def with_netem(options: str, seconds: int, repeat: int, what: str, rate: float =
     services = f'[[services]]\nuse = "netem"\n{options}\n' if options else ""
     got: list[float] = []
 
-    def measure(topo: Topology, gns: str, _s: int, _r: int) -> dict[str, float]:
-        pns = gns[:-1] + "p"
+    def measure(topo: Topology, gns: str, pns: str, _s: int, _r: int) -> dict[str, float]:
         if what == "rtt":
             topo.spawn(pns, [sys.executable, str(HERE), "--echo-server", str(echo_sleep_ms)])
             time.sleep(0.5)
