@@ -51,8 +51,16 @@ def iperf_tcp(topo: Topology, gns: str, seconds: int, reverse: bool) -> float:
     args = ["iperf3", "-c", P, "-p", "5301", "-t", str(seconds), "-O", "1", "-J"]
     if reverse:
         args.append("-R")
-    out = topo.run(gns, args, timeout=seconds + 30).stdout
-    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    for attempt in range(5):
+        out = json.loads(topo.run(gns, args, timeout=seconds + 30).stdout)
+        # iperf3's server closes its listening socket after each test and opens a new one:
+        # a client right behind the last test's slow end (a 10 Mbit/s netem) is refused
+        if "unable to connect" not in out.get("error", "") or attempt == 4:
+            break
+        time.sleep(1)
+    if "error" in out:
+        raise RuntimeError(f"iperf3 {' '.join(args[1:])}: {out['error']}")
+    return out["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
 def rx_packets(topo: Topology, ns: str) -> int:
