@@ -33,8 +33,8 @@ headroom).
 
 Section 2 (fairness, ``--fairness``): two connections at once over the WAN at
 ``--fairness-rtt`` and 0 % loss (benchmarks/udt_fairness.py): two vtl ones (each its
-own UDT connection), one vtl against one plain bbr, two native ones; each one's
-goodput and share.
+own UDT connection), one vtl against one plain bbr, two native ones, and two plain bbr
+ones for reference; each one's goodput and share. ``--seconds 57`` makes them 60 s.
 
 Section 3 (mux): udt with ``mux = false`` (one UDT connection per TCP connection)
 vs ``mux = true`` (one per peer pair) at 60 ms RTT, 0 % loss: time to first byte

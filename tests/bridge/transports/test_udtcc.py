@@ -58,3 +58,78 @@ def test_transport_option_congestion() -> None:
     with pytest.raises(LocalProtocolError, match="congestion='reno'"):
         t._settings({"congestion": "reno"})
     assert "congestion" in t.options
+
+
+# Each end of a loopback transfer with the vtl control is a process of its own
+# (VTL_UDTCC_DEBUG is read once per process, and udt4py's blocking calls keep Python's
+# GIL: one process's reader thread starved while its writer blocked).
+_RECEIVER = """
+from udt4py import UDTSocket
+from vtl.bridge.transports import udtcc
+
+srv = UDTSocket()
+udtcc.install(srv.socket, "vtl", 0)
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+print(srv.address[1], flush=True)
+conn, _ = srv.accept()
+buf, n = bytearray(1 << 16), 0
+try:
+    while (k := conn.recv(buf)) > 0:
+        n += k
+except Exception:  # the sender closed
+    pass
+print(n, flush=True)
+"""
+
+_SENDER = """
+import sys, time
+from udt4py import UDTSocket
+from vtl.bridge.transports import udtcc
+
+cli = UDTSocket()
+udtcc.install(cli.socket, "vtl", 0)
+cli.connect(("127.0.0.1", int(sys.argv[1])))
+sent, end = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:  # 640 KB/s: a steady stream, whatever the machine
+    sent += cli.send(b"x" * 32768)
+    time.sleep(0.05)
+cli.close()  # lingers until the peer has it all
+print(sent, flush=True)
+"""
+
+
+def test_debug_file_shows_the_model_and_the_receivers_queue_delay(tmp_path) -> None:
+    """VTL_UDTCC_DEBUG=<path> appends each connection's model twice a second; the sender's
+    lines carry the forward queue delay its peer reported (the 7-word delivery report)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    log = tmp_path / "udtcc.log"
+    env = {**os.environ, "VTL_UDTCC_DEBUG": str(log)}
+    rx = subprocess.Popen([sys.executable, "-c", _RECEIVER], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert rx.stdout is not None
+        port = rx.stdout.readline().strip()
+        tx = subprocess.run([sys.executable, "-c", _SENDER, port, "2.5"], capture_output=True,
+                            text=True, timeout=60, env=env)
+        assert tx.returncode == 0, tx.stderr[-2000:]
+        received, err = rx.communicate(timeout=30)
+    finally:
+        rx.kill()
+    sent = int(tx.stdout)
+    assert sent > 1_000_000 and int(received) == sent, err[-2000:]
+    lines = log.read_text().splitlines()
+    assert lines and all(line.startswith("udtcc ") for line in lines)
+    assert "udtcc" not in tx.stderr + err  # to the file, not stderr
+    sender = [line for line in lines if re.search(r" send=[1-9]", line)]
+    assert sender, lines[-5:]
+    shown = [m for line in sender for m in re.findall(r" qd=(-?[0-9.]+)ms", line)]
+    # "-0.0" (-1 us) until the first report; then the receiver's figure: a loopback queue
+    # of milliseconds, never negative (the one-way delay less its own minimum)
+    reported = [float(m) for m in shown if not m.startswith("-")]
+    assert reported, sender[-3:]
+    assert all(m == "-0.0" or 0 <= float(m) < 1000 for m in shown), shown
