@@ -521,9 +521,13 @@ class VtlCC : public CCC {
       // a receiving thread that stalled counts a burst at once: three min RTTs of
       // arrivals bound the step (a probe's 1.25 still shows, as about 1.08)
       const Sample* far = report_at_age(3 * int64_t(min_rtt_));
-      // (not while competing: the bound then kept a small share small, see judge())
+      // (not while competing: the bound then kept a small share small, see judge()).
+      // STARTUP doubles the rate every round: three rounds average about half the last
+      // one, and a 1.05 bound held btlbw down until STARTUP took it for a plateau (at
+      // 120 ms it left at a sixth of the link and took 7 s to get there); 2.1 there
+      const double bound = state_ == State::STARTUP ? 2.1 : 1.05;
       if (far != nullptr && last.t > far->t && !competing(t))
-        rate = std::min(rate, 1.05 * (last.delivered - far->delivered) * 1e6 /
+        rate = std::min(rate, bound * (last.delivered - far->delivered) * 1e6 /
                                   double(last.t - far->t));
     } else {
       // a peer without reports (another control): how fast the highest sequence number

@@ -58,16 +58,17 @@ Notes
       it stops yielding to loss for a while (2.5 BDPs in flight, no bandwidth cut).
       It needs no ``max_rate_mbit``. Measured with benchmarks/udt.py (100 Mbit/s WAN,
       queue one BDP, medians of 3, one iperf3 connection, 2-core machine, plain bbr
-      guests in the same sitting): at 60 ms / 1 % loss 92.8 Mbit/s (plain bbr 90.9,
-      cubic guests about 2; native capped at 90: about 11); at 120 ms / 1 % 87.6 (bbr
-      80.6); at 0 % loss and 10 / 30 / 60 / 120 ms 88.7 / 91.5 / 92.9 / 89.7 (bbr
-      94.1 / 94.1 / 92.4 / 84.1), with 0.5-0.9 % of its packets tail-dropped at the
-      WAN's queue. Sharing the 60 ms WAN (``--fairness``), against one plain bbr
-      connection vtl got 30-45 % over 11 s and 40 % over 60 s (two plain bbr: 48-52 %);
-      two vtl connections 25-75 % in single 11 s runs, 46-59 % over 60 s. At 10 ms it is
-      CPU-bound on such a machine (89.8 at 0 % loss, 54 at 1 %). Both bridges spend
-      about 0.6 of a core between them at that rate. ``VTL_UDTCC_DEBUG=1`` (or a file
-      path) in ``vtl run``'s environment prints each connection's model twice a second.
+      guests in the same sittings): at 60 ms / 1 % loss 93.6 Mbit/s (plain bbr 91.2,
+      cubic guests about 2; native capped at 90: about 11); at 120 ms / 1 % 86.5 (bbr
+      about 80); at 0 % loss and 10 / 30 / 60 / 120 ms 86 / 91.4 / 93.5 / 91.1 (bbr
+      94.1 / 94.1 / 92.5 / 84.3), with 0.5-0.7 % of its packets tail-dropped at the
+      WAN's queue. Sharing the 60 ms WAN (``--fairness``, medians of 3 runs of 11 s):
+      against one plain bbr connection vtl got 31-33 % (single runs 9-45 %; 40-49 %
+      over 60 s; two plain bbr: 48-52 %), two vtl connections 47-55 % each (single
+      runs 25-75 %; 59/41 over 60 s). At 10 ms it is CPU-bound on such a machine (at
+      1 % loss 48-62). Both bridges spend about 0.6 of a core between them at that
+      rate. ``VTL_UDTCC_DEBUG=1`` (or a file path) in ``vtl run``'s environment prints
+      each connection's model twice a second.
     - ``congestion = "native"`` is libudt's own control (DAIMD, with a packet-pair
       capacity estimate). It cuts its rate on every loss event, so random loss is
       its worst case, and it overshoots a rate-limited path badly: on a 100 Mbit/s
