@@ -62,7 +62,7 @@
 // - competing: the delivery reports also carry the forward queue delay the receiver
 //   saw (one-way delay from libudt's send stamps, less its 10-20 s minimum, smallest of
 //   the report's interval). A queue that outlives our PROBE_RTT (> 0.3 x min RTT + 2 ms
-//   from one min RTT into it to half one after) is another sender's, one that ignores
+//   from one min RTT into it to one after) is another sender's, one that ignores
 //   loss (BBR v1): yielding to it on loss hands it the link (10-16 % left to vtl). For
 //   the next two PROBE_RTTs the cwnd may then hold 2.5 BDPs, loss does not cut btlbw,
 //   probes count in full, and btlbw stays under half the link's capacity (libudt's
@@ -437,8 +437,10 @@ class VtlCC : public CCC {
 
   bool competing(int64_t t) const { return t < competing_until_; }
 
-  // Sender side, as a PROBE_RTT ends: the smallest queue delay the receiver reported
-  // from one min RTT into it until half a min RTT after it. Our pacing at half the rate
+  // Sender side, after a PROBE_RTT: the smallest queue delay the receiver reported from
+  // one min RTT into it until one min RTT (+ a report's 10 ms) after it, when the
+  // report of its last, most drained moment is in (half a min RTT was too soon: at
+  // 120 ms our own 0.8 BDP queue looked held, once in 12 runs). Our pacing at half the rate
   // drains a queue of our own within that; one that outlives it is held by a sender
   // that ignores loss (BBR v1 keeps two BDPs in flight), and yielding to it on every
   // loss only hands it the link. Competing, the cwnd may hold 2.5 BDPs, loss does not
@@ -447,7 +449,7 @@ class VtlCC : public CCC {
   // probes do not take it back), up to half the link (sample_rate). Two vtl senders
   // judge each other competing too, now and then.
   void judge(int64_t t) {
-    if (judge_from_ == 0 || t < probe_rtt_until_ + int64_t(min_rtt_ / 2)) return;
+    if (judge_from_ == 0 || t < probe_rtt_until_ + int64_t(min_rtt_) + 10000) return;
     if (probe_qd_reports_ >= 3) {
       const bool held = probe_min_qd_ > kCompeteQd * min_rtt_ + 2000;
       // held: competing until the PROBE_RTT after next (one clean judgment may be the

@@ -63,12 +63,12 @@ Notes
       about 80); at 0 % loss and 10 / 30 / 60 / 120 ms 86 / 91.4 / 93.5 / 91.1 (bbr
       94.1 / 94.1 / 92.5 / 84.3), with 0.5-0.7 % of its packets tail-dropped at the
       WAN's queue. Sharing the 60 ms WAN (``--fairness``, medians of 3 runs of 11 s):
-      against one plain bbr connection vtl got 31-33 % (single runs 9-45 %; 40-49 %
-      over 60 s; two plain bbr: 48-52 %), two vtl connections 47-55 % each (single
-      runs 25-75 %; 59/41 over 60 s). At 10 ms it is CPU-bound on such a machine (at
-      1 % loss 48-62). Both bridges spend about 0.6 of a core between them at that
-      rate. ``VTL_UDTCC_DEBUG=1`` (or a file path) in ``vtl run``'s environment prints
-      each connection's model twice a second.
+      against one plain bbr connection vtl got 31-39 % (single runs 9-45 %; 40-49 %
+      over 60 s; two plain bbr: 48-52 %); two vtl connections 35/65 to 55/45 (single
+      runs 25-75 %), over 33 s 40-60 % each in every run. At 10 ms it is CPU-bound on
+      such a machine (at 1 % loss 48-62). Both bridges spend about 0.6 of a core
+      between them at that rate. ``VTL_UDTCC_DEBUG=1`` (or a file path) in ``vtl
+      run``'s environment prints each connection's model twice a second.
     - ``congestion = "native"`` is libudt's own control (DAIMD, with a packet-pair
       capacity estimate). It cuts its rate on every loss event, so random loss is
       its worst case, and it overshoots a rate-limited path badly: on a 100 Mbit/s
