@@ -8,8 +8,9 @@
 //
 // - delivery reports (receiver side, onPktReceived): every 10 ms the receiver sends the
 //   sender a custom control packet (type 0x7FFF, "VTLD") with how many data packets
-//   arrived so far, the highest sequence number, the queue delay (below) and its clock (every RTT/4 when
-//   that is shorter: at 10 ms RTT a 10 ms old pipe estimate held the sender back).
+//   arrived so far, the highest sequence number, the queue delay (below) and its clock
+//   (every RTT/4 when that is shorter: at 10 ms RTT a 10 ms old pipe estimate held the
+//   sender back).
 //   libudt's own feedback is no good for a delivery rate: the cumulative ACK stalls at
 //   every hole for an RTT and then jumps, and the arrival rate in full ACKs
 //   (m_iRcvRate) read 10-40x the link rate here (the receiving thread takes packets in
@@ -66,9 +67,9 @@
 //   loss (BBR v1): yielding to it on loss hands it the link (10-16 % left to vtl). For
 //   the next two PROBE_RTTs the cwnd may then hold 2.5 BDPs, loss does not cut btlbw,
 //   probes count in full, and btlbw stays under half the link's capacity (libudt's
-//   packet-pair estimate, m_iBandwidth): against one BBR v1 flow 30-45 % over 11 s,
-//   40-49 % over 60 s (was 10-16 %). Alone, the queue always drained: no connection
-//   of the solo benchmark (10-120 ms, 0 and 1 % loss) was ever judged competing;
+//   packet-pair estimate, m_iBandwidth): against one BBR v1 flow medians of 31-40 %
+//   over 11 s (single runs 9-45 %), 40-49 % over 60 s (was 10-16 %). Alone, the queue
+//   drains: none of 16 solo runs (10-120 ms, 0 and 1 % loss) was judged competing;
 // - max_bw (bytes/s, 0: none) caps btlbw and the pacing rate (libudt 4.11 does not apply
 //   UDT_MAXBW to a custom control's period).
 //
@@ -124,6 +125,7 @@ const double kHiFloor = 1.5;  // but never less than this (x BDP): samples lag, 
 // most kCompeteShare of the link's capacity (libudt's packet-pair estimate)
 const double kCompeteQd = 0.3, kCompeteGain = 2.5, kCompeteFloor = 2.0, kCompeteShare = 0.5;
 const int64_t kOwdBucketUs = 10 * 1000 * 1000;  // the one-way delay's minimum: 10-20 s
+const int64_t kNone = int64_t(1) << 62;  // an empty minimum
 
 int64_t now_us() {
   using namespace std::chrono;
@@ -374,7 +376,7 @@ class VtlCC : public CCC {
       int32_t words[7] = {int32_t(kReportMagic), int32_t(uint32_t(arrived_)),
                           int32_t(uint32_t(arrived_ >> 32)), int32_t(uint32_t(t)),
                           int32_t(uint32_t(t >> 32)), rcv_started_ ? top : -1, int32_t(qd)};
-      rep_min_qd_ = int64_t(1) << 62;
+      rep_min_qd_ = kNone;
       RawPacket report(0x7FFF, words, 7);
       sendCustomMsg(*reinterpret_cast<CPacket*>(&report));
     }
@@ -428,7 +430,7 @@ class VtlCC : public CCC {
     const int64_t d = int32_t(owd - owd_ref_);  // from the first packet's: small, signed
     if (t - owd_bucket_stamp_ > kOwdBucketUs) {
       owd_prev_min_ = owd_cur_min_;
-      owd_cur_min_ = int64_t(1) << 62;
+      owd_cur_min_ = kNone;
       owd_bucket_stamp_ = t;
     }
     owd_cur_min_ = std::min(owd_cur_min_, d);
@@ -437,17 +439,14 @@ class VtlCC : public CCC {
 
   bool competing(int64_t t) const { return t < competing_until_; }
 
-  // Sender side, after a PROBE_RTT: the smallest queue delay the receiver reported from
-  // one min RTT into it until one min RTT (+ a report's 10 ms) after it, when the
-  // report of its last, most drained moment is in (half a min RTT was too soon: at
-  // 120 ms our own 0.8 BDP queue looked held, once in 12 runs). Our pacing at half the rate
-  // drains a queue of our own within that; one that outlives it is held by a sender
-  // that ignores loss (BBR v1 keeps two BDPs in flight), and yielding to it on every
-  // loss only hands it the link. Competing, the cwnd may hold 2.5 BDPs, loss does not
-  // cut btlbw, and the 1.25 probes count in full (the three-RTT bound on samples held a
-  // share that started small where it was: BBR v1 is cwnd-limited at two BDPs, its
-  // probes do not take it back), up to half the link (sample_rate). Two vtl senders
-  // judge each other competing too, now and then.
+  // Sender side, after a PROBE_RTT (see "competing" atop): the smallest queue delay the
+  // receiver reported from one min RTT into it until one min RTT (+ a report's 10 ms)
+  // after it, when the report of its last, most drained moment is in (half a min RTT
+  // was too soon: at 120 ms our own 0.8 BDP queue looked held, once in 12 runs). The
+  // 1.25 probes count in full while competing because the three-RTT bound on samples
+  // held a share that started small where it was: BBR v1 is cwnd-limited at two BDPs,
+  // its probes do not take it back. Two vtl senders judge each other competing too,
+  // now and then.
   void judge(int64_t t) {
     if (judge_from_ == 0 || t < probe_rtt_until_ + int64_t(min_rtt_) + 10000) return;
     if (probe_qd_reports_ >= 3) {
@@ -459,9 +458,7 @@ class VtlCC : public CCC {
         ++competes_;
       }
     }
-    judge_from_ = 0;
-    probe_min_qd_ = int64_t(1) << 62;
-    probe_qd_reports_ = 0;
+    judge_from_ = 0;  // no more reports count until the next PROBE_RTT (advance)
   }
 
   // a received sequence number as an offset from the first one (libudt's 31-bit wrap)
@@ -597,7 +594,7 @@ class VtlCC : public CCC {
       next_probe_rtt_ = t + kProbeRttEveryUs;
       ++probe_rtts_;
       judge_from_ = t + int64_t(min_rtt_);
-      probe_min_qd_ = int64_t(1) << 62;
+      probe_min_qd_ = kNone;
       probe_qd_reports_ = 0;
     }
     judge(t);
@@ -678,10 +675,10 @@ class VtlCC : public CCC {
   double last_sample_ = 0, inflight_hi_ = 1e18;
   int64_t last_hi_cut_ = 0, hi_cuts_ = 0;
   int64_t next_probe_rtt_ = 0, probe_rtt_until_ = 0, probe_rtts_ = 0;
-  int64_t judge_from_ = 0, probe_min_qd_ = int64_t(1) << 62, probe_qd_reports_ = 0;
+  int64_t judge_from_ = 0, probe_min_qd_ = kNone, probe_qd_reports_ = 0;
   int64_t competing_until_ = 0, competes_ = 0, last_qd_ = -1;  // sender: see judge()
-  int64_t owd_cur_min_ = int64_t(1) << 62, owd_prev_min_ = int64_t(1) << 62;  // receiver
-  int64_t owd_bucket_stamp_ = 0, rep_min_qd_ = int64_t(1) << 62;
+  int64_t owd_cur_min_ = kNone, owd_prev_min_ = kNone;  // receiver
+  int64_t owd_bucket_stamp_ = 0, rep_min_qd_ = kNone;
   uint32_t owd_ref_ = 0;
   bool owd_started_ = false;
   double bw_slot_[kBwRounds] = {0};
