@@ -57,7 +57,7 @@ def _iperf_pair(net: UdtNet, seconds: int) -> tuple[float, float]:
                                           str(seconds), "-O", "1", "-J", "--connect-timeout",
                                           "5000"], stdout=subprocess.PIPE, text=True)
                  for port in PORTS]
-        results = [json_of(proc.communicate(timeout=seconds + 60)[0]) for proc in procs]
+        results = [_json_of(proc.communicate(timeout=seconds + 60)[0]) for proc in procs]
         errors = [data["error"] for data in results if "error" in data]
         if not errors:
             starts = [data["start"]["timestamp"]["timesecs"] for data in results]
@@ -72,7 +72,7 @@ def _iperf_pair(net: UdtNet, seconds: int) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def json_of(stdout: str) -> dict[str, Any]:
+def _json_of(stdout: str) -> dict[str, Any]:
     try:
         return json.loads(stdout)
     except json.JSONDecodeError:

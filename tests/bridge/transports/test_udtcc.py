@@ -82,7 +82,7 @@ except Exception:  # the sender closed
 print(n, flush=True)
 """
 
-_SENDER = """
+_CONNECT = """
 import sys, time
 from udt4py import UDTSocket
 from vtl.bridge.transports import udtcc
@@ -90,13 +90,47 @@ from vtl.bridge.transports import udtcc
 cli = UDTSocket()
 udtcc.install(cli.socket, "vtl", 0)
 cli.connect(("127.0.0.1", int(sys.argv[1])))
+"""
+
+# argv[2] seconds at 640 KB/s: a steady stream, whatever the machine
+_STREAM = _CONNECT + """
 sent, end = 0, time.monotonic() + float(sys.argv[2])
-while time.monotonic() < end:  # 640 KB/s: a steady stream, whatever the machine
+while time.monotonic() < end:
     sent += cli.send(b"x" * 32768)
     time.sleep(0.05)
 cli.close()  # lingers until the peer has it all
 print(sent, flush=True)
 """
+
+# argv[2] bytes as fast as it goes; prints them and the seconds it took
+_BULK = _CONNECT + """
+t0, sent, chunk = time.monotonic(), 0, b"x" * 65536
+while sent < int(sys.argv[2]):
+    sent += cli.send(chunk)
+cli.close()  # lingers until the peer has it all
+print(sent, time.monotonic() - t0, flush=True)
+"""
+
+
+def _loopback(sender: str, arg: str, env: dict[str, str] | None = None,
+              timeout: float = 120) -> tuple[list[str], int, str]:
+    """Run _RECEIVER, then ``sender`` against it: (sender's printed words, bytes received,
+    both processes' stderr)."""
+    import subprocess
+    import sys
+
+    rx = subprocess.Popen([sys.executable, "-c", _RECEIVER], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert rx.stdout is not None
+        port = rx.stdout.readline().strip()
+        tx = subprocess.run([sys.executable, "-c", sender, port, arg], capture_output=True,
+                            text=True, timeout=timeout, env=env)
+        assert tx.returncode == 0, tx.stderr[-2000:]
+        received, err = rx.communicate(timeout=30)
+    finally:
+        rx.kill()
+    return tx.stdout.split(), int(received), tx.stderr + err
 
 
 def test_debug_file_shows_the_model_and_the_receivers_queue_delay(tmp_path) -> None:
@@ -104,27 +138,15 @@ def test_debug_file_shows_the_model_and_the_receivers_queue_delay(tmp_path) -> N
     lines carry the forward queue delay its peer reported (the 7-word delivery report)."""
     import os
     import re
-    import subprocess
-    import sys
 
     log = tmp_path / "udtcc.log"
-    env = {**os.environ, "VTL_UDTCC_DEBUG": str(log)}
-    rx = subprocess.Popen([sys.executable, "-c", _RECEIVER], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert rx.stdout is not None
-        port = rx.stdout.readline().strip()
-        tx = subprocess.run([sys.executable, "-c", _SENDER, port, "2.5"], capture_output=True,
-                            text=True, timeout=60, env=env)
-        assert tx.returncode == 0, tx.stderr[-2000:]
-        received, err = rx.communicate(timeout=30)
-    finally:
-        rx.kill()
-    sent = int(tx.stdout)
-    assert sent > 1_000_000 and int(received) == sent, err[-2000:]
+    out, received, err = _loopback(_STREAM, "2.5", {**os.environ, "VTL_UDTCC_DEBUG": str(log)},
+                                   timeout=60)
+    sent = int(out[0])
+    assert sent > 1_000_000 and received == sent, err[-2000:]
     lines = log.read_text().splitlines()
     assert lines and all(line.startswith("udtcc ") for line in lines)
-    assert "udtcc" not in tx.stderr + err  # to the file, not stderr
+    assert "udtcc" not in err  # to the file, not stderr
     sender = [line for line in lines if re.search(r" send=[1-9]", line)]
     assert sender, lines[-5:]
     shown = [m for line in sender for m in re.findall(r" qd=(-?[0-9.]+)ms", line)]
@@ -135,41 +157,11 @@ def test_debug_file_shows_the_model_and_the_receivers_queue_delay(tmp_path) -> N
     assert all(m == "-0.0" or 0 <= float(m) < 1000 for m in shown), shown
 
 
-_BULK_SENDER = """
-import sys, time
-from udt4py import UDTSocket
-from vtl.bridge.transports import udtcc
-
-cli = UDTSocket()
-udtcc.install(cli.socket, "vtl", 0)
-cli.connect(("127.0.0.1", int(sys.argv[1])))
-t0, sent, chunk = time.monotonic(), 0, b"x" * 65536
-while sent < int(sys.argv[2]):
-    sent += cli.send(chunk)
-cli.close()  # lingers until the peer has it all
-print(sent, time.monotonic() - t0, flush=True)
-"""
-
-
 def test_vtl_is_not_stalled_by_libudts_ack_clock_on_a_short_path() -> None:
     """40 MB over loopback (RTT ~0.1 ms) with the vtl control on both ends. libudt opens
     its window on full ACKs every 10 ms: a window sized from the RTT alone held 32
     packets per ACK, 0.9 MB/s (this took 45 s); it takes about 0.2 s. The bound is a
     stall guard with a wide margin, not a speed claim (benchmarks/udt.py measures)."""
-    import subprocess
-    import sys
-
-    rx = subprocess.Popen([sys.executable, "-c", _RECEIVER], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-    try:
-        assert rx.stdout is not None
-        port = rx.stdout.readline().strip()
-        tx = subprocess.run([sys.executable, "-c", _BULK_SENDER, port, str(40 << 20)],
-                            capture_output=True, text=True, timeout=120)
-        assert tx.returncode == 0, tx.stderr[-2000:]
-        received, err = rx.communicate(timeout=30)
-    finally:
-        rx.kill()
-    sent, seconds = tx.stdout.split()
-    assert int(received) == int(sent) >= 40 << 20, err[-2000:]
+    (sent, seconds), received, err = _loopback(_BULK, str(40 << 20))
+    assert received == int(sent) >= 40 << 20, err[-2000:]
     assert float(seconds) < 10, f"40 MB took {float(seconds):.1f} s over loopback"
